@@ -1,0 +1,184 @@
+"""Vocabulary-chunked PyTorch path of ``linear_logprobs``: the CPU implementation.
+
+The same two-pass algorithm as the Triton kernels, one ``[N, chunk]`` logits block at a time:
+
+* forward: per chunk, one GEMM and one ``logsumexp``, merged into a running fp32 ``lse``;
+  the target logit is a row-wise dot product ``h_n · W[y_n]`` (no gather from the logits).
+* backward: per chunk, recompute the logits, turn them into ``−g·p`` in place, and accumulate
+  ``dh += dz·W_c`` and ``dW_c += dzᵀ·h`` with two GEMMs; the true-class term ``+g`` is added once,
+  outside the loop, as ``g ⊗ W[y]`` / ``index_add`` (exact, in fp32).
+
+Peak extra memory is ``O(N·chunk + N·D)`` plus the gradients, never ``O(N·V)``. Ignored rows are
+dropped before any vocabulary work. On CPU the GEMMs run in fp32 (faster than bf16 without AMX, and
+exact enough to be an oracle); on CUDA they run in the input dtype with fp32 statistics.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Elements per logits block; 4M fp32 = 16 MiB keeps a block near the last-level cache.
+DEFAULT_CHUNK_ELEMENTS = 4 * 1024 * 1024
+_MIN_CHUNK = 256
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float32 if t.device.type == "cpu" else t.dtype
+
+
+def _chunk_size(n_rows: int, vocab: int, chunk_elements: int) -> int:
+    return max(_MIN_CHUNK, min(vocab, chunk_elements // max(n_rows, 1)))
+
+
+def _valid_rows(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    return (targets != ignore_index).nonzero().squeeze(1)
+
+
+def _logits_chunk(h_scaled, w_chunk, bias, lo, hi, inv_temp):
+    """z[:, lo:hi] = (h Wᵀ + b)/τ in fp32, with 1/τ folded into ``h_scaled``."""
+    if bias is None:
+        return torch.mm(h_scaled, w_chunk.t()).float()
+    b_scaled = (bias[lo:hi].float() * inv_temp).to(h_scaled.dtype)
+    return torch.addmm(b_scaled, h_scaled, w_chunk.t()).float()
+
+
+def _target_logits(h32, weight, bias, tgt, inv_temp):
+    z = (h32 * weight.index_select(0, tgt).float()).sum(-1)  # [n]: h_n · W[y_n]
+    if bias is not None:
+        z = z + bias.index_select(0, tgt).float()
+    return z * inv_temp
+
+
+def _merge(lse, entropy, lse_c, entropy_c):
+    """Fold a chunk's (logsumexp, entropy of its own softmax) into the running pair.
+
+    H = Σ_c w_c·(H_c + lse − lse_c), w_c = exp(lse_c − lse): every term ≥ 0, so no cancellation.
+    """
+    if lse is None:
+        return lse_c, entropy_c
+    lse_new = torch.logaddexp(lse, lse_c)
+    if entropy_c is not None:
+        entropy = (torch.exp(lse - lse_new) * (entropy + (lse_new - lse))
+                   + torch.exp(lse_c - lse_new) * (entropy_c + (lse_new - lse_c)))
+    return lse_new, entropy
+
+
+def chunked_fwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    return_logit_mean: bool = False,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Same contract as ``hypo_fast.kernels.linear_logprobs_fwd``: ``(logp, lse, entropy, logit_mean)``."""
+    N, V = hidden.shape[0], weight.shape[0]
+    inv_temp = 1.0 / temperature
+    rows = _valid_rows(targets, ignore_index)
+    h = hidden.index_select(0, rows)
+    h_scaled = h.to(_compute_dtype(hidden)) * inv_temp
+    n = h.shape[0]
+
+    lse = entropy = None
+    sum_z = torch.zeros(n, device=hidden.device) if return_logit_mean else None
+    chunk = _chunk_size(n, V, chunk_elements)
+    for lo in range(0, V, chunk):
+        hi = min(lo + chunk, V)
+        z = _logits_chunk(h_scaled, weight[lo:hi].to(h_scaled.dtype), bias, lo, hi, inv_temp)  # [n, chunk]
+        if return_logit_mean:
+            sum_z += z.sum(1)
+        lse_c = torch.logsumexp(z, dim=1)
+        ent_c = (torch.exp(z - lse_c[:, None]) * (lse_c[:, None] - z)).sum(1) if return_entropy else None
+        lse, entropy = _merge(lse, entropy, lse_c, ent_c)
+
+    tgt = targets.index_select(0, rows).long()
+    logp = _target_logits(h.float(), weight, bias, tgt, inv_temp) - lse
+
+    def scatter(values):  # valid rows → [N], 0 elsewhere
+        return torch.zeros(N, device=hidden.device).index_copy_(0, rows, values)
+
+    entropy = scatter(entropy) if return_entropy else None
+    logit_mean = scatter(sum_z / V) if return_logit_mean else None
+    return scatter(logp), scatter(lse), entropy, logit_mean
+
+
+def chunked_bwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    lse: torch.Tensor,
+    grad_logp: torch.Tensor,
+    *,
+    entropy: torch.Tensor | None = None,
+    grad_entropy: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    needs_grad: tuple[bool, bool, bool] = (True, True, True),
+    fp32_weight_grad: bool = True,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Same contract as ``hypo_fast.kernels.linear_logprobs_bwd``: ``(d_hidden, d_weight, d_bias)``.
+
+    ``dz = g·(onehot − p) − g_H·p·(log p + H)``, scaled by 1/τ.
+    """
+    want_h, want_w, want_b = needs_grad
+    want_b = want_b and bias is not None
+    N, V, D = hidden.shape[0], weight.shape[0], weight.shape[1]
+    inv_temp = 1.0 / temperature
+    cdtype = _compute_dtype(hidden)
+    rows = _valid_rows(targets, ignore_index)
+    h = hidden.index_select(0, rows)
+    h_c = h.to(cdtype)
+    h_scaled = h_c * inv_temp
+    tgt = targets.index_select(0, rows).long()
+    lse = lse.index_select(0, rows)
+    g = grad_logp.index_select(0, rows).float() * inv_temp  # [n], 1/τ folded in
+    # coefficient of −p in dz: g, plus g_H·(log p + H) when the entropy has a gradient
+    g_ent = None if grad_entropy is None else grad_entropy.index_select(0, rows).float() * inv_temp
+    ent = None if grad_entropy is None else entropy.index_select(0, rows)
+
+    dh = torch.zeros((h.shape[0], D), device=hidden.device, dtype=torch.float32) if want_h else None
+    dw_dtype = torch.float32 if fp32_weight_grad or hidden.device.type == "cpu" else weight.dtype
+    dw = torch.zeros((V, D), device=hidden.device, dtype=dw_dtype) if want_w else None
+    db = torch.zeros(V, device=hidden.device, dtype=torch.float32) if want_b else None
+    chunk = _chunk_size(h.shape[0], V, chunk_elements)
+    for lo in range(0, V, chunk):
+        hi = min(lo + chunk, V)
+        w_c = weight[lo:hi].to(cdtype)
+        log_p = _logits_chunk(h_scaled, w_c, bias, lo, hi, inv_temp).sub_(lse[:, None])  # [n, chunk]
+        if g_ent is None:
+            coef = g[:, None]
+        else:
+            coef = (log_p + ent[:, None]).mul_(g_ent[:, None]).add_(g[:, None])
+        dz = log_p.exp_().mul_(coef).neg_()  # −p·coef, in place
+        if want_b:
+            db[lo:hi] = dz.sum(0)
+        dz = dz.to(cdtype)
+        if want_h and cdtype == torch.float32:
+            dh.addmm_(dz, w_c)
+        elif want_h:
+            dh += dz @ w_c
+        if want_w:
+            dw[lo:hi] = (dz.t() @ h_c).to(dw_dtype)
+
+    # the true-class term +g·onehot, exactly and once
+    if want_h:
+        dh += g[:, None] * weight.index_select(0, tgt).float()
+    if want_w:
+        dw.index_add_(0, tgt, (g[:, None] * h.float()).to(dw_dtype))
+    if want_b:
+        db.index_add_(0, tgt, g)
+
+    d_hidden = None
+    if want_h:
+        d_hidden = torch.zeros_like(hidden).index_copy_(0, rows, dh.to(hidden.dtype))
+    return (
+        d_hidden,
+        dw.to(weight.dtype) if want_w else None,
+        db.to(bias.dtype) if want_b else None,
+    )

@@ -1,0 +1,9 @@
+"""hypo_fast.kernels: Triton kernels (layer 0: torch + triton only).
+
+Installed as ``hypo_fast.kernels`` (setup.py maps the top-level ``kernels/`` folder there); never
+``import kernels``: a different PyPI package has that name.
+"""
+
+from .linear_logprobs import linear_logprobs_bwd, linear_logprobs_fwd, row_order
+
+__all__ = ["linear_logprobs_fwd", "linear_logprobs_bwd", "row_order"]
