@@ -2,7 +2,8 @@
 
 The same two-pass algorithm as the Triton kernels, one ``[N, chunk]`` logits block at a time:
 
-* forward: per chunk, one GEMM and one ``logsumexp``, merged into a running fp32 ``lse``;
+* forward: per chunk, one GEMM and one ``logsumexp``, merged into a running fp32 ``lse`` (with the
+  entropy: a running max, sum-exp and Σ e^(z−m)·(m − z), as in the Triton kernel);
   the target logit is a row-wise dot product ``h_n · W[y_n]`` (no gather from the logits).
 * backward: per chunk, recompute the logits, turn them into ``−g·p`` in place, and accumulate
   ``dh += dz·W_c`` and ``dW_c += dzᵀ·h`` with two GEMMs; the true-class term ``+g`` is added once,
@@ -19,7 +20,7 @@ import torch
 
 # Elements per logits block; 4M fp32 = 16 MiB keeps a block near the last-level cache.
 DEFAULT_CHUNK_ELEMENTS = 4 * 1024 * 1024
-_MIN_CHUNK = 256
+MIN_CHUNK = 256
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -27,7 +28,7 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def _chunk_size(n_rows: int, vocab: int, chunk_elements: int) -> int:
-    return max(_MIN_CHUNK, min(vocab, chunk_elements // max(n_rows, 1)))
+    return min(vocab, max(MIN_CHUNK, chunk_elements // max(n_rows, 1)))
 
 
 def _valid_rows(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -49,18 +50,27 @@ def _target_logits(h32, weight, bias, tgt, inv_temp):
     return z * inv_temp
 
 
-def _merge(lse, entropy, lse_c, entropy_c):
-    """Fold a chunk's (logsumexp, entropy of its own softmax) into the running pair.
+def _fold_lse(lse, z):
+    lse_c = torch.logsumexp(z, dim=1)
+    return lse_c if lse is None else torch.logaddexp(lse, lse_c)
 
-    H = Σ_c w_c·(H_c + lse − lse_c), w_c = exp(lse_c − lse): every term ≥ 0, so no cancellation.
+
+def _fold_entropy_stats(state, z):
+    """Fold a logits chunk into ``(m, s, t)``: max logit, Σ e^(z−m), Σ e^(z−m)·(m − z).
+
+    Shifts are taken against real logits (exact differences), never against a rounded lse, so the
+    entropy ``t/s + log s`` keeps naive log_softmax's accuracy even for logits of magnitude 1e3.
     """
-    if lse is None:
-        return lse_c, entropy_c
-    lse_new = torch.logaddexp(lse, lse_c)
-    if entropy_c is not None:
-        entropy = (torch.exp(lse - lse_new) * (entropy + (lse_new - lse))
-                   + torch.exp(lse_c - lse_new) * (entropy_c + (lse_new - lse_c)))
-    return lse_new, entropy
+    m_c = z.amax(dim=1)
+    shifted = z.sub_(m_c[:, None])  # z − m_c ≤ 0, in place
+    e = torch.exp(shifted)
+    s_c, t_c = e.sum(1), -(e * shifted).sum(1)
+    if state is None:
+        return m_c, s_c, t_c
+    m, s, t = state
+    m_new = torch.maximum(m, m_c)
+    a, a_c = torch.exp(m - m_new), torch.exp(m_c - m_new)
+    return m_new, a * s + a_c * s_c, a * (t + (m_new - m) * s) + a_c * (t_c + (m_new - m_c) * s_c)
 
 
 def chunked_fwd(
@@ -73,7 +83,7 @@ def chunked_fwd(
     ignore_index: int = -100,
     return_entropy: bool = False,
     return_logit_mean: bool = False,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Same contract as ``hypo_fast.kernels.linear_logprobs_fwd``: ``(logp, lse, entropy, logit_mean)``."""
     N, V = hidden.shape[0], weight.shape[0]
@@ -83,17 +93,20 @@ def chunked_fwd(
     h_scaled = h.to(_compute_dtype(hidden)) * inv_temp
     n = h.shape[0]
 
-    lse = entropy = None
+    state = None  # lse, or (m, s, t) when the entropy is wanted
     sum_z = torch.zeros(n, device=hidden.device) if return_logit_mean else None
-    chunk = _chunk_size(n, V, chunk_elements)
+    chunk = _chunk_size(n, V, chunk_elements or DEFAULT_CHUNK_ELEMENTS)
     for lo in range(0, V, chunk):
         hi = min(lo + chunk, V)
         z = _logits_chunk(h_scaled, weight[lo:hi].to(h_scaled.dtype), bias, lo, hi, inv_temp)  # [n, chunk]
         if return_logit_mean:
             sum_z += z.sum(1)
-        lse_c = torch.logsumexp(z, dim=1)
-        ent_c = (torch.exp(z - lse_c[:, None]) * (lse_c[:, None] - z)).sum(1) if return_entropy else None
-        lse, entropy = _merge(lse, entropy, lse_c, ent_c)
+        state = _fold_entropy_stats(state, z) if return_entropy else _fold_lse(state, z)
+    if return_entropy:
+        m, s, t = state
+        lse, entropy = m + torch.log(s), t / s + torch.log(s)
+    else:
+        lse = state
 
     tgt = targets.index_select(0, rows).long()
     logp = _target_logits(h.float(), weight, bias, tgt, inv_temp) - lse
@@ -120,7 +133,7 @@ def chunked_bwd(
     ignore_index: int = -100,
     needs_grad: tuple[bool, bool, bool] = (True, True, True),
     fp32_weight_grad: bool = True,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Same contract as ``hypo_fast.kernels.linear_logprobs_bwd``: ``(d_hidden, d_weight, d_bias)``.
 
@@ -146,7 +159,7 @@ def chunked_bwd(
     dw_dtype = torch.float32 if fp32_weight_grad or hidden.device.type == "cpu" else weight.dtype
     dw = torch.zeros((V, D), device=hidden.device, dtype=dw_dtype) if want_w else None
     db = torch.zeros(V, device=hidden.device, dtype=torch.float32) if want_b else None
-    chunk = _chunk_size(h.shape[0], V, chunk_elements)
+    chunk = _chunk_size(h.shape[0], V, chunk_elements or DEFAULT_CHUNK_ELEMENTS)
     for lo in range(0, V, chunk):
         hi = min(lo + chunk, V)
         w_c = weight[lo:hi].to(cdtype)

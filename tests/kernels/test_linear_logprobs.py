@@ -1,0 +1,99 @@
+"""Launcher-level tests of the Triton kernels: vocabulary splits, row order, accumulation dtype, CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hypo_fast import linear_logprobs
+from hypo_fast.kernels import linear_logprobs_bwd, linear_logprobs_fwd, row_order
+from hypo_fast.reference import linear_logprobs_reference
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (compiled Triton)")
+
+
+def _inputs(N, V, D, dtype=torch.float32, device=DEVICE, ignore_frac=0.25):
+    hidden = torch.randn(N, D, device=device).to(dtype)
+    weight = (torch.randn(V, D, device=device) * 2 / D**0.5).to(dtype)
+    bias = torch.randn(V, device=device).to(dtype)
+    targets = torch.randint(0, V, (N,), device=device)
+    targets[torch.rand(N, device=device) < ignore_frac] = -100
+    return hidden, weight, bias, targets
+
+
+@pytest.mark.parametrize("splits", [2, 3, 5])
+def test_vocabulary_splits_merge_exactly(splits, seed):
+    hidden, weight, bias, targets = _inputs(45, 300, 40)
+    one = linear_logprobs_fwd(hidden, weight, targets, bias, temperature=0.9, return_entropy=True,
+                              return_logit_mean=True, num_splits=1)
+    many = linear_logprobs_fwd(hidden, weight, targets, bias, temperature=0.9, return_entropy=True,
+                               return_logit_mean=True, num_splits=splits)
+    for a, b in zip(one, many):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+    logp, entropy = linear_logprobs_reference(hidden.double(), weight.double(), targets, bias.double(), 0.9)
+    torch.testing.assert_close(many[0].double(), logp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(many[2].double(), entropy, atol=1e-5, rtol=1e-5)
+
+
+def test_row_order_puts_ignored_rows_last_stably():
+    targets = torch.tensor([5, -100, 2, -100, 7, 1])
+    assert row_order(targets, -100).tolist() == [0, 2, 4, 5, 1, 3]
+
+
+def test_tiles_of_ignored_rows_are_skipped_but_outputs_zeroed(seed):
+    # 100 rows, only 3 scored: most token tiles exit early; their outputs must still be 0, not NaN
+    hidden, weight, bias, targets = _inputs(100, 130, 24, ignore_frac=1.0)
+    targets[[3, 50, 97]] = torch.tensor([0, 129, 64], device=DEVICE)
+    logp, lse, entropy, _ = linear_logprobs_fwd(hidden, weight, targets, bias, return_entropy=True)
+    assert torch.isfinite(logp).all() and torch.isfinite(lse).all() and torch.isfinite(entropy).all()
+    assert (logp.count_nonzero() == 3) and (entropy.count_nonzero() == 3)
+    d_hidden, _, _ = linear_logprobs_bwd(hidden, weight, targets, bias, lse, torch.ones_like(logp))
+    assert (d_hidden.abs().sum(1) > 0).tolist() == (targets != -100).tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_weight_dtype_accumulation(dtype, seed):
+    hidden, weight, bias, targets = _inputs(64, 200, 32, dtype)
+    logp, lse, _, _ = linear_logprobs_fwd(hidden, weight, targets, bias)
+    g = torch.randn_like(logp)
+    _, dw32, _ = linear_logprobs_bwd(hidden, weight, targets, bias, lse, g, fp32_weight_grad=True)
+    _, dw16, _ = linear_logprobs_bwd(hidden, weight, targets, bias, lse, g, fp32_weight_grad=False)
+    assert dw16.dtype == dtype
+    scale = dw32.float().abs().max()
+    assert ((dw16.float() - dw32.float()).abs().max() / scale) < (2e-2 if dtype == torch.bfloat16 else 2e-3)
+
+
+def test_only_requested_grads_are_computed(seed):
+    hidden, weight, bias, targets = _inputs(20, 50, 16)
+    logp, lse, _, _ = linear_logprobs_fwd(hidden, weight, targets, bias)
+    grads = linear_logprobs_bwd(hidden, weight, targets, bias, lse, torch.ones_like(logp),
+                                needs_grad=(False, True, False))
+    assert grads[0] is None and grads[1] is not None and grads[2] is None
+
+
+def test_launcher_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="shape mismatch"):
+        linear_logprobs_fwd(torch.randn(4, 8), torch.randn(10, 9), torch.zeros(4, dtype=torch.long))
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_kernel_at_realistic_shape(dtype, seed):
+    """Compiled Triton (tensor cores for bf16) against the fp64 oracle and naive PyTorch in dtype."""
+    hidden, weight, bias, targets = _inputs(2048 + 3, 32000 + 7, 1024 + 8, dtype, "cuda")
+    g = torch.randn(targets.shape, device="cuda")
+    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight)]
+    ours = linear_logprobs(*leaves, targets, impl="triton")
+    (ours * g).sum().backward()
+    naive_leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight)]
+    naive, _ = linear_logprobs_reference(*naive_leaves, targets)
+    (naive.float() * g).sum().backward()
+    oracle_leaves = [t.detach().double().requires_grad_() for t in (hidden, weight)]
+    oracle, _ = linear_logprobs_reference(*oracle_leaves, targets)
+    (oracle * g.double()).sum().backward()
+    for a, n, o in [(ours, naive, oracle)] + [(x.grad, y.grad, z.grad) for x, y, z in
+                                                zip(leaves, naive_leaves, oracle_leaves)]:
+        err = lambda t: ((t.double() - o).abs().max() / o.abs().max().clamp_min(1)).item()  # noqa: E731
+        assert err(a) <= 2 * err(n) + (2e-5 if dtype == torch.float32 else 1e-2)
