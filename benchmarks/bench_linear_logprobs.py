@@ -1,0 +1,145 @@
+"""Forward+backward of per-token target log-probs from hidden states and an LM head.
+
+Methods, each on the same inputs with a random per-token upstream gradient (what DPO/HyPO need):
+  naive      logits = h Wᵀ, log_softmax in fp32, gather                      (6NVD FLOPs)
+  torch_lce  torch.nn.functional.linear_cross_entropy(reduction="none", options=LinearCrossEntropyOptions())
+  liger      Liger's fused linear cross entropy (CUDA only; scalar "sum" loss: it computes the gradient
+             inside its forward, so a per-token upstream gradient is not expressible)
+  ours       hypo_fast.linear_logprobs (impl="auto": Triton on CUDA, chunked PyTorch on CPU; 8NVD FLOPs)
+
+Each case runs in a fresh process: a cold run measures peak extra memory, then warm repeats give the
+median time. Prints a table with ratios to naive and the achieved GFLOP/s against a plain matmul
+measured in the same run, and appends rows to benchmarks/results/bench_linear_logprobs.jsonl.
+
+    python benchmarks/bench_linear_logprobs.py                 # CPU: N=4096 V=32000 D=512 fp32
+    python benchmarks/bench_linear_logprobs.py --device cuda   # GPU shapes incl. the Llama-3-8B head
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from benchlib import RESULTS_DIR, PeakMemory, append_rows, environment, median_time, print_table, run_worker
+
+SHAPES = {  # (N, V, D)
+    "cpu": [(4096, 32000, 512), (1024, 32000, 1024)],
+    "cuda": [(8192, 128256, 4096), (8192, 32000, 4096), (16384, 151936, 896)],
+}
+DTYPES = {"cpu": ["float32"], "cuda": ["bfloat16"]}
+METHODS = ["naive", "torch_lce", "liger", "ours"]
+FLOPS_PER_NVD = {"naive": 6, "torch_lce": 6, "liger": 6, "ours": 8}
+
+
+def make_step(method: str, hidden, weight, targets, grad):
+    F = torch.nn.functional
+    if method == "naive":
+        def step():
+            logits = F.linear(hidden, weight)
+            logp = torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None]).squeeze(-1)
+            (logp * grad).sum().backward()
+    elif method == "torch_lce":
+        if not hasattr(F, "linear_cross_entropy"):
+            raise RuntimeError("this torch has no linear_cross_entropy")
+        options = torch.nn.LinearCrossEntropyOptions()
+
+        def step():
+            nll = F.linear_cross_entropy(hidden, weight, targets, reduction="none", options=options)
+            (-nll.float() * grad).sum().backward()
+    elif method == "liger":
+        if hidden.device.type != "cuda":
+            raise RuntimeError("Liger's kernels need CUDA")
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        loss_fn = LigerFusedLinearCrossEntropyLoss(reduction="sum")
+
+        def step():
+            loss_fn(weight, hidden, targets).backward()
+    elif method == "ours":
+        from hypo_fast import linear_logprobs
+
+        def step():
+            (linear_logprobs(hidden, weight, targets) * grad).sum().backward()
+    elif method == "matmul":
+        def step():
+            with torch.no_grad():
+                torch.mm(hidden, weight.t())
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    return step
+
+
+def worker(method: str, N: int, V: int, D: int, dtype: str, device: str, repeats: int) -> dict:
+    torch.manual_seed(0)
+    dt = getattr(torch, dtype)
+    hidden = torch.randn(N, D, device=device, dtype=dt).requires_grad_()
+    weight = (torch.randn(V, D, device=device) / D**0.5).to(dt).requires_grad_()
+    targets = torch.randint(0, V, (N,), device=device)
+    grad = torch.randn(N, device=device)
+    step = make_step(method, hidden, weight, targets, grad)
+
+    def run():
+        hidden.grad = weight.grad = None
+        step()
+
+    with PeakMemory(device) as mem:
+        run()  # cold run: peak extra memory (includes the gradients)
+    run()
+    return {"time_s": median_time(run, repeats, device), "peak_extra_bytes": mem.extra}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--shapes", nargs="*", help="N,V,D triples (default: per device)")
+    parser.add_argument("--dtypes", nargs="*", help="default: float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument("--methods", nargs="*", default=METHODS)
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 3 CPU, 10 CUDA)")
+    parser.add_argument("--no-save", action="store_true", help="do not append rows to the results folder")
+    parser.add_argument("--results-dir", default=RESULTS_DIR, help="default: benchmarks/results/")
+    parser.add_argument("--worker", nargs=7, metavar="ARG", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        method, N, V, D, dtype, device, repeats = args.worker
+        print(json.dumps(worker(method, int(N), int(V), int(D), dtype, device, int(repeats))))
+        return
+
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA GPU here")
+    shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else SHAPES[device]
+    repeats = args.repeats or (3 if device == "cpu" else 10)
+    env = environment(device)
+    print(f"# {env['machine']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']}")
+    rows = []
+    for dtype in args.dtypes or DTYPES[device]:
+        for N, V, D in shapes:
+            mm = run_worker(__file__, ["matmul", str(N), str(V), str(D), dtype, device, str(repeats)])
+            matmul_gflops = 2 * N * V * D / mm["time_s"] / 1e9 if "time_s" in mm else None
+            results = {m: run_worker(__file__, [m, str(N), str(V), str(D), dtype, device, str(repeats)])
+                       for m in args.methods}
+            naive = results.get("naive", {})
+            for method, res in results.items():
+                row = {**env, "bench": "linear_logprobs", "method": method, "N": N, "V": V, "D": D,
+                       "dtype": dtype, "repeats": repeats, "matmul_gflops": matmul_gflops, **res}
+                if "time_s" in res:
+                    row["gflops"] = FLOPS_PER_NVD[method] * N * V * D / res["time_s"] / 1e9
+                    row["pct_of_matmul"] = 100 * row["gflops"] / matmul_gflops if matmul_gflops else None
+                    row["peak_extra_mb"] = res["peak_extra_bytes"] / 2**20
+                    if "time_s" in naive:
+                        row["time_vs_naive"] = res["time_s"] / naive["time_s"]
+                        row["mem_vs_naive"] = res["peak_extra_bytes"] / max(naive["peak_extra_bytes"], 1)
+                rows.append(row)
+    print_table(rows, [("dtype", "dtype", "s"), ("N", "N", "d"), ("V", "V", "d"), ("D", "D", "d"),
+                       ("method", "method", "s"), ("time_s", "time s", ".3f"),
+                       ("time_vs_naive", "×naive", ".2f"), ("peak_extra_mb", "extra MiB", ".0f"),
+                       ("mem_vs_naive", "mem×naive", ".3f"), ("gflops", "GFLOP/s", ".0f"),
+                       ("pct_of_matmul", "%matmul", ".0f"), ("error", "error", "s")])
+    if not args.no_save:
+        print(f"rows appended to {append_rows('bench_linear_logprobs', rows, args.results_dir)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One GPU session's worth of checks, under 8 minutes: the CUDA tests (compiled Triton), then the
+# benchmarks. Results (test log, JSONL rows, tables) land in the folder given as argument.
+#
+#   bash benchmarks/gpu_suite.sh "$OUT"
+#
+# The GPU image has torch/triton/transformers but no liger-kernel or deepspeed: wheels for them may be
+# carried in ./wheelhouse (ignored by git; copy ../shared/wheelhouse-py312/*.whl there) and are
+# installed into a private folder, leaving the image's own packages alone.
+set -uo pipefail
+out=$(realpath -m "${1:-${OUT:-benchmarks/results/gpu-run}}")
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+site=/tmp/hypo_fast_site
+mkdir -p "$site"
+if compgen -G "wheelhouse/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" wheelhouse/*.whl
+fi
+export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+# editable, as a developer would: tests import hypo_fast.kernels through the package_dir mapping
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | tail -3
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+} | tee "$out/machine.txt"
+
+echo "== CUDA tests"
+timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/kernels tests/ops 2>&1 | tee "$out/tests.log" | tail -15
+
+echo "== benchmarks"
+timeout 240 python3 benchmarks/bench_linear_logprobs.py --device cuda --results-dir "$out" 2>&1 \
+  | tee "$out/bench_linear_logprobs.txt"
+echo "suite done; results in $out"
