@@ -1,0 +1,250 @@
+"""The HyPO objective as small pure functions (layer 2).
+
+HyPO (Song et al., "The Importance of Online Data: Understanding Preference Fine-tuning via Coverage",
+NeurIPS 2024) minimises
+
+    L(θ) = E_(x,y+,y−)~D [ ℓ_dpo ] + λ · KL(π_θ ‖ π_ref)                         (HyPO objective, §5)
+    ℓ_dpo = −log σ(β·[(log π(y+|x) − log π_ref(y+|x)) − (log π(y−|x) − log π_ref(y−|x))])   (DPO)
+
+with the reverse KL estimated on fresh samples y ~ π_θ(·|x) (Algorithm 1), here by REINFORCE with a
+leave-one-out baseline over the k samples of a prompt. Everything takes per-sequence (or per-token)
+log-probabilities, so it composes with any way of computing them; the fused modules in
+``hypo_fast.fused_losses`` feed them from hidden states without logits.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+ONLINE_KL_LOSSES = ("rloo", "k3")
+
+
+def sequence_logps(
+    token_logps: torch.Tensor,
+    mask_or_segment_ids: torch.Tensor,
+    average: bool = False,
+    num_segments: int | None = None,
+) -> torch.Tensor:
+    """Per-sequence sums (or means) of token log-probs: ``log π(y|x) = Σ_t log π(y_t | x, y_<t)``.
+
+    Args:
+        token_logps: ``[B, T]`` (padded) or ``[N]`` (packed) per-token log-probs.
+        mask_or_segment_ids: a bool/float ``[B, T]`` mask of scored tokens, or an integer ``[N]`` tensor
+            giving each packed token's sequence index (negative = not scored).
+        average: divide by the number of scored tokens (length-normalised log-prob).
+        num_segments: number of sequences for segment ids (default ``max id + 1``, one host sync).
+
+    Returns:
+        ``[B]`` or ``[num_segments]``.
+    """
+    ids = mask_or_segment_ids
+    if ids.shape != token_logps.shape:
+        raise ValueError(f"mask_or_segment_ids shape {tuple(ids.shape)} must equal token_logps shape "
+                         f"{tuple(token_logps.shape)}")
+    if ids.dtype == torch.bool or ids.is_floating_point():
+        mask = ids.to(token_logps.dtype)
+        sums, counts = (token_logps * mask).sum(-1), mask.sum(-1)
+    else:
+        if token_logps.dim() != 1:
+            raise ValueError("segment ids need packed [N] token_logps; pass a bool mask for [B, T]")
+        scored = ids >= 0
+        n = int(ids.max()) + 1 if num_segments is None else num_segments
+        index = torch.where(scored, ids, 0).long()
+        weight = scored.to(token_logps.dtype)
+        sums = token_logps.new_zeros(n).index_add(0, index, token_logps * weight)
+        counts = token_logps.new_zeros(n).index_add(0, index, weight)
+    return sums / counts.clamp_min(1) if average else sums
+
+
+def check_dpo_options(beta: float, loss_type: str, label_smoothing: float) -> None:
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if beta <= 0:
+        raise ValueError(f"beta must be positive, got {beta}")
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair DPO losses and implicit rewards, with TRL's ``DPOTrainer`` formulas.
+
+    With ``h = (log π(y+) − log π_ref(y+)) − (log π(y−) − log π_ref(y−))`` and ε = ``label_smoothing``:
+
+    * ``sigmoid``: ``−(1−ε)·log σ(βh) − ε·log σ(−βh)``  (DPO, Rafailov et al. Eq. 7; ε>0 is cDPO)
+    * ``robust``:  ``(−(1−ε)·log σ(βh) + ε·log σ(−βh)) / (1 − 2ε)``  (Chowdhury et al., 2024)
+    * ``hinge``:   ``relu(1 − βh)``  (SLiC)
+    * ``ipo``:     ``(h − 1/(2β))²``  (Azar et al., 2023; TRL feeds it length-averaged log-probs)
+
+    Args: four ``[B]`` tensors of sequence log-probs.
+
+    Returns:
+        ``(losses [B], chosen_rewards [B], rejected_rewards [B])``; rewards are ``β·(log π − log π_ref)``,
+        detached.
+    """
+    check_dpo_options(beta, loss_type, label_smoothing)
+    shapes = {t.shape for t in (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)}
+    if len(shapes) != 1:
+        raise ValueError(f"policy/ref chosen/rejected log-probs must share one shape, got {sorted(shapes)}")
+
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    h = chosen_logratios - rejected_logratios
+    eps = label_smoothing
+    if loss_type == "sigmoid":
+        losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+    elif loss_type == "robust":
+        losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
+    else:  # ipo
+        losses = (h - 1 / (2 * beta)) ** 2
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def _check_mask(logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor) -> None:
+    if not (logps.shape == ref_logps.shape == mask.shape):
+        raise ValueError(f"logps {tuple(logps.shape)}, ref_logps {tuple(ref_logps.shape)} and mask "
+                         f"{tuple(mask.shape)} must share one shape")
+
+
+def sampled_kl(
+    logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor, estimator: str = "k1"
+) -> torch.Tensor:
+    """Per-sequence estimates of ``KL(π ‖ π_ref)`` from tokens sampled from π.
+
+    Per token, with ``d = log π_ref − log π``: ``k1 = −d`` (unbiased), ``k2 = d²/2`` (low variance,
+    biased), ``k3 = e^d − 1 − d`` (unbiased, ≥ 0; Schulman, "Approximating KL divergence", 2020).
+
+    Args:
+        logps, ref_logps: ``[B, T]`` token log-probs of the samples under π and π_ref.
+        mask: ``[B, T]`` bool/float, the sampled response tokens.
+
+    Returns:
+        ``[B]`` sums over tokens; differentiable through ``logps``.
+    """
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+    _check_mask(logps, ref_logps, mask)
+    d = ref_logps - logps
+    per_token = {"k1": lambda: -d, "k2": lambda: 0.5 * d**2, "k3": lambda: torch.expm1(d) - d}[estimator]()
+    return (per_token * mask.to(per_token.dtype)).sum(-1)
+
+
+class RLOOKL(NamedTuple):
+    loss: torch.Tensor  # scalar surrogate ℓ_kl
+    rewards: torch.Tensor  # [M] r_i = log π(y_i|x) − log π_ref(y_i|x), detached (k1 sequence KL)
+    advantages: torch.Tensor  # [M] r_i − b_i
+
+
+def rloo_kl_loss(seq_logps: torch.Tensor, seq_ref_logps: torch.Tensor, group_size: int) -> RLOOKL:
+    """The online term ℓ_kl of HyPO (Algorithm 1): REINFORCE with a leave-one-out baseline.
+
+    For the k samples ``y_1..y_k ~ π(·|x)`` of a prompt (consecutive in the batch):
+    ``r_i = log π(y_i|x) − log π_ref(y_i|x)`` (stop-gradient), ``b_i = mean_{j≠i} r_j`` (k ≥ 2; k = 1 uses
+    no baseline, as the paper's Algorithm 1), and ``ℓ_kl = mean_i (r_i − b_i) · log π(y_i|x)``.
+
+    Since ``E_y[∇ log π(y)] = 0``, ``E[∇ℓ_kl] = E_y[(log π(y) − log π_ref(y)) ∇ log π(y)] = ∇KL(π ‖ π_ref)``:
+    its gradient is the REINFORCE estimate of the reverse-KL gradient; the baseline only cuts variance.
+
+    Args:
+        seq_logps: ``[M]`` sequence log-probs of the samples under π_θ, with grad.
+        seq_ref_logps: ``[M]`` the same under π_ref.
+        group_size: k, samples per prompt; must divide M.
+    """
+    if group_size < 1:
+        raise ValueError(f"group_size must be ≥ 1, got {group_size}")
+    if seq_logps.dim() != 1 or seq_logps.shape != seq_ref_logps.shape:
+        raise ValueError(f"seq_logps {tuple(seq_logps.shape)} and seq_ref_logps {tuple(seq_ref_logps.shape)} "
+                         "must be equal 1-D shapes")
+    if seq_logps.shape[0] % group_size:
+        raise ValueError(f"group_size={group_size} must divide the number of samples M={seq_logps.shape[0]}")
+    rewards = (seq_logps - seq_ref_logps).detach()
+    if group_size == 1:
+        advantages = rewards
+    else:
+        groups = rewards.view(-1, group_size)  # [prompts, k]
+        baseline = (groups.sum(1, keepdim=True) - groups) / (group_size - 1)
+        advantages = (groups - baseline).view(-1)
+    loss = (advantages * seq_logps).mean()
+    return RLOOKL(loss, rewards, advantages)
+
+
+def k3_kl_loss(token_logps: torch.Tensor, token_ref_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Not from the paper (GRPO-style option): the per-token k3 KL summed per sequence, used directly
+    as a loss (its gradient is taken through the estimator, not by REINFORCE). Returns a scalar mean."""
+    return sampled_kl(token_logps, token_ref_logps.detach(), mask, estimator="k3").mean()
+
+
+class HyPOLoss(NamedTuple):
+    loss: torch.Tensor  # scalar L = mean(ℓ_dpo) + λ·ℓ_kl
+    dpo_losses: torch.Tensor  # [B]
+    chosen_rewards: torch.Tensor  # [B]
+    rejected_rewards: torch.Tensor  # [B]
+    kl_loss: torch.Tensor  # scalar ℓ_kl (0 without online samples)
+    online_kl: torch.Tensor  # scalar mean k1 sequence KL of the online samples (detached)
+    advantages: torch.Tensor | None  # [M] RLOO advantages
+
+
+def hypo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    online_token_logps: torch.Tensor | None = None,
+    online_ref_token_logps: torch.Tensor | None = None,
+    online_mask: torch.Tensor | None = None,
+    *,
+    beta: float = 0.1,
+    kl_coef: float = 0.01,
+    group_size: int = 2,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    kl_loss: str = "rloo",
+) -> HyPOLoss:
+    """``L = mean(ℓ_dpo) + λ·ℓ_kl`` (HyPO). ``kl_coef = 0`` or no online samples is plain DPO.
+
+    Args:
+        policy_*/ref_*: ``[B]`` sequence log-probs of the offline pairs.
+        online_token_logps, online_ref_token_logps, online_mask: ``[M, T]`` token log-probs of the
+            k·prompts online samples (a prompt's samples consecutive) under π_θ (with grad) and π_ref.
+        kl_coef: λ. The paper tunes it per task; there is no universal default.
+        group_size: k samples per prompt.
+        kl_loss: ``"rloo"`` (the paper: REINFORCE + leave-one-out baseline) or ``"k3"`` (not from the
+            paper: per-token k3 KL as a direct loss).
+    """
+    if kl_loss not in ONLINE_KL_LOSSES:
+        raise ValueError(f"kl_loss must be one of {ONLINE_KL_LOSSES}, got {kl_loss!r}")
+    if kl_coef < 0:
+        raise ValueError(f"kl_coef must be ≥ 0, got {kl_coef}")
+    dpo_losses, chosen_rewards, rejected_rewards = dpo_loss(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+        beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
+    loss = dpo_losses.mean()
+    zero = loss.new_zeros(())
+    if online_token_logps is None or kl_coef == 0:
+        return HyPOLoss(loss, dpo_losses, chosen_rewards, rejected_rewards, zero, zero, None)
+
+    _check_mask(online_token_logps, online_ref_token_logps, online_mask)
+    seq = sequence_logps(online_token_logps, online_mask)
+    seq_ref = sequence_logps(online_ref_token_logps.detach(), online_mask)
+    rloo = rloo_kl_loss(seq, seq_ref, group_size)
+    if kl_loss == "rloo":
+        term = rloo.loss
+    else:
+        term = k3_kl_loss(online_token_logps, online_ref_token_logps, online_mask)
+    return HyPOLoss(loss + kl_coef * term, dpo_losses, chosen_rewards, rejected_rewards, term.detach(),
+                    rloo.rewards.mean(), rloo.advantages)
