@@ -23,7 +23,8 @@ import sys
 
 import torch
 
-from benchlib import RESULTS_DIR, PeakMemory, append_rows, environment, median_time, print_table, run_worker
+from benchlib import (RESULTS_DIR, append_rows, compare_methods, environment, parse_worker_args, print_table,
+                      time_and_memory)
 
 SHAPES = {  # (N, V, D)
     "cpu": [(4096, 32000, 512), (1024, 32000, 1024)],
@@ -71,9 +72,9 @@ def make_step(method: str, hidden, weight, targets, grad):
     return step
 
 
-def worker(method: str, N: int, V: int, D: int, dtype: str, device: str, repeats: int) -> dict:
+def worker(method: str, case: dict, repeats: int) -> dict:
     torch.manual_seed(0)
-    dt = getattr(torch, dtype)
+    N, V, D, device, dt = case["N"], case["V"], case["D"], case["device"], getattr(torch, case["dtype"])
     hidden = torch.randn(N, D, device=device, dtype=dt).requires_grad_()
     weight = (torch.randn(V, D, device=device) / D**0.5).to(dt).requires_grad_()
     targets = torch.randint(0, V, (N,), device=device)
@@ -84,10 +85,7 @@ def worker(method: str, N: int, V: int, D: int, dtype: str, device: str, repeats
         hidden.grad = weight.grad = None
         step()
 
-    with PeakMemory(device) as mem:
-        run()  # cold run: peak extra memory (includes the gradients)
-    run()
-    return {"time_s": median_time(run, repeats, device), "peak_extra_bytes": mem.extra}
+    return time_and_memory(run, device, repeats)
 
 
 def main() -> None:
@@ -99,11 +97,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 3 CPU, 10 CUDA)")
     parser.add_argument("--no-save", action="store_true", help="do not append rows to the results folder")
     parser.add_argument("--results-dir", default=RESULTS_DIR, help="default: benchmarks/results/")
-    parser.add_argument("--worker", nargs=7, metavar="ARG", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        method, N, V, D, dtype, device, repeats = args.worker
-        print(json.dumps(worker(method, int(N), int(V), int(D), dtype, device, int(repeats))))
+        print(json.dumps(worker(*parse_worker_args(args.worker))))
         return
 
     device = args.device
@@ -116,22 +113,9 @@ def main() -> None:
     rows = []
     for dtype in args.dtypes or DTYPES[device]:
         for N, V, D in shapes:
-            mm = run_worker(__file__, ["matmul", str(N), str(V), str(D), dtype, device, str(repeats)])
-            matmul_gflops = 2 * N * V * D / mm["time_s"] / 1e9 if "time_s" in mm else None
-            results = {m: run_worker(__file__, [m, str(N), str(V), str(D), dtype, device, str(repeats)])
-                       for m in args.methods}
-            naive = results.get("naive", {})
-            for method, res in results.items():
-                row = {**env, "bench": "linear_logprobs", "method": method, "N": N, "V": V, "D": D,
-                       "dtype": dtype, "repeats": repeats, "matmul_gflops": matmul_gflops, **res}
-                if "time_s" in res:
-                    row["gflops"] = FLOPS_PER_NVD[method] * N * V * D / res["time_s"] / 1e9
-                    row["pct_of_matmul"] = 100 * row["gflops"] / matmul_gflops if matmul_gflops else None
-                    row["peak_extra_mb"] = res["peak_extra_bytes"] / 2**20
-                    if "time_s" in naive:
-                        row["time_vs_naive"] = res["time_s"] / naive["time_s"]
-                        row["mem_vs_naive"] = res["peak_extra_bytes"] / max(naive["peak_extra_bytes"], 1)
-                rows.append(row)
+            case = {"bench": "linear_logprobs", "N": N, "V": V, "D": D, "dtype": dtype, "device": device}
+            flops = {m: FLOPS_PER_NVD[m] * N * V * D for m in args.methods}
+            rows += compare_methods(__file__, args.methods, case, repeats, "naive", flops, env)
     print_table(rows, [("dtype", "dtype", "s"), ("N", "N", "d"), ("V", "V", "d"), ("D", "D", "d"),
                        ("method", "method", "s"), ("time_s", "time s", ".3f"),
                        ("time_vs_naive", "×naive", ".2f"), ("peak_extra_mb", "extra MiB", ".0f"),

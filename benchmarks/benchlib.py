@@ -110,6 +110,52 @@ def run_worker(script: str, args: list[str], timeout: float = 1800) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def compare_methods(script: str, methods: list[str], case: dict, repeats: int, baseline: str,
+                    flops: dict[str, float], env: dict) -> list[dict]:
+    """Run each method (and a plain matmul of the case's N×V×D) in its own process; rows with ratios.
+
+    ``case`` holds N, V, D, dtype, device plus any extra settings; ``flops[method]`` is the work it does
+    (for GFLOP/s; the matmul rate is measured on 2NVD).
+    """
+    keys = sorted(case)
+    worker_args = [f"{k}={case[k]}" for k in keys] + [f"repeats={repeats}"]
+    mm = run_worker(script, ["matmul", *worker_args])
+    N, V, D = case["N"], case["V"], case["D"]
+    matmul_gflops = 2 * N * V * D / mm["time_s"] / 1e9 if "time_s" in mm else None
+    results = {m: run_worker(script, [m, *worker_args]) for m in methods}
+    base = results.get(baseline, {})
+    rows = []
+    for method, res in results.items():
+        row = {**env, **case, "method": method, "repeats": repeats, "matmul_gflops": matmul_gflops, **res}
+        if "time_s" in res:
+            row["gflops"] = flops[method] / res["time_s"] / 1e9
+            row["pct_of_matmul"] = 100 * row["gflops"] / matmul_gflops if matmul_gflops else None
+            row["peak_extra_mb"] = res["peak_extra_bytes"] / 2**20
+            if "time_s" in base:
+                row[f"time_vs_{baseline}"] = res["time_s"] / base["time_s"]
+                row[f"mem_vs_{baseline}"] = res["peak_extra_bytes"] / max(base["peak_extra_bytes"], 1)
+        rows.append(row)
+    return rows
+
+
+def parse_worker_args(args: list[str]) -> tuple[str, dict, int]:
+    """``[method, k=v, ..., repeats=R]`` → (method, case, repeats); numbers become ints."""
+    method, *pairs = args
+    case = {}
+    for pair in pairs:
+        key, value = pair.split("=", 1)
+        case[key] = int(value) if value.lstrip("-").isdigit() else value
+    return method, case, case.pop("repeats")
+
+
+def time_and_memory(step, device: str, repeats: int) -> dict:
+    """Cold run for the peak extra memory, one warm-up, then the median of ``repeats`` timed runs."""
+    with PeakMemory(device) as mem:
+        step()
+    step()
+    return {"time_s": median_time(step, repeats, device), "peak_extra_bytes": mem.extra}
+
+
 def append_rows(name: str, rows: list[dict], results_dir: Path = RESULTS_DIR) -> Path:
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
