@@ -12,6 +12,12 @@ B, T, D, V = 3, 11, 24, 97
 IGNORE = -100
 
 
+def _on_device(impl, *tensors):
+    """Triton runs compiled on CUDA when there is one, interpreted on CPU otherwise."""
+    device = "cuda" if impl == "triton" and torch.cuda.is_available() else "cpu"
+    return [t.to(device) for t in tensors]
+
+
 def _batch(rows, T_, *, dtype=torch.float32, prompt=3):
     hidden = torch.randn(rows, T_, D, dtype=dtype)
     target = torch.randint(0, V, (rows, T_))
@@ -49,8 +55,7 @@ def naive_dpo(weight, hidden, target, bias, ref_hidden, ref_weight, *, beta, los
                                           ("ipo", 0.0)])
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_dpo_module_matches_naive_float64(loss_type, ls, impl, seed):
-    hidden, target = _batch(2 * B, T)
-    weight, bias = _head()
+    hidden, target, weight, bias = _on_device(impl, *_batch(2 * B, T), *_head())
     ref_hidden, ref_weight = hidden + 0.1 * torch.randn_like(hidden), weight + 0.05 * torch.randn_like(weight)
     leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
     fn = FusedLinearDPOLoss(beta=0.2, loss_type=loss_type, label_smoothing=ls, impl=impl)
@@ -123,9 +128,8 @@ def naive_hypo(weight, hidden, target, online_hidden, online_target, ref_weight,
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 @pytest.mark.parametrize("k", [1, 3])
 def test_hypo_module_matches_naive_float64(impl, k, seed):
-    hidden, target = _batch(2 * B, T)
-    online_hidden, online_target = _batch(2 * k, T + 4, prompt=5)
-    weight, _ = _head()
+    hidden, target, online_hidden, online_target, weight = _on_device(
+        impl, *_batch(2 * B, T), *_batch(2 * k, T + 4, prompt=5), _head()[0])
     ref_weight = weight + 0.05 * torch.randn_like(weight)
     ref_hidden = hidden + 0.1 * torch.randn_like(hidden)
     ref_online = online_hidden + 0.1 * torch.randn_like(online_hidden)
