@@ -7,7 +7,7 @@ setup(
     version="0.1.0",
     description="Fused Triton kernels and a DeepSpeed trainer for HyPO (hybrid DPO + online KL)",
     python_requires=">=3.11",
-    packages=["hypo_fast", "hypo_fast.ops", "hypo_fast.kernels"],
+    packages=["hypo_fast", "hypo_fast.ops", "hypo_fast.kernels", "hypo_fast.models", "hypo_fast.examples"],
     package_dir={"hypo_fast": "hypo_fast", "hypo_fast.kernels": "kernels"},
     install_requires=[
         "torch>=2.11",

@@ -33,7 +33,7 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     return impl
 
 
-def check_inputs(hidden, weight, targets, bias, temperature, ignore_index) -> None:
+def check_inputs(hidden, weight, targets, bias, temperature, ignore_index, check_targets=True) -> None:
     """Raise ``ValueError`` naming the first bad argument."""
     for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
         if not isinstance(t, torch.Tensor):
@@ -66,6 +66,8 @@ def check_inputs(hidden, weight, targets, bias, temperature, ignore_index) -> No
                              f"got ({bias.dtype}, {bias.device})")
     if not (isinstance(temperature, (int, float)) and 0.0 < temperature < float("inf")):
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    if not check_targets:
+        return
     bad = ((targets < 0) & (targets != ignore_index)) | (targets >= weight.shape[0])
     if bool(bad.any()):  # one host sync: a wrong target would otherwise read out of bounds
         first = tuple(int(i) for i in bad.nonzero()[0])
@@ -121,6 +123,7 @@ def linear_logprobs(
     return_logit_mean: bool = False,
     impl: str = "auto",
     fp32_weight_grad: bool = True,
+    check_targets: bool = True,
 ):
     """Per-token log-probabilities of ``targets`` under ``softmax((hidden @ weight.T + bias) / temperature)``.
 
@@ -147,6 +150,8 @@ def linear_logprobs(
         impl: ``"auto"`` (Triton on CUDA, chunked PyTorch on CPU), ``"triton"`` or ``"torch"``.
         fp32_weight_grad: accumulate the weight gradient in fp32 (default); ``False`` accumulates it
             in the weight dtype, saving ``2·V·D`` bytes for bf16 weights at some precision cost.
+        check_targets: verify the target range (one host sync); pass False in hot loops whose targets
+            are already known valid.
 
     Returns:
         ``logp`` fp32 ``[...]``; with ``return_entropy`` and/or ``return_logit_mean``, a tuple
@@ -155,7 +160,7 @@ def linear_logprobs(
     Raises:
         ValueError: naming the argument that is malformed (shapes, dtypes, devices, target range).
     """
-    check_inputs(hidden, weight, targets, bias, temperature, ignore_index)
+    check_inputs(hidden, weight, targets, bias, temperature, ignore_index, check_targets)
     impl = resolve_impl(impl, hidden.device)
     batch_shape = targets.shape
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])

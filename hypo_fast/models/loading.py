@@ -1,0 +1,105 @@
+"""Load Hugging Face causal LMs for training: dtype, attention backend, Liger patches, checkpointing, LoRA.
+
+Nothing here downloads: a path must be a local folder (``local_files_only``); tests and the demo pass a
+``transformers`` config instead, which builds a randomly initialised model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import Sequence
+
+import torch
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def attention_implementation(requested: str = "auto") -> str:
+    """``auto``: flash-attention-2 when ``flash_attn`` imports and a GPU is present, else PyTorch SDPA."""
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def apply_liger_patches(model: torch.nn.Module) -> bool:
+    """Liger's RMSNorm, RoPE and SwiGLU kernels on a CUDA model (its losses stay off: ours replace them)."""
+    if not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None:
+        return False
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    try:
+        _apply_liger_kernel_to_instance(model=model, rms_norm=True, rope=True, swiglu=True,
+                                        cross_entropy=False, fused_linear_cross_entropy=False)
+    except Exception as err:  # an architecture Liger does not know: run unpatched, say so
+        log.warning("liger-kernel patches not applied: %s", err)
+        return False
+    return True
+
+
+def load_causal_lm(
+    source: str | PretrainedConfig,
+    *,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "auto",
+    gradient_checkpointing: bool = False,
+    liger: str | bool = "auto",
+    seed: int | None = None,
+) -> torch.nn.Module:
+    """A causal LM from a local folder or a config, ready for hypo_fast (the HF LM head is never called).
+
+    Args:
+        source: local model folder, or a ``PretrainedConfig`` (random initialisation, seeded by ``seed``).
+        dtype: parameter dtype (fp32, bf16 or fp16).
+        attn_implementation: ``auto`` (flash-attention-2 on GPU when installed, else ``sdpa``) or any
+            value ``transformers`` accepts.
+        gradient_checkpointing: recompute decoder activations in the backward (non-reentrant).
+        liger: ``auto`` patches RMSNorm/RoPE/SwiGLU with Liger on CUDA when installed; True/False force it.
+    """
+    attn = attention_implementation(attn_implementation)
+    if isinstance(source, PretrainedConfig):
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(source, dtype=dtype, attn_implementation=attn)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn,
+                                                     local_files_only=True)
+    if liger is True or (liger == "auto" and torch.cuda.is_available()):
+        apply_liger_patches(model)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def add_lora(model: torch.nn.Module, *, r: int = 16, alpha: int = 32, dropout: float = 0.0,
+             target_modules: Sequence[str] = DEFAULT_LORA_TARGETS):
+    """Wrap with PEFT LoRA adapters; the base weights (LM head included) are frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    targets = [t for t in target_modules if t in present]
+    if not targets:
+        raise ValueError(f"none of target_modules {list(target_modules)} exist in the model")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def is_peft(model: torch.nn.Module) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
+
+
+def decoder_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformer body whose forward returns final hidden states (LoRA layers included)."""
+    base = model.get_base_model() if is_peft(model) else model
+    return base.get_decoder()
+
+
+def output_embeddings(model: torch.nn.Module) -> torch.nn.Module:
+    base = model.get_base_model() if is_peft(model) else model
+    return base.get_output_embeddings()

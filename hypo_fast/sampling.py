@@ -1,0 +1,159 @@
+"""In-process sampler: k completions per prompt with a KV cache, scored as they are drawn.
+
+Each decode step runs the decoder body on one token per row and hands its last hidden state to the
+fused sampling head, which returns the next token *and* its log-probability without ``[B, V]`` logits.
+Those recorded log-probs are the ones HyPO's KL reward uses: no second scoring pass.
+
+Samples are on-policy only at ``temperature = 1`` without truncation; at any other temperature the
+recorded log-probs (and so the KL) are those of the tempered policy softmax(z/τ).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from transformers import DynamicCache, StaticCache
+
+from hypo_fast.models.head import FusedLogprobHead
+from hypo_fast.models.loading import decoder_of
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 64
+    num_samples: int = 2  # k per prompt, consecutive in the output
+    temperature: float = 1.0
+    greedy: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int = 0
+    cache: str = "static"  # "static" (preallocated, compile-friendly) or "dynamic"
+    compile_decode: bool = False  # CUDA: torch.compile the decode step (CUDA graphs via mode="reduce-overhead")
+
+    def __post_init__(self):
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples (k) must be ≥ 1, got {self.num_samples}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be ≥ 1, got {self.max_new_tokens}")
+        if not self.greedy and not self.temperature > 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if self.cache not in ("static", "dynamic"):
+            raise ValueError(f"cache must be 'static' or 'dynamic', got {self.cache!r}")
+
+
+@dataclass(frozen=True)
+class Samples:
+    prompt_index: torch.Tensor  # [M] which prompt each sample answers (k consecutive per prompt)
+    tokens: torch.Tensor  # [M, T] sampled tokens, pad_id after a row finished
+    logps: torch.Tensor  # [M, T] fp32 log-prob of each token when drawn, 0 after finish
+    mask: torch.Tensor  # [M, T] bool: generated tokens (the stop token included)
+
+    def responses(self) -> list[list[int]]:
+        return [row[m].tolist() for row, m in zip(self.tokens, self.mask)]
+
+    def num_tokens(self) -> int:
+        return int(self.mask.sum())
+
+
+def step_seed(seed: int, step: int) -> int:
+    """A distinct, reproducible seed per decode step (the head's counter-based noise is keyed by it)."""
+    return (seed * 1_000_003 + step * 7_919 + 1) % (2**31 - 1)
+
+
+def gathered_parameters(model: torch.nn.Module):
+    """Under DeepSpeed ZeRO-3, gather the full weights once for a whole generation phase."""
+    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+class Sampler:
+    """Batched generation from an HF causal LM through a :class:`FusedLogprobHead`."""
+
+    def __init__(self, model: torch.nn.Module, head: FusedLogprobHead, config: SamplingConfig, pad_id: int = 0):
+        self.model, self.head, self.config, self.pad_id = model, head, config, pad_id
+        self.decoder = decoder_of(model)
+        # transformers ≥ 5.2x renames the decoder's ``past_key_values`` argument to ``cache``
+        self._cache_arg = "cache" if "cache" in inspect.signature(self.decoder.forward).parameters else "past_key_values"
+        self._decode = self.decoder
+        if config.compile_decode and torch.cuda.is_available():
+            self._decode = torch.compile(self.decoder, mode="reduce-overhead", dynamic=False)
+
+    def _check_prompts(self, prompts: Sequence[Sequence[int]]) -> None:
+        if len(prompts) == 0:
+            raise ValueError("prompts is empty")
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        for i, prompt in enumerate(prompts):
+            if len(prompt) == 0:
+                raise ValueError(f"prompt {i} is empty")
+            if context is not None and len(prompt) + self.config.max_new_tokens > context:
+                raise ValueError(f"prompt {i}: {len(prompt)} tokens + max_new_tokens={self.config.max_new_tokens} "
+                                 f"exceed the model's context of {context}")
+
+    def _left_padded(self, prompts, device):
+        k = self.config.num_samples
+        rows = [p for p in prompts for _ in range(k)]  # each prompt's k samples consecutive
+        L = max(len(p) for p in rows)
+        input_ids = torch.full((len(rows), L), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), L), dtype=torch.long)
+        for r, p in enumerate(rows):
+            input_ids[r, L - len(p):] = torch.as_tensor(p)
+            mask[r, L - len(p):] = 1
+        return input_ids.to(device), mask.to(device)
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], seed: int | None = None) -> Samples:
+        """k samples per prompt; ``seed`` (default: the config's) makes the draw reproducible."""
+        self._check_prompts(prompts)
+        cfg = self.config
+        seed = cfg.seed if seed is None else seed
+        device = self.head.weight.device
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with gathered_parameters(self.model):
+                tokens, logps, mask = self._generate(prompts, seed, device)
+        finally:
+            self.model.train(was_training)
+        prompt_index = torch.arange(len(prompts), device=device).repeat_interleave(cfg.num_samples)
+        return Samples(prompt_index, tokens, logps, mask)
+
+    def _generate(self, prompts, seed, device):
+        cfg = self.config
+        input_ids, attn = self._left_padded(prompts, device)
+        M, L = input_ids.shape
+        if cfg.cache == "static":
+            cache = StaticCache(config=self.model.config, max_cache_len=L + cfg.max_new_tokens)
+        else:
+            cache = DynamicCache()
+        position = (attn.cumsum(1) - 1).clamp_min(0)
+        out = self.decoder(input_ids=input_ids, attention_mask=attn, position_ids=position, use_cache=True,
+                           cache_position=torch.arange(L, device=device), **{self._cache_arg: cache})
+        hidden = out.last_hidden_state[:, -1]  # [M, D]
+        next_position = position[:, -1:] + 1
+        stops = torch.tensor(cfg.stop_token_ids, dtype=torch.long, device=device)
+        finished = torch.zeros(M, dtype=torch.bool, device=device)
+        tokens, logps, live = [], [], []
+        for step in range(cfg.max_new_tokens):
+            token, logp = self.head.sample(hidden, temperature=cfg.temperature, seed=step_seed(seed, step),
+                                           greedy=cfg.greedy)
+            alive = ~finished
+            tokens.append(torch.where(alive, token, self.pad_id))
+            logps.append(torch.where(alive, logp, 0.0))
+            live.append(alive)
+            finished = finished | torch.isin(token, stops)
+            if step + 1 == cfg.max_new_tokens or (stops.numel() and bool(finished.all())):
+                break
+            attn = torch.cat([attn, alive.long()[:, None]], 1)
+            out = self._decode(input_ids=tokens[-1][:, None], attention_mask=attn, position_ids=next_position,
+                               use_cache=True, cache_position=torch.tensor([L + step], device=device),
+                               **{self._cache_arg: cache})
+            hidden = out.last_hidden_state[:, -1]
+            next_position = next_position + 1
+        return torch.stack(tokens, 1), torch.stack(logps, 1).float(), torch.stack(live, 1)
