@@ -22,6 +22,6 @@ setup(
     ],
     extras_require={
         "flash": ["flash-attn"],
-        "test": ["pytest"],
+        "test": ["pytest", "scipy"],
     },
 )

@@ -1,0 +1,66 @@
+"""The fused sampling head: its draws follow softmax(z/τ), its log-probs and entropies are exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hypo_fast.ops.sample_head import sample_tokens
+
+CUDA = torch.cuda.is_available()
+TRITON_DEVICE = "cuda" if CUDA else "cpu"
+IMPL_DEVICE = [("triton", TRITON_DEVICE), ("torch", "cpu")]
+
+
+def _chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    from scipy.stats import chisquare
+
+    expected = probs.double() / probs.double().sum() * counts.sum()
+    keep = expected >= 5  # pool the rare categories so the χ² approximation holds
+    observed = torch.cat([counts[keep], counts[~keep].sum(0, keepdim=True)]).double()
+    expected = torch.cat([expected[keep], expected[~keep].sum(0, keepdim=True)])
+    if expected[-1] == 0:
+        observed, expected = observed[:-1], expected[:-1]
+    return float(chisquare(observed.numpy(), expected.numpy()).pvalue)
+
+
+@pytest.mark.parametrize("impl,device", IMPL_DEVICE)
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_draws_follow_the_tempered_softmax(impl, device, temperature):
+    """χ² goodness of fit on V=23 categories, fixed seeds; one call draws many rows at once."""
+    torch.manual_seed(0)
+    V, D, draws = 23, 16, 4000
+    h = torch.randn(1, D, device=device).expand(draws, D).contiguous()  # the same row, many independent draws
+    weight = torch.randn(V, D, device=device) * 0.4
+    probs = torch.softmax((h[0] @ weight.T) / temperature, -1).cpu()
+    tokens, logp = sample_tokens(h, weight, temperature=temperature, seed=1234, impl=impl)
+    counts = torch.bincount(tokens.cpu(), minlength=V)
+    assert _chi_square_pvalue(counts, probs) > 1e-3
+    torch.testing.assert_close(logp.cpu(), probs.log()[tokens.cpu()], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl,device", IMPL_DEVICE)
+def test_logp_entropy_greedy_and_reproducibility(impl, device, seed):
+    B, V, D = 5, 301, 40  # V not a multiple of any tile
+    h = torch.randn(B, D, device=device)
+    weight = torch.randn(V, D, device=device) * 0.3
+    bias = torch.randn(V, device=device)
+    z = (h.double() @ weight.double().T + bias.double()) / 0.7
+    tokens, logp, entropy = sample_tokens(h, weight, bias, temperature=0.7, seed=7, return_entropy=True, impl=impl)
+    log_probs = torch.log_softmax(z, -1)
+    torch.testing.assert_close(logp.double(), log_probs.gather(1, tokens[:, None]).squeeze(1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy.double(), -(log_probs.exp() * log_probs).sum(-1), atol=1e-5, rtol=1e-5)
+    again, _ = sample_tokens(h, weight, bias, temperature=0.7, seed=7, impl=impl)
+    assert torch.equal(tokens, again)
+    greedy, greedy_logp = sample_tokens(h, weight, bias, greedy=True, impl=impl)
+    z1 = h.double() @ weight.double().T + bias.double()
+    assert torch.equal(greedy, z1.argmax(-1))
+    torch.testing.assert_close(greedy_logp.double(), torch.log_softmax(z1, -1).max(-1).values, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_input():
+    h, w = torch.randn(2, 8), torch.randn(5, 8)
+    with pytest.raises(ValueError, match="temperature"):
+        sample_tokens(h, w, temperature=0.0)
+    with pytest.raises(ValueError, match="hidden"):
+        sample_tokens(h[:, :7], w)

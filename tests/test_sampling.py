@@ -1,0 +1,78 @@
+"""The sampler: greedy equals HF generate, recorded log-probs equal the training forward's, stops, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hypo_fast.examples.toy import tiny_llama
+from hypo_fast.models import FusedLogprobHead, Policy, pack_sequences
+from hypo_fast.sampling import Sampler, SamplingConfig
+
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11]]
+
+
+def _sampler(model, **config):
+    return Sampler(model, FusedLogprobHead.from_linear(model.get_output_embeddings()), SamplingConfig(**config))
+
+
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_greedy_equals_hf_generate(cache):
+    model = tiny_llama().eval()
+    out = _sampler(model, max_new_tokens=12, num_samples=1, greedy=True, cache=cache).generate(PROMPTS)
+    for i, prompt in enumerate(PROMPTS):  # one prompt at a time: HF's own unpadded greedy path
+        expected = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt):]
+        assert out.tokens[i].tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 0.1)])
+def test_recorded_logps_equal_the_training_forward(dtype, atol):
+    model = tiny_llama().to(dtype).eval()
+    samples = _sampler(model, max_new_tokens=10, num_samples=3, temperature=1.0).generate(PROMPTS, seed=3)
+    sequences = [(PROMPTS[i], r) for i, r in zip(samples.prompt_index.tolist(), samples.responses())]
+    with torch.no_grad():
+        rescored = Policy(model).token_logprobs(pack_sequences(sequences))
+    torch.testing.assert_close(samples.logps[samples.mask], rescored, atol=atol, rtol=0)
+
+
+def test_k_samples_per_prompt_are_consecutive_reproducible_and_different():
+    sampler = _sampler(tiny_llama().eval(), max_new_tokens=8, num_samples=4)
+    a, b, c = sampler.generate(PROMPTS, seed=1), sampler.generate(PROMPTS, seed=1), sampler.generate(PROMPTS, seed=2)
+    assert a.prompt_index.tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logps, b.logps)
+    assert not torch.equal(a.tokens, c.tokens)
+    assert len({tuple(r) for r in a.responses()[:4]}) > 1  # the k samples of a prompt differ
+
+
+def test_rows_finish_at_their_stop_token():
+    model = tiny_llama().eval()
+    free = _sampler(model, max_new_tokens=10, num_samples=2).generate(PROMPTS, seed=0)
+    stop = int(free.tokens[0, 2])  # a token the first row draws at step 2: with the same seed it stops there
+    out = _sampler(model, max_new_tokens=10, num_samples=2, stop_token_ids=(stop,)).generate(PROMPTS, seed=0)
+    for row in range(out.tokens.shape[0]):
+        tokens, mask = out.tokens[row], out.mask[row]
+        hits = (tokens == stop).nonzero()
+        if len(hits):
+            first = int(hits[0])
+            assert mask[: first + 1].all() and not mask[first + 1:].any()
+            assert (out.logps[row, first + 1:] == 0).all() and (tokens[first + 1:] == 0).all()
+        else:
+            assert mask.all()
+    assert out.mask[0].sum() == 3
+
+
+@pytest.mark.parametrize("prompts,config,match", [
+    ([], {}, "prompts is empty"),
+    ([[1, 2], []], {}, "prompt 1 is empty"),
+    ([[1] * 250], {"max_new_tokens": 10}, "context"),
+])
+def test_bad_prompts(prompts, config, match):
+    with pytest.raises(ValueError, match=match):
+        _sampler(tiny_llama(), **config).generate(prompts)
+
+
+@pytest.mark.parametrize("config,match", [({"num_samples": 0}, "num_samples"), ({"max_new_tokens": 0}, "max_new"),
+                                          ({"temperature": 0.0}, "temperature"), ({"cache": "paged"}, "cache")])
+def test_bad_config(config, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingConfig(**config)
