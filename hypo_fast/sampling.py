@@ -30,7 +30,7 @@ class SamplingConfig:
     greedy: bool = False
     stop_token_ids: tuple[int, ...] = ()
     seed: int = 0
-    cache: str = "static"  # "static" (preallocated, compile-friendly) or "dynamic"
+    cache: str = "auto"  # "static" (preallocated, compile-friendly), "dynamic", or auto: static on CUDA
     compile_decode: bool = False  # CUDA: torch.compile the decode step (CUDA graphs via mode="reduce-overhead")
 
     def __post_init__(self):
@@ -40,8 +40,8 @@ class SamplingConfig:
             raise ValueError(f"max_new_tokens must be ≥ 1, got {self.max_new_tokens}")
         if not self.greedy and not self.temperature > 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
-        if self.cache not in ("static", "dynamic"):
-            raise ValueError(f"cache must be 'static' or 'dynamic', got {self.cache!r}")
+        if self.cache not in ("auto", "static", "dynamic"):
+            raise ValueError(f"cache must be 'auto', 'static' or 'dynamic', got {self.cache!r}")
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,10 @@ class Sampler:
         cfg = self.config
         input_ids, attn = self._left_padded(prompts, device)
         M, L = input_ids.shape
-        if cfg.cache == "static":
+        # a static cache attends over its whole preallocated length each step: slower on CPU (measured
+        # in benchmarks/bench_generate.py), but it gives the fixed shapes CUDA graphs need
+        static = cfg.cache == "static" or (cfg.cache == "auto" and device.type == "cuda")
+        if static:
             cache = StaticCache(config=self.model.config, max_cache_len=L + cfg.max_new_tokens)
         else:
             cache = DynamicCache()
