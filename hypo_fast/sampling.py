@@ -32,6 +32,7 @@ class SamplingConfig:
     seed: int = 0
     cache: str = "auto"  # "static" (preallocated, compile-friendly), "dynamic", or auto: static on CUDA
     compile_decode: bool = False  # CUDA: torch.compile the decode step (CUDA graphs via mode="reduce-overhead")
+    gather_zero3: bool = True  # ZeRO-3: gather all weights once per generate() (False: per module, per token)
 
     def __post_init__(self):
         if self.num_samples < 1:
@@ -117,7 +118,7 @@ class Sampler:
         was_training = self.model.training
         self.model.eval()
         try:
-            with gathered_parameters(self.model):
+            with gathered_parameters(self.model) if cfg.gather_zero3 else contextlib.nullcontext():
                 tokens, logps, mask = self._generate(prompts, seed, device)
         finally:
             self.model.train(was_training)
