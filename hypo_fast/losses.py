@@ -115,14 +115,12 @@ def dpo_loss(
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
 
-def _check_mask(logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor) -> None:
-    if not (logps.shape == ref_logps.shape == mask.shape):
-        raise ValueError(f"logps {tuple(logps.shape)}, ref_logps {tuple(ref_logps.shape)} and mask "
-                         f"{tuple(mask.shape)} must share one shape")
-
-
 def sampled_kl(
-    logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor, estimator: str = "k1"
+    logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    mask_or_segment_ids: torch.Tensor,
+    estimator: str = "k1",
+    num_segments: int | None = None,
 ) -> torch.Tensor:
     """Per-sequence estimates of ``KL(π ‖ π_ref)`` from tokens sampled from π.
 
@@ -130,18 +128,20 @@ def sampled_kl(
     biased), ``k3 = e^d − 1 − d`` (unbiased, ≥ 0; Schulman, "Approximating KL divergence", 2020).
 
     Args:
-        logps, ref_logps: ``[B, T]`` token log-probs of the samples under π and π_ref.
-        mask: ``[B, T]`` bool/float, the sampled response tokens.
+        logps, ref_logps: ``[B, T]`` (or packed ``[N]``) token log-probs of the samples under π and π_ref.
+        mask_or_segment_ids: as in :func:`sequence_logps` (a mask of the sampled response tokens, or
+            packed segment ids).
 
     Returns:
         ``[B]`` sums over tokens; differentiable through ``logps``.
     """
     if estimator not in KL_ESTIMATORS:
         raise ValueError(f"estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
-    _check_mask(logps, ref_logps, mask)
+    if logps.shape != ref_logps.shape:
+        raise ValueError(f"logps {tuple(logps.shape)} and ref_logps {tuple(ref_logps.shape)} must share one shape")
     d = ref_logps - logps
     per_token = {"k1": lambda: -d, "k2": lambda: 0.5 * d**2, "k3": lambda: torch.expm1(d) - d}[estimator]()
-    return (per_token * mask.to(per_token.dtype)).sum(-1)
+    return sequence_logps(per_token, mask_or_segment_ids, num_segments=num_segments)
 
 
 class RLOOKL(NamedTuple):
@@ -183,10 +183,11 @@ def rloo_kl_loss(seq_logps: torch.Tensor, seq_ref_logps: torch.Tensor, group_siz
     return RLOOKL(loss, rewards, advantages)
 
 
-def k3_kl_loss(token_logps: torch.Tensor, token_ref_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def k3_kl_loss(token_logps: torch.Tensor, token_ref_logps: torch.Tensor, mask_or_segment_ids: torch.Tensor,
+               num_segments: int | None = None) -> torch.Tensor:
     """Not from the paper (GRPO-style option): the per-token k3 KL summed per sequence, used directly
     as a loss (its gradient is taken through the estimator, not by REINFORCE). Returns a scalar mean."""
-    return sampled_kl(token_logps, token_ref_logps.detach(), mask, estimator="k3").mean()
+    return sampled_kl(token_logps, token_ref_logps.detach(), mask_or_segment_ids, "k3", num_segments).mean()
 
 
 class HyPOLoss(NamedTuple):
@@ -208,6 +209,7 @@ def hypo_loss(
     online_ref_token_logps: torch.Tensor | None = None,
     online_mask: torch.Tensor | None = None,
     *,
+    num_online: int | None = None,
     beta: float = 0.1,
     kl_coef: float = 0.01,
     group_size: int = 2,
@@ -220,7 +222,8 @@ def hypo_loss(
     Args:
         policy_*/ref_*: ``[B]`` sequence log-probs of the offline pairs.
         online_token_logps, online_ref_token_logps, online_mask: ``[M, T]`` token log-probs of the
-            k·prompts online samples (a prompt's samples consecutive) under π_θ (with grad) and π_ref.
+            k·prompts online samples (a prompt's samples consecutive) under π_θ (with grad) and π_ref,
+            and their mask; or packed ``[N]`` log-probs with int segment ids ``[N]`` and ``num_online``.
         kl_coef: λ. The paper tunes it per task; there is no universal default.
         group_size: k samples per prompt.
         kl_loss: ``"rloo"`` (the paper: REINFORCE + leave-one-out baseline) or ``"k3"`` (not from the
@@ -238,13 +241,15 @@ def hypo_loss(
     if online_token_logps is None or kl_coef == 0:
         return HyPOLoss(loss, dpo_losses, chosen_rewards, rejected_rewards, zero, zero, None)
 
-    _check_mask(online_token_logps, online_ref_token_logps, online_mask)
-    seq = sequence_logps(online_token_logps, online_mask)
-    seq_ref = sequence_logps(online_ref_token_logps.detach(), online_mask)
+    if not (online_token_logps.shape == online_ref_token_logps.shape == online_mask.shape):
+        raise ValueError(f"online log-probs {tuple(online_token_logps.shape)}, reference log-probs "
+                         f"{tuple(online_ref_token_logps.shape)} and mask {tuple(online_mask.shape)} must match")
+    seq = sequence_logps(online_token_logps, online_mask, num_segments=num_online)
+    seq_ref = sequence_logps(online_ref_token_logps.detach(), online_mask, num_segments=num_online)
     rloo = rloo_kl_loss(seq, seq_ref, group_size)
     if kl_loss == "rloo":
         term = rloo.loss
     else:
-        term = k3_kl_loss(online_token_logps, online_ref_token_logps, online_mask)
+        term = k3_kl_loss(online_token_logps, online_ref_token_logps, online_mask, num_online)
     return HyPOLoss(loss + kl_coef * term, dpo_losses, chosen_rewards, rejected_rewards, term.detach(),
                     rloo.rewards.mean(), rloo.advantages)

@@ -142,10 +142,11 @@ def test_hypo_module_matches_naive_float64(impl, k, seed):
     expected, rloo = naive_hypo(oracle_leaves[0], oracle_leaves[1], target, oracle_leaves[2], online_target,
                                 ref_weight, ref_hidden, ref_online, beta=0.2, kl_coef=0.3, k=k)
     expected.backward()
-    # ℓ_kl is a small difference of large products (r·log π ≈ 10²): judge fp32 rounding against naive fp32
-    naive32, _ = naive_hypo(weight, hidden, target, online_hidden, online_target, ref_weight, ref_hidden,
-                            ref_online, beta=0.2, kl_coef=0.3, k=k, dtype=torch.float32)
-    assert (loss.double() - expected).abs() <= 2 * (naive32.double() - expected).abs() + 1e-5
+    # ℓ_kl is a mean of products (r_i − b_i)·log π(y_i) of magnitude ~10³ that nearly cancel: fp32 sums of
+    # token log-probs carry ~1e-6 relative error, so the tolerance scales with those products
+    seq = naive_token_logps(online_hidden, weight, None, online_target)[0].sum(-1)
+    scale = 0.3 * (rloo.advantages.abs() * seq.abs()).mean().item() + 1.0
+    torch.testing.assert_close(loss.double(), expected, atol=4e-6 * scale, rtol=0)
     torch.testing.assert_close(aux.advantages.double(), rloo.advantages, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(aux.online_kl.double(), rloo.rewards.mean(), atol=1e-4, rtol=1e-5)
     for ours, ref in zip(leaves, oracle_leaves):

@@ -25,15 +25,15 @@ class FusedLogprobHead(torch.nn.Module):
         return cls(linear.weight, getattr(linear, "bias", None), impl)
 
     def forward(self, hidden: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor,
-                temperature: float = 1.0) -> torch.Tensor:
+                temperature: float = 1.0, return_logit_mean: bool = False):
         """Log-probs ``[N]`` of ``targets [N]`` at ``positions [N]`` (flat indices into ``hidden [..., D]``).
 
         Only those rows reach the vocabulary projection; no host sync (targets come validated from the
-        data side).
+        data side). With ``return_logit_mean`` also the mean logit over the vocabulary per row (a metric).
         """
         rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # [N, D]
         return linear_logprobs(rows, self.weight, targets, bias=self.bias, temperature=temperature,
-                               impl=self.impl, check_targets=False)
+                               return_logit_mean=return_logit_mean, impl=self.impl, check_targets=False)
 
     @torch.no_grad()
     def sample(self, hidden: torch.Tensor, *, temperature: float = 1.0, seed: int = 0, greedy: bool = False):
