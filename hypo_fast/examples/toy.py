@@ -39,3 +39,18 @@ def shifted_hidden_and_targets(model, input_ids, attention_mask, labels):
     """Final hidden states of the decoder (the HF LM head is never called), aligned with next-token targets."""
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [R, T, D]
     return hidden[:, :-1], labels[:, 1:]  # row t predicts token t+1
+
+
+def char_tokenizer(alphabet: str):
+    """A real Hugging Face fast tokenizer over single characters (built locally; saved with checkpoints)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(set(alphabet)))}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")

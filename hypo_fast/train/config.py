@@ -1,0 +1,275 @@
+"""One tree of frozen dataclasses for a training run: YAML in, dotted overrides, validated at start.
+
+    cfg = load_config("run.yaml", ["algorithm.kl_coef=0.05", "optim.lr=1e-6"])
+
+Unknown keys and bad values raise ``ConfigError`` naming the dotted key. The resolved tree is saved with
+every run (``config.yaml`` in the output folder and in each checkpoint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration key or value (the message names the dotted key)."""
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str | None = None  # local folder (never downloaded); or `config` below for a fresh model
+    config: dict | None = None  # transformers config kwargs (model_type included) for a random init
+    tokenizer: str | None = None  # local tokenizer folder (default: `path`)
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    attn_implementation: str = "auto"
+    gradient_checkpointing: bool = False
+    lora: LoraConfig | None = None
+    reference_device: str | None = None  # full fine-tuning: keep the frozen reference here (e.g. "cpu")
+    init_seed: int = 0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train_file: str | None = None  # JSONL / JSON / Parquet file, or a saved `datasets` folder
+    eval_file: str | None = None
+    prompt_file: str | None = None  # prompt-only set for online sampling (default: the train prompts)
+    eval_fraction: float = 0.0  # held out of train_file when there is no eval_file
+    max_prompt_length: int = 256
+    max_length: int = 512
+    skip_bad_rows: bool = False
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    kl_coef: float = 0.0  # λ; 0 = plain DPO (no sampling)
+    kl_loss: str = "rloo"  # rloo (the paper) | k3 (not from the paper: per-token k3 as a direct loss)
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    num_samples: int = 2  # k per online prompt
+    prompts_per_step: int = 4  # online prompts per micro-batch (per rank)
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    stop_on_eos: bool = True
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 5e-7
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    max_steps: int = 100
+    pairs_per_micro_batch: int = 2  # per rank
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    warmup_steps: int = 0
+    scheduler: str = "cosine"  # cosine | linear | constant
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DeepSpeedSettings:
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    config_file: str | None = None  # a user DeepSpeed JSON whose keys override the generated ones
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = 0  # steps; 0 = only at the end
+    kl_prompts: int = 16
+    kl_samples: int = 2
+    reward: str | None = None  # "module:function" (prompts, responses) -> floats, or a local HF classifier folder
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str = "runs/hypo"
+    save_every: int = 0  # steps; 0 = only at the end
+    keep_last: int = 2
+    log_every: int = 1
+    resume: str = "auto"  # auto (latest checkpoint in dir, if any) | never | a checkpoint folder
+    tensorboard: bool = True
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+# ---- building from plain data --------------------------------------------------------------------
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _build(annotation, value, key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        item_type = args[0] if args else Any
+        return tuple(_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value))
+    if annotation is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]} (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.sub=value")
+    key, raw = item.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def config_from_dict(data: dict, overrides: list[str] = ()) -> TrainConfig:
+    tree = _plain(data or {})
+    for item in overrides:
+        _set_dotted(tree, *_parse_override(item))
+    cfg = _build(TrainConfig, tree)
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    data = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"cannot read config {path}: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"config {path} must be a mapping at the top level")
+    return config_from_dict(data, overrides)
+
+
+def _plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def config_to_dict(cfg: TrainConfig) -> dict:
+    return _plain(cfg)
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+# ---- validation ----------------------------------------------------------------------------------
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(cfg: TrainConfig) -> None:
+    m, d, a, s, o, z, e, out = (cfg.model, cfg.data, cfg.algorithm, cfg.sampling, cfg.optim, cfg.deepspeed,
+                                cfg.eval, cfg.output)
+    _require((m.path is None) != (m.config is None), "model.path", "give exactly one of model.path or model.config")
+    _require(m.path is not None or m.tokenizer is not None, "model.tokenizer",
+             "a model built from model.config needs a local tokenizer folder")
+    _require(m.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"unknown dtype {m.dtype!r}")
+    _require(d.train_file is not None, "data.train_file", "is required")
+    _require(0.0 <= d.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)")
+    _require(d.max_prompt_length >= 1, "data.max_prompt_length", "must be ≥ 1")
+    _require(d.max_length > d.max_prompt_length, "data.max_length", "must exceed data.max_prompt_length")
+    _require(a.beta > 0, "algorithm.beta", "must be positive")
+    _require(a.loss_type in ("sigmoid", "ipo", "hinge", "robust"), "algorithm.loss_type",
+             f"unknown loss type {a.loss_type!r}")
+    _require(0.0 <= a.label_smoothing < 0.5, "algorithm.label_smoothing", "must be in [0, 0.5)")
+    _require(a.kl_coef >= 0, "algorithm.kl_coef", "must be ≥ 0")
+    _require(a.kl_loss in ("rloo", "k3"), "algorithm.kl_loss", f"unknown KL loss {a.kl_loss!r}")
+    _require(s.num_samples >= 1, "sampling.num_samples", "must be ≥ 1")
+    _require(s.prompts_per_step >= 1, "sampling.prompts_per_step", "must be ≥ 1")
+    _require(s.max_new_tokens >= 1, "sampling.max_new_tokens", "must be ≥ 1")
+    _require(s.temperature > 0, "sampling.temperature", "must be positive")
+    _require(o.lr > 0, "optim.lr", "must be positive")
+    _require(o.max_steps >= 1, "optim.max_steps", "must be ≥ 1")
+    _require(o.pairs_per_micro_batch >= 1, "optim.pairs_per_micro_batch", "must be ≥ 1")
+    _require(o.gradient_accumulation_steps >= 1, "optim.gradient_accumulation_steps", "must be ≥ 1")
+    _require(o.max_grad_norm >= 0, "optim.max_grad_norm", "must be ≥ 0")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", "must be ≥ 0")
+    _require(o.scheduler in ("cosine", "linear", "constant"), "optim.scheduler", f"unknown schedule {o.scheduler!r}")
+    _require(z.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
+    _require(not z.offload_params or z.zero_stage == 3, "deepspeed.offload_params", "needs zero_stage 3")
+    _require(not z.offload_optimizer or z.zero_stage >= 1, "deepspeed.offload_optimizer", "needs zero_stage ≥ 1")
+    _require(e.every >= 0 and e.kl_prompts >= 0 and e.kl_samples >= 1, "eval", "every/kl_prompts ≥ 0, kl_samples ≥ 1")
+    _require(out.keep_last >= 1, "output.keep_last", "must be ≥ 1")
+    _require(out.save_every >= 0 and out.log_every >= 1, "output.save_every", "save_every ≥ 0 and log_every ≥ 1")
