@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo")
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--kl-coef", type=float, default=0.1, help="λ for the HyPO run")
+    parser.add_argument("--kl-coef", type=float, default=0.02, help="λ for the HyPO run")
     args = parser.parse_args(argv)
 
     import logging
@@ -114,12 +114,12 @@ def main(argv: list[str] | None = None) -> dict:
         table.append((name, final["eval/reward"], final["eval/kl/k1"], final["eval/kl/k3"],
                       final.get("eval/rewards/accuracies", float("nan")),
                       sum(h["tokens_per_s"] for h in train_rows) / len(train_rows)))
-    start = histories["DPO"][0] if "eval/reward" in histories["DPO"][0] else None
+    start = histories["DPO"][0] if "eval/reward" in histories["DPO"][0] else None  # step 0: the reference
     print(f"\n{'method':<14} {'gold reward':>11} {'KL k1':>8} {'KL k3':>8} {'DPO acc':>8} {'train tok/s':>12}")
     for name, reward, kl1, kl3, acc, tps in table:
         print(f"{name:<14} {reward:>11.3f} {kl1:>8.3f} {kl3:>8.3f} {acc:>8.2f} {tps:>12.0f}")
     if start is not None:
-        print(f"(at step {start['step']}: gold reward {start['eval/reward']:.3f})")
+        print(f"{'reference':<14} {start['eval/reward']:>11.3f} {start['eval/kl/k1']:>8.3f} {start['eval/kl/k3']:>8.3f}")
     plot = out / "hypo_vs_dpo.png"
     _plot(histories, plot)
     print(f"\nplot: {plot}; metrics: {out}/*/metrics.jsonl; checkpoints: {out}/*/checkpoint-*")

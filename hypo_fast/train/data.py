@@ -119,7 +119,9 @@ class Tokenization:
         ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
         if len(ids) > self.max_prompt_length:
             self.stats.prompts_truncated += 1
-            ids = ids[-self.max_prompt_length:]  # keep the end of the prompt, next to the response
+            bos = self.tokenizer.bos_token_id
+            head = [bos] if ids and ids[0] == bos and bos is not None else []
+            ids = head + ids[len(ids) - (self.max_prompt_length - len(head)):]  # BOS, then the prompt's end
         return tuple(ids)
 
     def response(self, text: str, prompt_len: int) -> tuple[int, ...]:

@@ -286,6 +286,11 @@ class Trainer:
             tokens, generated, gen_seconds = tokens + out.tokens, generated + out.generated, gen_seconds + out.gen_seconds
         seconds = time.perf_counter() - start
         self.step += 1
+        if self.world > 1:  # log the global batch's metrics, not rank 0's share
+            keys = sorted(sums)
+            values = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.device)
+            dist.all_reduce(values)
+            sums = dict(zip(keys, (values / self.world).tolist()))
         sums.update({"skipped_nonfinite": float(bad), "tokens_per_s": tokens * self.world / seconds,
                      "lr": self.engine.get_lr()[0], "peak_memory_mb": peak_memory_mb(), "step_seconds": seconds})
         if generated:
@@ -332,13 +337,19 @@ class Trainer:
         logger = MetricsLog(self.out, self.cfg.optim.max_steps, self.step, self.rank == 0, o.tensorboard)
         history = []
         try:
+            if self.cfg.eval.every and self.step == 0:  # the starting point (= the reference)
+                start = self.evaluate()
+                logger.log(0, start, advance=False)
+                history.append({"step": 0, **start})
             while self.step < self.cfg.optim.max_steps:
                 metrics = self.train_step()
                 if self.step % o.log_every == 0 or self.step == self.cfg.optim.max_steps:
                     logger.log(self.step, metrics)
                 history.append({"step": self.step, **metrics})
-                if self.cfg.eval.every and self.step % self.cfg.eval.every == 0:
-                    logger.log(self.step, self.evaluate(), advance=False)
+                if self.cfg.eval.every and self.step % self.cfg.eval.every == 0 and self.step < self.cfg.optim.max_steps:
+                    evaluation = self.evaluate()
+                    logger.log(self.step, evaluation, advance=False)
+                    history.append({"step": self.step, **evaluation})
                 if o.save_every and self.step % o.save_every == 0:
                     self.save()
             final = self.evaluate()
