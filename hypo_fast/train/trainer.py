@@ -278,7 +278,8 @@ class Trainer:
                 self.engine.backward(out.loss)
             else:
                 bad = True
-                self.engine.backward(torch.zeros((), device=self.device, requires_grad=True))  # keeps DeepSpeed in step
+                # a loss connected to no weight: DeepSpeed's bookkeeping stays in step, no gradient is added
+                self.engine.backward(torch.zeros((), device=self.device, requires_grad=True) * 1.0)
             with optimizer_step_skipped(self.engine) if bad and micro == ga - 1 else contextlib.nullcontext():
                 self.engine.step()
             for k, v in out.metrics.items():

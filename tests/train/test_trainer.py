@@ -1,0 +1,96 @@
+"""Few-step DPO and HyPO runs in one process: metrics, checkpoints that plain transformers loads, LoRA,
+non-finite losses, and CLI errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+
+import pytest
+import torch
+import yaml
+
+from hypo_fast.train.config import config_from_dict
+from hypo_fast.train.trainer import Trainer
+from tests.train.helpers import PYTHON, subprocess_env, toy_config
+
+
+def test_dpo_run_logs_trl_metrics_and_saves_a_loadable_checkpoint(tmp_path):
+    trainer = Trainer(config_from_dict(toy_config(tmp_path, "dpo", steps=4)))
+    history = trainer.train()
+    steps = [h for h in history if "loss" in h]
+    assert [h["step"] for h in steps] == [1, 2, 3, 4]
+    assert abs(steps[0]["loss"] - math.log(2)) < 1e-4  # policy = reference at the first step
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    for key in ("rewards/chosen", "rewards/accuracies", "rewards/margins", "logps/chosen", "logits/chosen",
+                "tokens_per_s", "peak_memory_mb", "lr"):
+        assert key in steps[-1]
+    assert "generation/tokens_per_s" not in steps[-1]  # λ = 0: DPO never samples
+    final = history[-1]
+    assert {"eval/kl/k1", "eval/reward", "eval/rewards/accuracies"} <= set(final)
+
+    from transformers import AutoModelForCausalLM
+
+    checkpoint = tmp_path / "dpo" / "checkpoint-4"
+    assert (checkpoint / "model.safetensors").exists() and (checkpoint / "tokenizer.json").exists()
+    assert yaml.safe_load((checkpoint / "config.yaml").read_text())["optim"]["max_steps"] == 4
+    loaded = AutoModelForCausalLM.from_pretrained(checkpoint)
+    for (name, a), b in zip(loaded.state_dict().items(), trainer.policy.model.state_dict().values()):
+        assert torch.equal(a, b.cpu()), name
+    lines = (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[0])["step"] == 1
+
+
+def test_hypo_run_samples_and_regularises(tmp_path):
+    history = Trainer(config_from_dict(toy_config(tmp_path, "hypo", kl_coef=0.5, steps=3))).train()
+    steps = [h for h in history if "loss" in h]
+    assert all("generation/tokens_per_s" in h and "kl/online" in h and "loss/kl" in h for h in steps)
+    assert all(math.isfinite(h["loss"]) for h in steps)
+
+
+def test_lora_run_saves_the_adapter(tmp_path):
+    cfg = toy_config(tmp_path, "lora", kl_coef=0.5, steps=2)
+    cfg["model"]["lora"] = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    trainer = Trainer(config_from_dict(cfg))
+    trainer.train()
+    checkpoint = tmp_path / "lora" / "checkpoint-2"
+    assert (checkpoint / "adapter_model.safetensors").exists()
+    assert not (checkpoint / "model.safetensors").exists()
+
+
+def test_nonfinite_loss_skips_the_step_and_changes_no_weights(tmp_path):
+    trainer = Trainer(config_from_dict(toy_config(tmp_path, "nan", steps=3)))
+    original = trainer.micro_step
+
+    def poisoned(micro):
+        out = original(micro)
+        if trainer.step == 1:
+            out.loss = out.loss * float("nan")
+        return out
+
+    trainer.micro_step = poisoned
+    trainer.train_step()
+    before = {k: v.clone() for k, v in trainer.policy.model.state_dict().items()}
+    metrics = trainer.train_step()  # the poisoned step
+    assert metrics["skipped_nonfinite"] == 1.0
+    assert all(torch.equal(before[k], v) for k, v in trainer.policy.model.state_dict().items())
+    assert trainer.train_step()["skipped_nonfinite"] == 0.0
+    assert not all(torch.equal(before[k], v) for k, v in trainer.policy.model.state_dict().items())
+
+
+def _cli(*args, cwd):
+    return subprocess.run([PYTHON, "-m", "hypo_fast.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          env=subprocess_env(), timeout=600)
+
+
+def test_cli_reports_bad_config_and_bad_data(tmp_path):
+    cfg = toy_config(tmp_path, "cli", steps=1)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = _cli("train", str(path), "optim.lrr=1", cwd=tmp_path)
+    assert result.returncode == 2 and "optim.lrr" in result.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ab", "chosen": "c", "rejected": "d"}\n{"prompt": "ab", "chosen": "c"}\n')
+    result = _cli("train", str(path), f"data.train_file={bad}", cwd=tmp_path)
+    assert result.returncode == 2 and "bad.jsonl: row 2" in result.stderr and "rejected" in result.stderr
