@@ -24,7 +24,7 @@ def toy_config(tmp_path: Path, name: str, *, kl_coef: float = 0.0, steps: int = 
     cfg["sampling"].update(prompts_per_step=2, max_new_tokens=6)
     cfg["optim"].update(pairs_per_micro_batch=4, lr=1e-3)
     for section, values in sections.items():
-        cfg[section].update(values)
+        cfg.setdefault(section, {}).update(values)
     return cfg
 
 
