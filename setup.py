@@ -10,6 +10,7 @@ setup(
     packages=["hypo_fast", "hypo_fast.ops", "hypo_fast.kernels", "hypo_fast.models", "hypo_fast.examples",
               "hypo_fast.train"],
     package_dir={"hypo_fast": "hypo_fast", "hypo_fast.kernels": "kernels"},
+    package_data={"hypo_fast.examples": ["*.yaml"]},
     install_requires=[
         "torch>=2.11",
         "triton>=3.6",
