@@ -50,6 +50,7 @@ class StepResult:
     tokens: int
     generated: int
     gen_seconds: float
+    ref_seconds: float
 
 
 @contextlib.contextmanager
@@ -237,12 +238,15 @@ class Trainer:
         batch = pack_sequences(sequences + online, pad_id=self.pad_id).to(self.device)
 
         ref = self.ref_train[index].to(self.device)  # [B, 2] cached offline reference log-probs
-        online_args, num_online = (None, None, None), None
+        online_args, num_online, ref_seconds = (None, None, None), None, 0.0
+        if online:
+            start = time.perf_counter()
+            online_batch = pack_sequences(online, pad_id=self.pad_id).to(self.device)
+            ref_online = self.policy.reference_token_logprobs(online_batch)  # one no-grad reference forward
+            ref_seconds = time.perf_counter() - start
         logps, logit_means = self.engine(batch)  # ONE policy forward over pairs and samples together
         if online:
             n_offline = int(sum(len(r) for _, r in sequences))
-            online_batch = pack_sequences(online, pad_id=self.pad_id).to(self.device)
-            ref_online = self.policy.reference_token_logprobs(online_batch)  # one no-grad reference forward
             online_args = (logps[n_offline:], ref_online, batch.segment_ids[n_offline:] - 2 * B)
             num_online = len(online)
         seq = sequence_logps(logps, batch.segment_ids, num_segments=batch.num_sequences)
@@ -261,12 +265,13 @@ class Trainer:
             "logps/rejected": seq[B:2 * B].detach().mean(),
             "logits/chosen": logit_means[chosen_mask].mean(), "logits/rejected": logit_means[rejected_mask].mean(),
         }
-        return StepResult(result.loss, metrics, int(batch.input_ids.numel()), generated, gen_seconds)
+        return StepResult(result.loss, metrics, int(batch.input_ids.numel()), generated, gen_seconds, ref_seconds)
 
     def train_step(self) -> dict:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches."""
         ga = self.cfg.optim.gradient_accumulation_steps
-        start, sums, tokens, generated, gen_seconds, bad = time.perf_counter(), {}, 0, 0, 0.0, False
+        start, sums, tokens, generated, bad = time.perf_counter(), {}, 0, 0, False
+        gen_seconds = ref_seconds = 0.0
         for micro in range(ga):
             out = self.micro_step(micro)
             finite = torch.isfinite(out.loss).all()
@@ -284,7 +289,8 @@ class Trainer:
                 self.engine.step()
             for k, v in out.metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / ga
-            tokens, generated, gen_seconds = tokens + out.tokens, generated + out.generated, gen_seconds + out.gen_seconds
+            tokens, generated = tokens + out.tokens, generated + out.generated
+            gen_seconds, ref_seconds = gen_seconds + out.gen_seconds, ref_seconds + out.ref_seconds
         seconds = time.perf_counter() - start
         self.step += 1
         if self.world > 1:  # log the global batch's metrics, not rank 0's share
@@ -293,7 +299,9 @@ class Trainer:
             dist.all_reduce(values)
             sums = dict(zip(keys, (values / self.world).tolist()))
         sums.update({"skipped_nonfinite": float(bad), "tokens_per_s": tokens * self.world / seconds,
-                     "lr": self.engine.get_lr()[0], "peak_memory_mb": peak_memory_mb(), "step_seconds": seconds})
+                     "lr": self.engine.get_lr()[0], "peak_memory_mb": peak_memory_mb(), "step_seconds": seconds,
+                     "time/sampling": gen_seconds, "time/reference": ref_seconds,
+                     "time/policy": seconds - gen_seconds - ref_seconds})
         if generated:
             sums["generation/tokens_per_s"] = generated * self.world / max(gen_seconds, 1e-9)
         if bad and self.rank == 0:

@@ -1,0 +1,241 @@
+"""End-to-end training step: hypo_fast (DPO and HyPO) against TRL's DPOTrainer and a plain-PyTorch DPO step.
+
+All methods: the same Llama-style model config (random init), the same pairs (prompt + chosen + rejected
+text, one token per character), the same batch, sequence lengths, fp32, AdamW, a live frozen reference.
+
+  trl          trl.DPOTrainer (install with `pip install trl` in the benchmark's environment; not a
+               hypo_fast dependency), reference forward every step (its default)
+  plain        materialised logits for policy and reference, log_softmax, gather, DPO loss, AdamW
+  hypo_dpo     hypo_fast's trainer with λ = 0 (reference log-probs cached once, as it always does)
+  hypo_hypo    hypo_fast with λ > 0: k samples per online prompt; reported split into sampling,
+               reference and policy time
+
+Tokens/s counts the prompt + response tokens of chosen and rejected sequences per step (the same
+number for every method; HyPO's online samples come on top and are not counted). Each method runs in a
+fresh process: median step time after warm-up steps, and peak resident memory above the level reached
+once set-up finished (model, reference, data, optimizer). Rows go to benchmarks/results/bench_step.jsonl.
+
+    python benchmarks/bench_step.py                  # CPU: V=32000, D=256, 2 layers, sequences of 512
+    python benchmarks/bench_step.py --device cuda    # GPU: a ~0.5B-shaped model, bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchlib import RESULTS_DIR, PeakMemory, append_rows, environment, parse_worker_args, print_table, run_worker
+
+CASES = {  # (pairs per step, prompt chars, response chars, V, D, layers)
+    "cpu": [(2, 128, 383, 32000, 256, 2)],
+    "cuda": [(8, 256, 767, 151936, 896, 24)],
+}
+DTYPES = {"cpu": "float32", "cuda": "bfloat16"}
+METHODS = ["trl", "plain", "hypo_dpo", "hypo_hypo"]
+ALPHABET = "abcdefghijklmnopqrstuvwxyz"
+BETA, LR, STEPS, WARMUP = 0.1, 1e-5, 6, 2
+
+
+def model_config(case: dict) -> dict:
+    D = case["D"]
+    return {"model_type": "llama", "vocab_size": case["V"], "hidden_size": D, "intermediate_size": 4 * D,
+            "num_hidden_layers": case["layers"], "num_attention_heads": max(1, D // 64),
+            "num_key_value_heads": max(1, D // 128), "max_position_embeddings": 4096, "tie_word_embeddings": False}
+
+
+def write_data(folder: Path, case: dict, n: int = 64) -> tuple[Path, list[dict]]:
+    rng = random.Random(0)
+    text = lambda k: "".join(rng.choice(ALPHABET) for _ in range(k))  # noqa: E731
+    rows = [{"prompt": text(case["prompt_chars"]), "chosen": text(case["response_chars"]),
+             "rejected": text(case["response_chars"])} for _ in range(n)]
+    path = folder / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path, rows
+
+
+def tokens_per_step(case: dict) -> int:
+    seq = 1 + case["prompt_chars"] + case["response_chars"] + 1  # BOS + prompt + response + EOS
+    return 2 * case["pairs"] * seq
+
+
+def _build_model(case):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = model_config(case)
+    config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, case["dtype"])).to(case["device"])
+
+
+def run_trl(case, folder, tokenizer_dir, rows):
+    import datasets
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    times, memory = [], PeakMemory(case["device"])
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == WARMUP:
+                memory.__enter__()
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if case["device"] == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.start)
+
+    args = DPOConfig(output_dir=str(folder / "trl"), per_device_train_batch_size=case["pairs"], max_steps=STEPS,
+                     learning_rate=LR, beta=BETA, max_length=4096, use_cpu=case["device"] == "cpu",
+                     bf16=case["dtype"] == "bfloat16", report_to=[], logging_steps=1, save_strategy="no",
+                     lr_scheduler_type="constant", dataloader_num_workers=0, disable_tqdm=True)
+    trainer = DPOTrainer(model=_build_model(case), ref_model=_build_model(case), args=args,
+                         train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer,
+                         callbacks=[Timer()])
+    trainer.train()
+    memory.__exit__(None, None, None)
+    return times[WARMUP:], memory.extra
+
+
+def run_plain(case, rows, tokenizer):
+    from hypo_fast.losses import dpo_loss
+
+    policy, reference = _build_model(case), _build_model(case).requires_grad_(False)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=LR)
+    device = case["device"]
+    encode = lambda t, special: tokenizer(t, add_special_tokens=special)["input_ids"]  # noqa: E731
+    batches = []
+    for start in range(0, STEPS * case["pairs"], case["pairs"]):
+        chunk = rows[start:start + case["pairs"]]
+        seqs, labels = [], []
+        for key in ("chosen", "rejected"):
+            for r in chunk:
+                p, c = encode(r["prompt"], True), encode(r[key], False) + [tokenizer.eos_token_id]
+                seqs.append(p + c)
+                labels.append([-100] * len(p) + c)
+        batches.append((torch.tensor(seqs, device=device), torch.tensor(labels, device=device)))
+
+    def seq_logps(model, ids, labels):
+        logits = model(ids).logits[:, :-1].float()  # [2B, T-1, V] materialised
+        target = labels[:, 1:]
+        logp = torch.log_softmax(logits, -1).gather(-1, target.clamp_min(0)[..., None]).squeeze(-1)
+        return (logp * (target != -100)).sum(-1)
+
+    times, memory = [], PeakMemory(device)
+    for step, (ids, labels) in enumerate(batches):
+        if step == WARMUP:
+            memory.__enter__()
+        start = time.perf_counter()
+        seq = seq_logps(policy, ids, labels)
+        with torch.no_grad():
+            ref = seq_logps(reference, ids, labels)
+        n = case["pairs"]
+        dpo_loss(seq[:n], seq[n:], ref[:n], ref[n:], beta=BETA)[0].mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    memory.__exit__(None, None, None)
+    return times[WARMUP:], memory.extra
+
+
+def run_hypo_fast(case, folder, tokenizer_dir, data, kl_coef):
+    from hypo_fast.train.config import config_from_dict
+    from hypo_fast.train.trainer import Trainer
+
+    cfg = config_from_dict({
+        "model": {"config": model_config(case), "tokenizer": str(tokenizer_dir), "dtype": case["dtype"]},
+        "data": {"train_file": str(data), "max_prompt_length": 4096, "max_length": 8192},
+        "algorithm": {"beta": BETA, "kl_coef": kl_coef},
+        "sampling": {"num_samples": 2, "prompts_per_step": case["pairs"], "max_new_tokens": case["response_chars"] + 1},
+        "optim": {"lr": LR, "max_steps": STEPS, "pairs_per_micro_batch": case["pairs"], "scheduler": "constant",
+                  "max_grad_norm": 0.0},
+        "output": {"dir": str(folder / f"hypo-{kl_coef}"), "resume": "never", "tensorboard": False},
+    })
+    trainer = Trainer(cfg)
+    rows, memory = [], PeakMemory(case["device"])
+    for step in range(STEPS):
+        if step == WARMUP:
+            memory.__enter__()
+        rows.append(trainer.train_step())
+    memory.__exit__(None, None, None)
+    rows = rows[WARMUP:]
+    split = {k: sorted(r[k] for r in rows)[len(rows) // 2] for k in ("time/sampling", "time/reference", "time/policy")}
+    return [r["step_seconds"] for r in rows], memory.extra, split
+
+
+def worker(method: str, case: dict, repeats: int) -> dict:
+    from hypo_fast.examples.toy import char_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        tokenizer = char_tokenizer(ALPHABET)
+        tokenizer.save_pretrained(folder / "tokenizer")
+        data, rows = write_data(folder, case)
+        split = {}
+        if method == "trl":
+            times, extra = run_trl(case, folder, folder / "tokenizer", rows)
+        elif method == "plain":
+            times, extra = run_plain(case, rows, tokenizer)
+        else:
+            times, extra, split = run_hypo_fast(case, folder, folder / "tokenizer", data,
+                                                0.0 if method == "hypo_dpo" else 0.05)
+    step = sorted(times)[len(times) // 2]
+    return {"step_s": step, "tokens_per_s": tokens_per_step(case) / step, "peak_extra_bytes": extra, **split}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--methods", nargs="*", default=METHODS)
+    parser.add_argument("--no-save", action="store_true")
+    parser.add_argument("--results-dir", default=RESULTS_DIR)
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(*parse_worker_args(args.worker))))
+        return
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA GPU here")
+    env = environment(device)
+    print(f"# {env['machine']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']}")
+    rows = []
+    for pairs, prompt_chars, response_chars, V, D, layers in CASES[device]:
+        case = {"bench": "step", "pairs": pairs, "prompt_chars": prompt_chars, "response_chars": response_chars,
+                "V": V, "D": D, "layers": layers, "dtype": DTYPES[device], "device": device}
+        worker_args = [f"{k}={v}" for k, v in sorted(case.items())] + ["repeats=1"]
+        results = {m: run_worker(__file__, [m, *worker_args], timeout=3600) for m in args.methods}
+        trl, dpo = results.get("trl", {}), results.get("hypo_dpo", {})
+        for method, res in results.items():
+            row = {**env, **case, "method": method, "seq_len": 2 + prompt_chars + response_chars,
+                   "tokens_per_step": tokens_per_step(case), **res}
+            if "step_s" in res:
+                row["peak_extra_mb"] = res["peak_extra_bytes"] / 2**20
+                if "step_s" in trl:
+                    row["speed_vs_trl"] = res["tokens_per_s"] / trl["tokens_per_s"]
+                    row["mem_vs_trl"] = res["peak_extra_bytes"] / max(trl["peak_extra_bytes"], 1)
+                if "step_s" in dpo:
+                    row["cost_vs_hypo_dpo"] = res["step_s"] / dpo["step_s"]
+            rows.append(row)
+    print_table(rows, [("V", "V", "d"), ("seq_len", "seq", "d"), ("method", "method", "s"),
+                       ("step_s", "step s", ".3f"), ("tokens_per_s", "tokens/s", ".0f"),
+                       ("speed_vs_trl", "×TRL speed", ".2f"), ("peak_extra_mb", "extra MiB", ".0f"),
+                       ("mem_vs_trl", "mem×TRL", ".2f"), ("cost_vs_hypo_dpo", "×DPO step", ".2f"),
+                       ("time/sampling", "sample s", ".3f"), ("time/reference", "ref s", ".3f"),
+                       ("time/policy", "policy s", ".3f"), ("error", "error", "s")])
+    if not args.no_save:
+        print(f"rows appended to {append_rows('bench_step', rows, args.results_dir)}")
+
+
+if __name__ == "__main__":
+    main()
