@@ -18,13 +18,11 @@ appends rows to benchmarks/results/bench_dpo_loss.jsonl.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 
 import torch
 
-from benchlib import (RESULTS_DIR, append_rows, compare_methods, environment, parse_worker_args, print_table,
+from benchlib import (append_rows, bench_arguments, compare_methods, environment, print_table, serve_worker,
                       time_and_memory)
 
 CASES = {  # (pairs, T, V, D)
@@ -98,17 +96,11 @@ def worker(method: str, case: dict, repeats: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser = bench_arguments(__doc__, METHODS)
     parser.add_argument("--cases", nargs="*", help="pairs,T,V,D quadruples (default: per device)")
-    parser.add_argument("--methods", nargs="*", default=METHODS)
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 3 CPU, 10 CUDA)")
-    parser.add_argument("--no-save", action="store_true")
-    parser.add_argument("--results-dir", default=RESULTS_DIR)
-    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(worker(*parse_worker_args(args.worker))))
+    if serve_worker(args, worker):
         return
 
     device = args.device

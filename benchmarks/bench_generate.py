@@ -12,13 +12,11 @@ benchmarks/results/bench_generate.jsonl.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 
 import torch
 
-from benchlib import (RESULTS_DIR, append_rows, environment, parse_worker_args, print_table, run_worker,
+from benchlib import (append_rows, bench_arguments, environment, print_table, run_worker, serve_worker,
                       time_and_memory)
 
 CASES = {  # (prompts, k, prompt_len, new_tokens, V, D, layers)
@@ -73,16 +71,10 @@ def worker(method: str, case: dict, repeats: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--methods", nargs="*", default=METHODS)
+    parser = bench_arguments(__doc__, METHODS)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--no-save", action="store_true")
-    parser.add_argument("--results-dir", default=RESULTS_DIR)
-    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(worker(*parse_worker_args(args.worker))))
+    if serve_worker(args, worker):
         return
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():

@@ -17,13 +17,11 @@ measured in the same run, and appends rows to benchmarks/results/bench_linear_lo
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 
 import torch
 
-from benchlib import (RESULTS_DIR, append_rows, compare_methods, environment, parse_worker_args, print_table,
+from benchlib import (append_rows, bench_arguments, compare_methods, environment, print_table, serve_worker,
                       time_and_memory)
 
 SHAPES = {  # (N, V, D)
@@ -89,18 +87,12 @@ def worker(method: str, case: dict, repeats: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser = bench_arguments(__doc__, METHODS)
     parser.add_argument("--shapes", nargs="*", help="N,V,D triples (default: per device)")
     parser.add_argument("--dtypes", nargs="*", help="default: float32 on CPU, bfloat16 on CUDA")
-    parser.add_argument("--methods", nargs="*", default=METHODS)
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 3 CPU, 10 CUDA)")
-    parser.add_argument("--no-save", action="store_true", help="do not append rows to the results folder")
-    parser.add_argument("--results-dir", default=RESULTS_DIR, help="default: benchmarks/results/")
-    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(worker(*parse_worker_args(args.worker))))
+    if serve_worker(args, worker):
         return
 
     device = args.device

@@ -21,7 +21,6 @@ once set-up finished (model, reference, data, optimizer). Rows go to benchmarks/
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from benchlib import RESULTS_DIR, PeakMemory, append_rows, environment, parse_worker_args, print_table, run_worker
+from benchlib import PeakMemory, append_rows, bench_arguments, environment, print_table, run_worker, serve_worker
 
 CASES = {  # (pairs per step, prompt chars, response chars, V, D, layers)
     "cpu": [(2, 128, 383, 32000, 256, 2)],
@@ -194,15 +193,9 @@ def worker(method: str, case: dict, repeats: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--methods", nargs="*", default=METHODS)
-    parser.add_argument("--no-save", action="store_true")
-    parser.add_argument("--results-dir", default=RESULTS_DIR)
-    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    parser = bench_arguments(__doc__, METHODS)
     args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(worker(*parse_worker_args(args.worker))))
+    if serve_worker(args, worker):
         return
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():

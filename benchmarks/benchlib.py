@@ -7,6 +7,7 @@ minus the resident set just before the run. Times are medians of warm repeats in
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -154,6 +155,26 @@ def time_and_memory(step, device: str, repeats: int) -> dict:
         step()
     step()
     return {"time_s": median_time(step, repeats, device), "peak_extra_bytes": mem.extra}
+
+
+def bench_arguments(doc: str, methods: list[str] | None = None) -> argparse.ArgumentParser:
+    """The options every benchmark script shares (``--worker`` is how it re-invokes itself per case)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    if methods is not None:
+        parser.add_argument("--methods", nargs="*", default=methods)
+    parser.add_argument("--no-save", action="store_true", help="do not append rows to the results folder")
+    parser.add_argument("--results-dir", default=RESULTS_DIR, help="default: benchmarks/results/")
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    return parser
+
+
+def serve_worker(args: argparse.Namespace, worker) -> bool:
+    """In a ``--worker`` process: run the one case and print its JSON result."""
+    if not args.worker:
+        return False
+    print(json.dumps(worker(*parse_worker_args(args.worker))))
+    return True
 
 
 def append_rows(name: str, rows: list[dict], results_dir: Path = RESULTS_DIR) -> Path:

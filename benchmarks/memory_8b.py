@@ -8,28 +8,30 @@ samples, all of length ``seq``, with gradient checkpointing:
 
 * weights ``w·P`` (``/n`` under ZeRO-3; 0 when parameters are offloaded, but for one gathered layer),
   gradients ``w·P`` (``/n`` from ZeRO-2), AdamW state ``12·P`` in mixed precision or ``8·P`` in fp32
-  (``/n`` from ZeRO-1; 0 offloaded); with LoRA only the adapters train, and the reference is the same
+  (``/n`` from ZeRO-1; 0 offloaded, and gradients then stream out in 5e8-element buckets); with LoRA only the adapters train, and the reference is the same
   weights with adapters off (full fine-tuning keeps a frozen reference copy, ``w·P``, unless on CPU);
 * activations: each layer's input for the backward, ``L·T·D·w``, plus one layer recomputed,
   ``T·(6·D + 3·F)·w``, with ``T = (2·pairs + prompts·k)·seq`` tokens;
 * the fused head: no logits — ``N·D`` gathered rows, an fp32 ``dh`` and, when the head trains, an fp32
   weight-gradient buffer ``4·V·D``;
 * sampling: the KV cache ``2·L·KV·hd·seq·prompts·k·w`` (and, under ZeRO-3, the weights gathered for the
-  generation phase).
+  generation phase);
+* on CPU only: SDPA's math path materialises attention scores over the whole packed row,
+  ``3·heads·T²·4`` for the recomputed layer, and the chunked head's ``[n, chunk]`` fp32 blocks.
+
+The total is a sum of peaks (an upper bound: optimizer state is allocated after activations are freed).
 
 Rows go to benchmarks/results/memory_8b.jsonl; the measured CPU peaks are printed beside the estimate.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
-from benchlib import RESULTS_DIR, PeakMemory, append_rows, environment, parse_worker_args, print_table, run_worker
+from benchlib import PeakMemory, append_rows, bench_arguments, environment, print_table, run_worker, serve_worker
 
 GB = 1024**3
 
@@ -77,6 +79,7 @@ class Plan:
     seq: int = 2048
     lora_r: int = 16
     reference_on_cpu: bool = False
+    device: str = "cuda"  # "cpu": SDPA's math path and the chunked head add the two terms below
 
 
 def estimate(shape: Shape, plan: Plan) -> dict[str, float]:
@@ -90,6 +93,8 @@ def estimate(shape: Shape, plan: Plan) -> dict[str, float]:
     else:
         out["weights"] = w * P / (n if z == 3 else 1)
     out["grads"] = w * trainable / (n if z >= 2 else 1)
+    if plan.offload_optimizer:  # gradients stream to the CPU optimizer bucket by bucket (5e8 elements)
+        out["grads"] = min(out["grads"], w * 5e8)
     opt_bytes = (12 if w == 2 else 8) * trainable
     out["optimizer"] = 0.0 if plan.offload_optimizer else opt_bytes / (n if z >= 1 else 1)
     out["reference"] = 0.0 if plan.lora or plan.reference_on_cpu else w * P / (n if z == 3 else 1)
@@ -99,8 +104,15 @@ def estimate(shape: Shape, plan: Plan) -> dict[str, float]:
     N = T  # scored tokens: at most every token (prompts excluded in practice)
     out["head"] = N * D * (w + 4) + (4 * V * D if not plan.lora else 0)
     out["kv_cache"] = 2 * L * shape.kv_heads * shape.head_dim * plan.seq * plan.prompts * plan.k * w
-    if z == 3 and not plan.offload_params:
-        out["generation_gather"] = w * P * (1 - 1 / n)
+    if plan.device == "cpu":
+        # without flash-attention, SDPA materialises scores, probabilities and their gradient for the
+        # recomputed layer — over the whole packed row (block-diagonal mask), so quadratic in T
+        out["attention_scores"] = 3 * shape.heads * T * T * 4
+        from hypo_fast.ops.chunked import DEFAULT_CHUNK_ELEMENTS
+
+        out["head_workspace"] = 4 * DEFAULT_CHUNK_ELEMENTS * 4  # the chunked path's [n, chunk] fp32 blocks
+    if z == 3:  # the sampler gathers the whole model once per generation phase
+        out["generation_gather"] = w * P - out["weights"]
     out["total"] = sum(out.values())
     return out
 
@@ -165,23 +177,20 @@ def worker(method: str, case: dict, repeats: int) -> dict:
     lora = method == "lora"
     measured = measure_step(shape, lora, case["seq"], case["device"], case["dtype"])
     plan = Plan(lora=lora, zero_stage=0, gpus=1, bytes_per_weight=4 if case["dtype"] == "float32" else 2,
-                seq=case["seq"])
+                seq=case["seq"], device=case["device"])
     est = estimate(shape, plan)
     # the step's own peak above the set-up level: activations, head, KV cache, grads, optimizer state
-    # (AdamW allocates its state at the first step)
-    step_keys = ("activations", "head", "kv_cache", "grads", "optimizer")
+    # (AdamW allocates its state at the first step). The estimate sums them: an upper bound, since the
+    # optimizer state is allocated after the activations are freed.
+    step_keys = ("activations", "head", "kv_cache", "grads", "optimizer", "attention_scores", "head_workspace")
+    est = {k: est.get(k, 0.0) for k in (*step_keys, "total")}
     return {**measured, "estimate_step_bytes": sum(est[k] for k in step_keys), "estimate_total_bytes": est["total"]}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--no-save", action="store_true")
-    parser.add_argument("--results-dir", default=RESULTS_DIR)
-    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    parser = bench_arguments(__doc__)
     args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(worker(*parse_worker_args(args.worker))))
+    if serve_worker(args, worker):
         return
     env = environment(args.device)
     print(f"# {env['machine']} | torch {env['torch']} | commit {env['commit']}")
@@ -191,7 +200,8 @@ def main() -> None:
     print_table(table, [("mode", "mode", "s"), ("gpus", "GPUs", "d"), ("zero", "ZeRO", "d"), ("offload", "offload", "s"),
                         ("weights_gb", "weights", ".1f"), ("grads_gb", "grads", ".1f"), ("optimizer_gb", "optim", ".1f"),
                         ("reference_gb", "ref", ".1f"), ("activations_gb", "act", ".1f"), ("head_gb", "head", ".2f"),
-                        ("kv_cache_gb", "KV", ".2f"), ("total_gb", "total", ".1f")])
+                        ("kv_cache_gb", "KV", ".2f"), ("generation_gather_gb", "gen gather", ".1f"),
+                        ("total_gb", "total", ".1f")])
 
     print("\n## Measured vs estimated: one step's peak above the set-up level")
     rows = []

@@ -38,10 +38,21 @@ SPECS = {
                        [("V", "V", "d"), ("D", "D", "d"), ("layers", "layers", "d"), ("method", "method", "s"),
                         ("time_s", "time s", ".3f"), ("tokens_per_s", "tokens/s", ".0f"), ("speed_vs_hf", "× HF", ".2f"),
                         ("peak_extra_mb", "extra MiB", ".0f")], ("speed_vs_hf",)),
-    "memory_8b": ("Memory: measured step peaks against the estimator", None,
+    "memory_8b": ("Memory: one HyPO step's measured peak against the estimator", None,
                   [("shape", "shape", "s"), ("mode", "mode", "s"), ("seq", "seq", "d"), ("dtype", "dtype", "s"),
                    ("measured_mb", "measured MiB", ".0f"), ("estimate_mb", "estimate MiB", ".0f"),
                    ("ratio", "measured / estimate", ".2f")], ()),
+    "memory_8b#plan": ("Memory plan: estimated GB per GPU, one HyPO step on Llama-3-8B shapes (bf16, seq 2048, "
+                       "1 pair + 1 prompt × k=2, gradient checkpointing)", None,
+                       [("mode", "mode", "s"), ("gpus", "GPUs", "d"), ("zero", "ZeRO", "d"), ("offload", "offload", "s"),
+                        ("weights_gb", "weights", ".1f"), ("grads_gb", "grads", ".1f"), ("optimizer_gb", "optimizer", ".1f"),
+                        ("reference_gb", "reference", ".1f"), ("activations_gb", "activations", ".1f"),
+                        ("kv_cache_gb", "KV cache", ".2f"), ("generation_gather_gb", "ZeRO-3 gather for sampling", ".1f"),
+                        ("total_gb", "total", ".1f")], ()),
+}
+KEEP = {  # which rows of a shared file each table shows
+    "memory_8b": lambda r: "measured_mb" in r or "error" in r,
+    "memory_8b#plan": lambda r: "total_gb" in r and r["gpus"] in (1, 8),
 }
 
 
@@ -94,11 +105,12 @@ def main() -> None:
              "(the latest run per benchmark and machine). Ratios compare against a baseline measured in the same run.",
              ""]
     for name, (title, baseline, columns, plot_keys) in SPECS.items():
-        path = RESULTS / f"{name}.jsonl"
+        path = RESULTS / f"{name.split('#')[0]}.jsonl"
         if not path.exists():
             continue
+        keep = KEEP.get(name, lambda r: "method" in r)
         for machine, rows in latest_runs(path).items():
-            rows = [r for r in rows if "method" in r or "mode" in r]
+            rows = [r for r in rows if keep(r)]
             if not rows:
                 continue
             first = rows[0]
@@ -109,7 +121,7 @@ def main() -> None:
                 cells = [r.get("error", "–") if k == "time_s" and "error" in r else _fmt(r.get(k), f) for k, _, f in columns]
                 lines.append("| " + " | ".join(cells) + " |")
             slug = re.sub(r"[^a-z0-9]+", "-", machine.lower()).strip("-")[:40]
-            image = _plot(f"{name}-{slug}", title, rows, plot_keys, machine)
+            image = _plot(f"{name.split('#')[0]}-{slug}", title, rows, plot_keys, machine)
             if image:
                 lines += ["", f"![{title}]({image})"]
             lines.append("")

@@ -85,6 +85,18 @@ def _load_logits_tile(
 
 
 @triton.jit
+def _online_softmax_update(m, s, t, z, z_finite, HAS_ENTROPY: tl.constexpr):
+    """Fold a logits tile into the running (max m, Σ e^(z−m), Σ e^(z−m)·(m − z)); returns them and e^(z−m)."""
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    alpha = tl.exp(m - m_new)
+    e = tl.exp(z - m_new[:, None])  # 0 at padded columns
+    if HAS_ENTROPY:  # non-negative terms, no lse − Σpz cancellation
+        shift = tl.where(s > 0, m_new - m, 0.0)
+        t = alpha * (t + shift * s) + tl.sum(e * (m_new[:, None] - z_finite), axis=1)
+    return m_new, s * alpha + tl.sum(e, axis=1), t, e
+
+
+@triton.jit
 def _token_tile(pid, num_pid_n, num_pid_other, GROUP_N: tl.constexpr):
     """Grouped launch order: GROUP_N token tiles run together so their h rows stay in L2."""
     per_group = GROUP_N * num_pid_other
@@ -138,19 +150,11 @@ def _linear_logprobs_fwd_kernel(
         v_ok = offs_v < v_end
         z = _load_logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, offs_v, v_ok, D, stride_hn, stride_wv,
                               inv_temp, BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, DOT_IN_FP32, DOT_PRECISION)
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        alpha = tl.exp(m - m_new)
-        e = tl.exp(z - m_new[:, None])  # 0 at padded columns
-        s_old = s
-        s = s * alpha + tl.sum(e, axis=1)
         z_finite = tl.where(v_ok[None, :], z, 0.0)
+        m, s, t, _ = _online_softmax_update(m, s, t, z, z_finite, HAS_ENTROPY)
         z_tgt += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z_finite, 0.0), axis=1)
-        if HAS_ENTROPY:  # t = Σ e^(z−m)·(m − z): non-negative terms, no lse − Σpz cancellation
-            shift = tl.where(s_old > 0, m_new - m, 0.0)
-            t = alpha * (t + shift * s_old) + tl.sum(e * (m_new[:, None] - z_finite), axis=1)
         if HAS_LOGIT_SUM:
             zsum += tl.sum(z_finite, axis=1)
-        m = m_new
 
     out = split.to(tl.int64) * N + rows
     tl.store(m_ptr + out, m, mask=row_ok)

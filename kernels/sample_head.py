@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear_logprobs import _check, _config, _dot_flags, _load_logits_tile, _num_splits
+from .linear_logprobs import _check, _config, _dot_flags, _load_logits_tile, _num_splits, _online_softmax_update
 
 
 @triton.jit
@@ -52,16 +52,7 @@ def _sample_head_kernel(
         v_ok = offs_v < v_end
         z = _load_logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, offs_v, v_ok, D, stride_hb, stride_wv,
                               inv_temp, BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, DOT_IN_FP32, DOT_PRECISION)
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        alpha = tl.exp(m - m_new)
-        e = tl.exp(z - m_new[:, None])
-        s_old = s
-        s = s * alpha + tl.sum(e, axis=1)
-        if HAS_ENTROPY:
-            z_finite = tl.where(v_ok[None, :], z, 0.0)
-            shift = tl.where(s_old > 0, m_new - m, 0.0)
-            t = alpha * (t + shift * s_old) + tl.sum(e * (m_new[:, None] - z_finite), axis=1)
-        m = m_new
+        m, s, t, _ = _online_softmax_update(m, s, t, z, tl.where(v_ok[None, :], z, 0.0), HAS_ENTROPY)
         score = z
         if not GREEDY:
             u = tl.rand(seed, (rows[:, None] * V + offs_v[None, :]).to(tl.int32))  # [BLOCK_N, BLOCK_V]

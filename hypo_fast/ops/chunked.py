@@ -141,7 +141,7 @@ def chunked_bwd(
     """
     want_h, want_w, want_b = needs_grad
     want_b = want_b and bias is not None
-    N, V, D = hidden.shape[0], weight.shape[0], weight.shape[1]
+    V, D = weight.shape
     inv_temp = 1.0 / temperature
     cdtype = _compute_dtype(hidden)
     rows = _valid_rows(targets, ignore_index)

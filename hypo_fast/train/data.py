@@ -133,22 +133,26 @@ class Tokenization:
         return tuple(ids)
 
 
-def load_pairs(path, tokenizer, max_prompt_length: int, max_length: int,
-               skip_bad_rows: bool = False) -> tuple[list[PreferencePair], DataStats]:
-    stats = DataStats()
-    tok = Tokenization(tokenizer, max_prompt_length, max_length, stats)
-    pairs = []
+def _rendered_rows(path, keys: tuple[str, ...], tokenizer, skip_bad_rows: bool, stats: DataStats):
+    """Yield each row's rendered text fields; a malformed row raises (or, with skip_bad_rows, is counted)."""
     for number, row in enumerate(read_rows(path), start=1):
         stats.rows += 1
-        where = f"{path}: row {number}"
         try:
-            prompt, chosen, rejected = _render(row, ("prompt", "chosen", "rejected"), tokenizer, where)
+            yield _render(row, keys, tokenizer, f"{path}: row {number}")
         except DataError as err:
             if not skip_bad_rows:
                 raise
             stats.bad_rows += 1
             log.warning("skipped %s", err)
-            continue
+
+
+def load_pairs(path, tokenizer, max_prompt_length: int, max_length: int,
+               skip_bad_rows: bool = False) -> tuple[list[PreferencePair], DataStats]:
+    stats = DataStats()
+    tok = Tokenization(tokenizer, max_prompt_length, max_length, stats)
+    pairs = []
+    for prompt, chosen, rejected in _rendered_rows(path, ("prompt", "chosen", "rejected"), tokenizer,
+                                                   skip_bad_rows, stats):
         prompt_ids = tok.prompt(prompt)
         chosen_ids, rejected_ids = tok.response(chosen, len(prompt_ids)), tok.response(rejected, len(prompt_ids))
         if not chosen_ids or not rejected_ids:
@@ -163,18 +167,8 @@ def load_pairs(path, tokenizer, max_prompt_length: int, max_length: int,
 def load_prompts(path, tokenizer, max_prompt_length: int, skip_bad_rows: bool = False) -> tuple[list[Prompt], DataStats]:
     stats = DataStats()
     tok = Tokenization(tokenizer, max_prompt_length, max_prompt_length + 1, stats)
-    prompts = []
-    for number, row in enumerate(read_rows(path), start=1):
-        stats.rows += 1
-        try:
-            (text,) = _render(row, ("prompt",), tokenizer, f"{path}: row {number}")
-        except DataError as err:
-            if not skip_bad_rows:
-                raise
-            stats.bad_rows += 1
-            log.warning("skipped %s", err)
-            continue
-        prompts.append(Prompt(tok.prompt(text), text))
+    prompts = [Prompt(tok.prompt(text), text)
+               for (text,) in _rendered_rows(path, ("prompt",), tokenizer, skip_bad_rows, stats)]
     if not prompts:
         raise DataError(f"{path}: no usable prompts")
     return prompts, stats

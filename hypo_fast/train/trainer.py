@@ -311,7 +311,7 @@ class Trainer:
     # ---- loop ----------------------------------------------------------------------------------------
 
     def evaluate(self) -> dict:
-        a, e = self.cfg.algorithm, self.cfg.eval
+        a = self.cfg.algorithm
         self.engine.eval()
         out = {}
         if self.eval_pairs:

@@ -7,7 +7,6 @@ import json
 import math
 import subprocess
 
-import pytest
 import torch
 import yaml
 
