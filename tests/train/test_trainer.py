@@ -93,3 +93,30 @@ def test_cli_reports_bad_config_and_bad_data(tmp_path):
     bad.write_text('{"prompt": "ab", "chosen": "c", "rejected": "d"}\n{"prompt": "ab", "chosen": "c"}\n')
     result = _cli("train", str(path), f"data.train_file={bad}", cwd=tmp_path)
     assert result.returncode == 2 and "bad.jsonl: row 2" in result.stderr and "rejected" in result.stderr
+
+
+def test_reward_from_a_local_sequence_classifier(tmp_path):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from hypo_fast.examples.toy import char_tokenizer
+    from hypo_fast.train.evaluate import load_reward
+
+    tokenizer = char_tokenizer("abcdefgh")
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, num_labels=1, pad_token_id=tokenizer.pad_token_id))
+    model.save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    reward = load_reward(str(tmp_path / "rm"), torch.device("cpu"))
+    scores = reward(["ab", "abc"], ["cd", "e"])
+    with torch.no_grad():
+        expected = model(**tokenizer(["abcd"], return_tensors="pt")).logits[0, 0].item()
+    assert len(scores) == 2 and abs(scores[0] - expected) < 1e-5
+
+
+def test_tensorboard_events_are_written(tmp_path):
+    cfg = toy_config(tmp_path, "tb", steps=1)
+    cfg["output"]["tensorboard"] = True
+    Trainer(config_from_dict(cfg)).train()
+    assert list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
