@@ -18,12 +18,10 @@ appends rows to benchmarks/results/bench_dpo_loss.jsonl.
 
 from __future__ import annotations
 
-import sys
 
 import torch
 
-from benchlib import (append_rows, bench_arguments, compare_methods, environment, print_table, serve_worker,
-                      time_and_memory)
+from benchlib import (bench_arguments, compare_methods, finish_run, serve_worker, start_run, time_and_memory)
 
 CASES = {  # (pairs, T, V, D)
     "cpu": [(2, 1024, 32000, 512)],
@@ -104,12 +102,9 @@ def main() -> None:
         return
 
     device = args.device
-    if device == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: no CUDA GPU here")
     cases = [tuple(int(x) for x in c.split(",")) for c in args.cases] if args.cases else CASES[device]
     repeats = args.repeats or (3 if device == "cpu" else 10)
-    env = environment(device)
-    print(f"# {env['machine']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']}")
+    env = start_run(args)
     rows = []
     for pairs, T, V, D in cases:
         N = 2 * pairs * T
@@ -117,12 +112,10 @@ def main() -> None:
                 "dtype": DTYPES[device], "device": device}
         flops = {m: NVD_MULTIPLE[m] * N * V * D for m in args.methods}
         rows += compare_methods(__file__, args.methods, case, repeats, "liger", flops, env)
-    print_table(rows, [("pairs", "pairs", "d"), ("T", "T", "d"), ("V", "V", "d"), ("D", "D", "d"),
+    finish_run("bench_dpo_loss", rows, [("pairs", "pairs", "d"), ("T", "T", "d"), ("V", "V", "d"), ("D", "D", "d"),
                        ("method", "method", "s"), ("time_s", "time s", ".3f"), ("time_vs_liger", "×liger", ".2f"),
                        ("peak_extra_mb", "extra MiB", ".0f"), ("mem_vs_liger", "mem×liger", ".3f"),
-                       ("gflops", "GFLOP/s", ".0f"), ("pct_of_matmul", "%matmul", ".0f"), ("error", "error", "s")])
-    if not args.no_save:
-        print(f"rows appended to {append_rows('bench_dpo_loss', rows, args.results_dir)}")
+                       ("gflops", "GFLOP/s", ".0f"), ("pct_of_matmul", "%matmul", ".0f"), ("error", "error", "s")], args)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,10 @@ benchmarks/results/bench_generate.jsonl.
 
 from __future__ import annotations
 
-import sys
 
 import torch
 
-from benchlib import (append_rows, bench_arguments, environment, print_table, run_worker, serve_worker,
-                      time_and_memory)
+from benchlib import (bench_arguments, finish_run, run_worker, serve_worker, start_run, time_and_memory)
 
 CASES = {  # (prompts, k, prompt_len, new_tokens, V, D, layers)
     "cpu": [(8, 2, 32, 64, 32000, 256, 2)],
@@ -77,10 +75,7 @@ def main() -> None:
     if serve_worker(args, worker):
         return
     device = args.device
-    if device == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: no CUDA GPU here")
-    env = environment(device)
-    print(f"# {env['machine']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']}")
+    env = start_run(args)
     rows = []
     for prompts, k, prompt_len, new, V, D, layers in CASES[device]:
         case = {"bench": "generate", "prompts": prompts, "k": k, "prompt_len": prompt_len, "new_tokens": new,
@@ -95,12 +90,10 @@ def main() -> None:
                 row["mem_vs_hf"] = res["peak_extra_bytes"] / max(base["peak_extra_bytes"], 1)
                 row["peak_extra_mb"] = res["peak_extra_bytes"] / 2**20
             rows.append(row)
-    print_table(rows, [("V", "V", "d"), ("D", "D", "d"), ("layers", "layers", "d"), ("method", "method", "s"),
+    finish_run("bench_generate", rows, [("V", "V", "d"), ("D", "D", "d"), ("layers", "layers", "d"), ("method", "method", "s"),
                        ("time_s", "time s", ".3f"), ("tokens_per_s", "tokens/s", ".0f"),
                        ("speed_vs_hf", "×HF speed", ".2f"), ("peak_extra_mb", "extra MiB", ".0f"),
-                       ("mem_vs_hf", "mem×HF", ".2f"), ("error", "error", "s")])
-    if not args.no_save:
-        print(f"rows appended to {append_rows('bench_generate', rows, args.results_dir)}")
+                       ("mem_vs_hf", "mem×HF", ".2f"), ("error", "error", "s")], args)
 
 
 if __name__ == "__main__":

@@ -17,12 +17,10 @@ measured in the same run, and appends rows to benchmarks/results/bench_linear_lo
 
 from __future__ import annotations
 
-import sys
 
 import torch
 
-from benchlib import (append_rows, bench_arguments, compare_methods, environment, print_table, serve_worker,
-                      time_and_memory)
+from benchlib import (bench_arguments, compare_methods, finish_run, serve_worker, start_run, time_and_memory)
 
 SHAPES = {  # (N, V, D)
     "cpu": [(4096, 32000, 512), (1024, 32000, 1024)],
@@ -96,25 +94,20 @@ def main() -> None:
         return
 
     device = args.device
-    if device == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: no CUDA GPU here")
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else SHAPES[device]
     repeats = args.repeats or (3 if device == "cpu" else 10)
-    env = environment(device)
-    print(f"# {env['machine']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']}")
+    env = start_run(args)
     rows = []
     for dtype in args.dtypes or DTYPES[device]:
         for N, V, D in shapes:
             case = {"bench": "linear_logprobs", "N": N, "V": V, "D": D, "dtype": dtype, "device": device}
             flops = {m: FLOPS_PER_NVD[m] * N * V * D for m in args.methods}
             rows += compare_methods(__file__, args.methods, case, repeats, "naive", flops, env)
-    print_table(rows, [("dtype", "dtype", "s"), ("N", "N", "d"), ("V", "V", "d"), ("D", "D", "d"),
+    finish_run("bench_linear_logprobs", rows, [("dtype", "dtype", "s"), ("N", "N", "d"), ("V", "V", "d"), ("D", "D", "d"),
                        ("method", "method", "s"), ("time_s", "time s", ".3f"),
                        ("time_vs_naive", "×naive", ".2f"), ("peak_extra_mb", "extra MiB", ".0f"),
                        ("mem_vs_naive", "mem×naive", ".3f"), ("gflops", "GFLOP/s", ".0f"),
-                       ("pct_of_matmul", "%matmul", ".0f"), ("error", "error", "s")])
-    if not args.no_save:
-        print(f"rows appended to {append_rows('bench_linear_logprobs', rows, args.results_dir)}")
+                       ("pct_of_matmul", "%matmul", ".0f"), ("error", "error", "s")], args)
 
 
 if __name__ == "__main__":

@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from benchlib import PeakMemory, append_rows, bench_arguments, environment, print_table, run_worker, serve_worker
+from benchlib import (PeakMemory, bench_arguments, finish_run, run_worker, serve_worker, start_run)
 
 CASES = {  # (pairs per step, prompt chars, response chars, V, D, layers)
     "cpu": [(2, 128, 383, 32000, 256, 2)],
@@ -198,10 +197,7 @@ def main() -> None:
     if serve_worker(args, worker):
         return
     device = args.device
-    if device == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: no CUDA GPU here")
-    env = environment(device)
-    print(f"# {env['machine']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']}")
+    env = start_run(args)
     rows = []
     for pairs, prompt_chars, response_chars, V, D, layers in CASES[device]:
         case = {"bench": "step", "pairs": pairs, "prompt_chars": prompt_chars, "response_chars": response_chars,
@@ -220,14 +216,12 @@ def main() -> None:
                 if "step_s" in dpo:
                     row["cost_vs_hypo_dpo"] = res["step_s"] / dpo["step_s"]
             rows.append(row)
-    print_table(rows, [("V", "V", "d"), ("seq_len", "seq", "d"), ("method", "method", "s"),
+    finish_run("bench_step", rows, [("V", "V", "d"), ("seq_len", "seq", "d"), ("method", "method", "s"),
                        ("step_s", "step s", ".3f"), ("tokens_per_s", "tokens/s", ".0f"),
                        ("speed_vs_trl", "×TRL speed", ".2f"), ("peak_extra_mb", "extra MiB", ".0f"),
                        ("mem_vs_trl", "mem×TRL", ".2f"), ("cost_vs_hypo_dpo", "×DPO step", ".2f"),
                        ("time/sampling", "sample s", ".3f"), ("time/reference", "ref s", ".3f"),
-                       ("time/policy", "policy s", ".3f"), ("error", "error", "s")])
-    if not args.no_save:
-        print(f"rows appended to {append_rows('bench_step', rows, args.results_dir)}")
+                       ("time/policy", "policy s", ".3f"), ("error", "error", "s")], args)
 
 
 if __name__ == "__main__":

@@ -169,6 +169,22 @@ def bench_arguments(doc: str, methods: list[str] | None = None) -> argparse.Argu
     return parser
 
 
+def start_run(args: argparse.Namespace) -> dict:
+    """Check the device, print the run's header line, return the environment recorded in every row."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA GPU here")
+    env = environment(args.device)
+    print(f"# {env['machine']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']}")
+    return env
+
+
+def finish_run(name: str, rows: list[dict], columns: list[tuple[str, str, str]], args: argparse.Namespace) -> None:
+    """Print the table and, unless ``--no-save``, append the rows to ``RESULTS/name.jsonl``."""
+    print_table(rows, columns)
+    if not args.no_save:
+        print(f"rows appended to {append_rows(name, rows, args.results_dir)}")
+
+
 def serve_worker(args: argparse.Namespace, worker) -> bool:
     """In a ``--worker`` process: run the one case and print its JSON result."""
     if not args.worker:

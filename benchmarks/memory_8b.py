@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from benchlib import PeakMemory, append_rows, bench_arguments, environment, print_table, run_worker, serve_worker
+from benchlib import (PeakMemory, append_rows, bench_arguments, print_table, run_worker, serve_worker, start_run)
 
 GB = 1024**3
 
@@ -192,8 +192,7 @@ def main() -> None:
     args = parser.parse_args()
     if serve_worker(args, worker):
         return
-    env = environment(args.device)
-    print(f"# {env['machine']} | torch {env['torch']} | commit {env['commit']}")
+    env = start_run(args)
     print(f"\n## Estimated peak GB per GPU, one HyPO step on {LLAMA3_8B.name} ({LLAMA3_8B.params() / 1e9:.2f}B params),"
           " bf16, 1 pair + 1 prompt × k=2 samples, seq 2048, gradient checkpointing")
     table = plan_table(LLAMA3_8B)
