@@ -1,7 +1,8 @@
 """``hypo-fast train CONFIG.yaml [key=value ...]``
 
 Multi-GPU and multi-node runs use DeepSpeed's own launcher:
-``deepspeed --num_gpus 8 -m hypo_fast.cli train run.yaml`` (add ``--hostfile hosts`` for several nodes).
+``deepspeed --num_gpus 8 --module hypo_fast.cli train run.yaml`` (add ``--hostfile hosts`` for several nodes;
+on CPU-only machines ``deepspeed --num_accelerators 2 --module ...`` or ``torchrun`` start gloo ranks).
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hypo-fast", description="HyPO / DPO preference fine-tuning")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # `deepspeed` puts it first
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train per a YAML config, with dotted key=value overrides")
     train.add_argument("config", help="YAML config file")
     train.add_argument("overrides", nargs="*", help="e.g. algorithm.kl_coef=0.05 optim.lr=1e-6")
-    train.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
     args = parser.parse_args(argv)
 
     from hypo_fast.train.config import ConfigError, load_config

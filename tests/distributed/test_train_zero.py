@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
@@ -30,8 +31,9 @@ def test_two_ranks_match_one_process(tmp_path, stage):
     runs = {
         # one process: 2 micro-batches of 2 pairs per step; two ranks: 2 pairs each — the same 4 pairs
         "single": ([PYTHON, "-m", "hypo_fast.cli"], {"gradient_accumulation_steps": 2}),
-        "ranks": ([PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-                   "-m", "hypo_fast.cli"], {"gradient_accumulation_steps": 1}),
+        # DeepSpeed's own launcher, as the README documents it (it passes --local_rank first)
+        "ranks": ([str(Path(PYTHON).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(_free_port()),
+                   "--module", "hypo_fast.cli"], {"gradient_accumulation_steps": 1}),
     }
     for name, (launcher, optim) in runs.items():
         cfg = toy_config(tmp_path, name, steps=3, optim={"pairs_per_micro_batch": 2, **optim},
