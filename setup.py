@@ -1,6 +1,84 @@
-"""hypo_fast packaging: the top-level ``kernels/`` folder installs as ``hypo_fast.kernels``."""
+"""hypo_fast packaging.
 
-from setuptools import setup
+The top-level ``kernels/`` folder installs as ``hypo_fast.kernels``. When cmake, a C++ compiler and torch
+are present, ``CMakeLists.txt`` builds the native CPU ops (``kernels/csrc``) into ``hypo_fast/_C.so``
+against the installed torch; otherwise the package installs pure-Python (set ``HYPO_FAST_NATIVE=0`` to
+skip the build on purpose).
+"""
+
+import functools
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+TORCH_PREFIX_QUERY = "import torch.utils; print(torch.utils.cmake_prefix_path)"
+
+
+@functools.cache
+def torch_cmake_prefix() -> str | None:
+    """``torch.utils.cmake_prefix_path`` of the torch the package will run with.
+
+    pip builds in an isolated environment that hides the target's site-packages, and the extension must
+    link the torch it will be loaded into, so when torch is not importable here ask the same interpreter
+    without pip's overlay.
+    """
+    try:
+        import torch.utils
+
+        return torch.utils.cmake_prefix_path
+    except ImportError:
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE", "PYTHONHOME")}
+        found = subprocess.run([sys.executable, "-c", TORCH_PREFIX_QUERY], env=env, capture_output=True, text=True)
+        if found.returncode != 0:
+            return None
+        return found.stdout.strip() or None
+
+
+class CMakeBuild(build_ext):
+    """Builds ``hypo_fast._C`` with CMake, or skips it with a one-line notice."""
+
+    def get_ext_filename(self, fullname):
+        return os.path.join(*fullname.split(".")) + ".so"  # a torch op library, not a Python module
+
+    def build_extension(self, ext):
+        missing = self._missing_prerequisite()
+        if missing:
+            print(f"hypo_fast: {missing}; installing without the native CPU ops (pure PyTorch/Triton)",
+                  file=sys.stderr)
+            return
+        build_dir = Path(self.build_temp) / "cmake"
+        configure = ["cmake", "-S", str(ROOT), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
+                     f"-DCMAKE_PREFIX_PATH={torch_cmake_prefix()}"]
+        try:
+            subprocess.run(configure, check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(["cmake", "--build", str(build_dir), f"-j{os.cpu_count() or 1}"], check=True,
+                           stdout=subprocess.DEVNULL)
+        except subprocess.CalledProcessError as error:
+            print(f"hypo_fast: the native CPU ops failed to build ({error}); installing without them",
+                  file=sys.stderr)
+            return
+        target = Path(self.get_ext_fullpath(ext.name))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(build_dir / "_C.so", target)
+
+    @staticmethod
+    def _missing_prerequisite() -> str | None:
+        if os.environ.get("HYPO_FAST_NATIVE", "1") == "0":
+            return "HYPO_FAST_NATIVE=0"
+        if shutil.which("cmake") is None:
+            return "cmake not found"
+        if shutil.which(os.environ.get("CXX", "c++")) is None:
+            return "no C++ compiler found"
+        if torch_cmake_prefix() is None:
+            return "torch is not installed yet (install it first to build the native ops)"
+        return None
+
 
 setup(
     name="hypo_fast",
@@ -11,6 +89,8 @@ setup(
               "hypo_fast.train"],
     package_dir={"hypo_fast": "hypo_fast", "hypo_fast.kernels": "kernels"},
     package_data={"hypo_fast.examples": ["*.yaml"]},
+    ext_modules=[Extension("hypo_fast._C", sources=[])],
+    cmdclass={"build_ext": CMakeBuild},
     install_requires=[
         "torch>=2.11",
         "triton>=3.6",

@@ -32,3 +32,14 @@ def run_with_grads(fn, tensors, grad_outputs):
     loss.backward()
     grads = [None if t is None else t.grad for t in leaves]
     return [o.detach() for o in outputs], grads
+
+
+
+def impl_param(impl, *values):
+    """``pytest.param(impl, *values)``, skipped for impl="native" when hypo_fast._C was not built."""
+    import pytest
+
+    from hypo_fast import native
+
+    skip = pytest.mark.skipif(impl == "native" and not native.available(), reason="hypo_fast._C not built")
+    return pytest.param(impl, *values, marks=skip)

@@ -6,12 +6,14 @@ import os
 
 import torch
 
+from hypo_fast import native
 from hypo_fast.kernels import linear_logprobs as triton_op
 from hypo_fast.ops import chunked
 
-IMPLS = ("auto", "triton", "torch")
+IMPLS = ("auto", "triton", "native", "torch")
 _BACKENDS = {
     "triton": (triton_op.linear_logprobs_fwd, triton_op.linear_logprobs_bwd),
+    "native": (native.linear_logprobs_fwd, native.linear_logprobs_bwd),
     "torch": (chunked.chunked_fwd, chunked.chunked_bwd),
 }
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -22,11 +24,16 @@ def triton_interpreted() -> bool:
 
 
 def resolve_impl(impl: str, device: torch.device) -> str:
-    """``auto`` → Triton on CUDA, the chunked PyTorch path elsewhere."""
+    """``auto`` → Triton on CUDA, the native op on CPU when it was built, the chunked PyTorch path otherwise."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        if device.type == "cuda":
+            return "triton"
+        return "native" if device.type == "cpu" and native.available() else "torch"
+    if impl == "native" and (device.type != "cpu" or not native.available()):
+        raise ValueError(f"impl='native' needs CPU tensors and the compiled hypo_fast._C "
+                         f"(device {device}, built: {native.available()}); reinstall with cmake and a C++ compiler")
     if impl == "triton" and device.type != "cuda" and not (device.type == "cpu" and triton_interpreted()):
         raise ValueError(f"impl='triton' needs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), "
                          f"got device {device}")
@@ -147,7 +154,8 @@ def linear_logprobs(
             cost no vocabulary FLOPs.
         return_entropy: also return the entropy of ``softmax(z)`` per row (differentiable).
         return_logit_mean: also return the mean logit over the vocabulary per row (a metric, no grad).
-        impl: ``"auto"`` (Triton on CUDA, chunked PyTorch on CPU), ``"triton"`` or ``"torch"``.
+        impl: ``"auto"`` (Triton on CUDA; on CPU the native op when built, else chunked PyTorch),
+            ``"triton"``, ``"native"`` or ``"torch"``.
         fp32_weight_grad: accumulate the weight gradient in fp32 (default); ``False`` accumulates it
             in the weight dtype, saving ``2·V·D`` bytes for bf16 weights at some precision cost.
         check_targets: verify the target range (one host sync); pass False in hot loops whose targets

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from hypo_fast import native
 from hypo_fast.kernels.sample_head import sample_head as triton_sample_head
 from hypo_fast.ops import chunked
 from hypo_fast.ops.linear_logprobs import resolve_impl
@@ -74,7 +75,8 @@ def sample_tokens(
     """Draw ``token ~ softmax((hidden @ weight.T + bias) / temperature)`` per row, with its log-prob.
 
     Equals ``torch.multinomial(softmax(z), 1)`` in distribution (Gumbel-max in the Triton kernel, inverse
-    CDF + weighted reservoir over chunks in the PyTorch path), and returns
+    CDF within vocabulary tiles + Gumbel-max across them in the native op, inverse CDF + weighted
+    reservoir over chunks in the PyTorch path), and returns
     ``log_softmax(z)[token]`` — the log-probability the sampler records for HyPO's KL reward — without
     materialising the ``[B, V]`` logits. ``greedy`` takes ``argmax z`` and the ``τ = 1`` log-prob.
     A given ``seed`` reproduces the draw (per impl).
@@ -92,7 +94,7 @@ def sample_tokens(
     if weight.dtype != hidden.dtype or weight.device != hidden.device:
         raise ValueError("weight must have hidden's dtype and device")
     impl = resolve_impl(impl, hidden.device)
-    fn = triton_sample_head if impl == "triton" else chunked_sample_head
+    fn = {"triton": triton_sample_head, "native": native.sample_head, "torch": chunked_sample_head}[impl]
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     tokens, logp, entropy = fn(hidden, weight, bias, temperature=temperature, seed=seed, greedy=greedy,
                                return_entropy=return_entropy)

@@ -7,11 +7,13 @@ import torch
 
 from hypo_fast.kernels.sample_head import sample_head
 from hypo_fast.ops import chunked
+from hypo_fast import native
 from hypo_fast.ops.sample_head import sample_tokens
+from tests.oracle import impl_param
 
 CUDA = torch.cuda.is_available()
 TRITON_DEVICE = "cuda" if CUDA else "cpu"
-IMPL_DEVICE = [("triton", TRITON_DEVICE), ("torch", "cpu")]
+IMPL_DEVICE = [impl_param("triton", TRITON_DEVICE), impl_param("native", "cpu"), impl_param("torch", "cpu")]
 
 
 def _chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
@@ -31,12 +33,14 @@ def _chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
 @pytest.mark.parametrize("chunks", [1, 5])
 def test_draws_follow_the_tempered_softmax(impl, device, temperature, chunks, monkeypatch):
     """χ² goodness of fit on V=23 categories, fixed seeds; one call draws many rows at once. With 5
-    vocabulary chunks the PyTorch path's reservoir merge is exercised too."""
+    vocabulary chunks the PyTorch path's reservoir merge and the native op's Gumbel-max across tiles are
+    exercised too."""
     if chunks > 1:
-        if impl != "torch":
+        if impl == "triton":
             pytest.skip("the Triton kernel's vocabulary splits are covered by test_kernel_splits")
         monkeypatch.setattr(chunked, "MIN_CHUNK", 1)
         monkeypatch.setattr(chunked, "DEFAULT_CHUNK_ELEMENTS", 4000 * 5)
+        monkeypatch.setattr(native, "SAMPLE_TILE", 5)
     torch.manual_seed(0)
     V, D, draws = 23, 16, 4000
     h = torch.randn(1, D, device=device).expand(draws, D).contiguous()  # the same row, many independent draws
@@ -49,7 +53,8 @@ def test_draws_follow_the_tempered_softmax(impl, device, temperature, chunks, mo
 
 
 @pytest.mark.parametrize("impl,device", IMPL_DEVICE)
-def test_logp_entropy_greedy_and_reproducibility(impl, device, seed):
+def test_logp_entropy_greedy_and_reproducibility(impl, device, seed, monkeypatch):
+    monkeypatch.setattr(native, "SAMPLE_TILE", 64)  # several native tiles, the last one ragged
     B, V, D = 5, 301, 40  # V not a multiple of any tile
     h = torch.randn(B, D, device=device)
     weight = torch.randn(V, D, device=device) * 0.3

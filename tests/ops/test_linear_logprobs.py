@@ -1,15 +1,16 @@
-"""linear_logprobs against a float64 oracle, for both impls (Triton interpreted on CPU, compiled on CUDA)."""
+"""linear_logprobs against a float64 oracle, for every impl (Triton interpreted on CPU, compiled on CUDA;
+the native CPU op; the chunked PyTorch path)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from hypo_fast import linear_logprobs
+from hypo_fast import linear_logprobs, native
 from hypo_fast.ops import chunked
 from hypo_fast.ops.linear_logprobs import resolve_impl
 from hypo_fast.reference import linear_logprobs_reference
-from tests.oracle import assert_no_worse_than_naive, run_with_grads
+from tests.oracle import assert_no_worse_than_naive, impl_param, run_with_grads
 
 CUDA = torch.cuda.is_available()
 TRITON_DEVICE = "cuda" if CUDA else "cpu"
@@ -20,13 +21,15 @@ SHAPES = {
     "triton": [(1, 1, 16), (1, 7, 5), (5, 1, 33), (37, 101, 48), (70, 257, 20)],
     "torch": [(1, 1, 16), (1, 7, 5), (5, 1, 33), (333, 3001, 96), (1024, 2050, 40)],
 }
-DEVICE = {"triton": TRITON_DEVICE, "torch": "cpu"}
-IMPL_SHAPES = [(impl, shape) for impl, shapes in SHAPES.items() for shape in shapes]
+SHAPES["native"] = SHAPES["torch"]
+DEVICE = {"triton": TRITON_DEVICE, "native": "cpu", "torch": "cpu"}
+IMPLS = [impl_param(impl) for impl in SHAPES]
+IMPL_SHAPES = [impl_param(impl, shape) for impl, shapes in SHAPES.items() for shape in shapes]
 
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
-    """Force many vocabulary chunks in the PyTorch path even at test sizes."""
+    """Force many vocabulary chunks in the PyTorch path and the native op even at test sizes."""
     monkeypatch.setattr(chunked, "DEFAULT_CHUNK_ELEMENTS", 64 * 1024)
     monkeypatch.setattr(chunked, "MIN_CHUNK", 64)
 
@@ -79,7 +82,7 @@ def test_fp32_matches_oracle(impl, shape, bias, seed):
     compare_with_oracle(impl, *make_inputs(*shape, torch.float32, DEVICE[impl], bias=bias))
 
 
-@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("temperature", [0.5, 1.7])
 def test_temperature(impl, temperature, seed):
     shape = SHAPES[impl][3]
@@ -87,14 +90,14 @@ def test_temperature(impl, temperature, seed):
                         temperature=temperature)
 
 
-@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_no_worse_than_naive(impl, dtype, seed):
     shape = SHAPES[impl][3]
     compare_with_oracle(impl, *make_inputs(*shape, dtype, DEVICE[impl], bias=True))
 
 
-@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_very_large_logits_stay_finite(impl, seed):
     hidden, weight, bias, targets = make_inputs(*SHAPES[impl][3], torch.float32, DEVICE[impl], logit_scale=3e3)
     # the saved fp32 lse carries eps·|z| absolute error, which p = exp(z − lse) turns into relative error
@@ -103,7 +106,7 @@ def test_very_large_logits_stay_finite(impl, seed):
                         tolerance=2 * torch.finfo(torch.float32).eps * max_logit)
 
 
-@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_all_rows_ignored(impl, seed):
     hidden, weight, bias, targets = make_inputs(*SHAPES[impl][3], torch.float32, DEVICE[impl], bias=True)
     targets.fill_(-100)
@@ -114,7 +117,7 @@ def test_all_rows_ignored(impl, seed):
         assert (t == 0).all()
 
 
-@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_leading_batch_dims_and_custom_ignore_index(impl, seed):
     hidden, weight, bias, targets = make_inputs(3, 67, 24, torch.float32, DEVICE[impl], batch=(2, 3, 5))
     targets[targets == -100] = 7  # a valid id: nothing is ignored under the default
@@ -128,7 +131,7 @@ def test_leading_batch_dims_and_custom_ignore_index(impl, seed):
     assert (logp[0, 1] == 0).all()
 
 
-@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_logit_mean_and_output_order(impl, seed):
     hidden, weight, bias, targets = make_inputs(*SHAPES[impl][3], torch.float32, DEVICE[impl], bias=True)
     logp, ent, mean = linear_logprobs(hidden, weight, targets, bias=bias, temperature=0.8,
@@ -143,7 +146,7 @@ def test_logit_mean_and_output_order(impl, seed):
     torch.testing.assert_close(mean_only, mean)
 
 
-@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_only_entropy_has_a_gradient(impl, seed):
     hidden, weight, _, targets = make_inputs(*SHAPES[impl][3], torch.float32, DEVICE[impl])
     g = torch.randn(targets.shape, dtype=torch.float64, device=hidden.device)
@@ -160,7 +163,7 @@ def test_impls_agree_and_auto_dispatch(seed):
     a = linear_logprobs(hidden, weight, targets, bias=bias, impl="triton")
     b = linear_logprobs(hidden, weight, targets, bias=bias, impl="torch")
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    assert resolve_impl("auto", torch.device("cpu")) == "torch"
+    assert resolve_impl("auto", torch.device("cpu")) == ("native" if native.available() else "torch")
     assert resolve_impl("auto", torch.device("cuda")) == "triton"
 
 

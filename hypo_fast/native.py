@@ -1,0 +1,96 @@
+"""The native CPU ops (``hypo_fast._C``, built from ``kernels/csrc`` by CMake at install time).
+
+``available()`` loads the library once and says whether ``torch.ops.hypo_fast.*`` can be used. The
+library is optional: without it (no compiler at install, ``HYPO_FAST_NATIVE=0``, or a torch upgraded
+since the build) every op falls back to the PyTorch path. The fake implementations below let
+``torch.compile`` trace each native op as one node.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+LIBRARY = Path(__file__).with_name("_C.so")
+SAMPLE_TILE = 2048  # vocabulary columns per sampling tile; part of what a seed reproduces
+
+
+@functools.cache
+def available() -> bool:
+    if os.environ.get("HYPO_FAST_NATIVE", "1") == "0" or not LIBRARY.exists():
+        return False
+    try:
+        torch.ops.load_library(str(LIBRARY))
+    except (OSError, RuntimeError) as error:  # e.g. undefined symbols after a torch upgrade
+        warnings.warn(f"hypo_fast: could not load {LIBRARY.name} ({error}); reinstall hypo_fast to rebuild it. "
+                      "Using the PyTorch path.", stacklevel=2)
+        return False
+    built_with, running = torch.ops.hypo_fast.built_with(), torch.__version__.split("+")[0]
+    if built_with != running:
+        warnings.warn(f"hypo_fast: {LIBRARY.name} was built for torch {built_with}, this is torch {running}; "
+                      "reinstall hypo_fast to rebuild it. Using the PyTorch path.", stacklevel=2)
+        return False
+    _register_fakes()
+    return True
+
+
+def _register_fakes() -> None:
+    """Shape-only implementations for tracing (``torch.compile``, FakeTensor)."""
+
+    @torch.library.register_fake("hypo_fast::linear_logprobs_fwd")
+    def _(hidden, weight, targets, bias, temperature, ignore_index, return_entropy, return_logit_mean, *chunking):
+        rows = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+        extra = lambda wanted: rows.new_empty(rows.shape if wanted else (0,))  # noqa: E731
+        return rows, rows.new_empty(rows.shape), extra(return_entropy), extra(return_logit_mean)
+
+    @torch.library.register_fake("hypo_fast::linear_logprobs_bwd")
+    def _(hidden, weight, targets, bias, lse, grad_logp, entropy, grad_entropy, temperature, ignore_index,
+          want_hidden, want_weight, want_bias, fp32_weight_grad, *chunking):
+        like = lambda t, wanted: torch.empty_like(t) if wanted else t.new_empty((0,))  # noqa: E731
+        return like(hidden, want_hidden), like(weight, want_weight), \
+            like(bias, want_bias and bias is not None) if bias is not None else weight.new_empty((0,))
+
+    @torch.library.register_fake("hypo_fast::sample_head")
+    def _(hidden, weight, bias, temperature, seed, greedy, return_entropy, tile):
+        rows = hidden.shape[0]
+        return (hidden.new_empty(rows, dtype=torch.long), hidden.new_empty(rows, dtype=torch.float32),
+                hidden.new_empty(rows if return_entropy else 0, dtype=torch.float32))
+
+
+def _chunking() -> tuple[int, int]:
+    """The vocabulary chunking rule, shared with the PyTorch path."""
+    from hypo_fast.ops import chunked  # (hypo_fast.ops imports this module)
+
+    return chunked.DEFAULT_CHUNK_ELEMENTS, chunked.MIN_CHUNK
+
+
+# Adapters with the contracts of hypo_fast.kernels' launchers (absent outputs are None).
+
+
+def linear_logprobs_fwd(hidden, weight, targets, bias=None, *, temperature=1.0, ignore_index=-100,
+                        return_entropy=False, return_logit_mean=False):
+    logp, lse, entropy, logit_mean = torch.ops.hypo_fast.linear_logprobs_fwd(
+        hidden, weight, targets, bias, temperature, ignore_index, return_entropy, return_logit_mean,
+        *_chunking())
+    return logp, lse, entropy if return_entropy else None, logit_mean if return_logit_mean else None
+
+
+def linear_logprobs_bwd(hidden, weight, targets, bias, lse, grad_logp, *, entropy=None, grad_entropy=None,
+                        temperature=1.0, ignore_index=-100, needs_grad=(True, True, True), fp32_weight_grad=True):
+    want_h, want_w, want_b = needs_grad
+    want_b = want_b and bias is not None
+    d_hidden, d_weight, d_bias = torch.ops.hypo_fast.linear_logprobs_bwd(
+        hidden, weight, targets, bias, lse, grad_logp, entropy if grad_entropy is not None else None,
+        grad_entropy, temperature, ignore_index, want_h, want_w, want_b, fp32_weight_grad,
+        *_chunking())
+    return d_hidden if want_h else None, d_weight if want_w else None, d_bias if want_b else None
+
+
+def sample_head(hidden, weight, bias=None, *, temperature=1.0, seed=0, greedy=False, return_entropy=False):
+    tokens, logp, entropy = torch.ops.hypo_fast.sample_head(hidden, weight, bias, temperature, seed, greedy,
+                                                            return_entropy, SAMPLE_TILE)
+    return tokens, logp, entropy if return_entropy else None
