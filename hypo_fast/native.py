@@ -1,6 +1,6 @@
 """The native CPU ops (``hypo_fast._C``, built from ``kernels/csrc`` by CMake at install time).
 
-``available()`` loads the library once and says whether ``torch.ops.hypo_fast.*`` can be used. The
+The library is loaded when this module is imported; ``available()`` says whether ``torch.ops.hypo_fast.*`` can be used. The
 library is optional: without it (no compiler at install, ``HYPO_FAST_NATIVE=0``, or a torch upgraded
 since the build) every op falls back to the PyTorch path. The fake implementations below let
 ``torch.compile`` trace each native op as one node.
@@ -8,7 +8,6 @@ since the build) every op falls back to the PyTorch path. The fake implementatio
 
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 from pathlib import Path
@@ -19,8 +18,7 @@ LIBRARY = Path(__file__).with_name("_C.so")
 SAMPLE_TILE = 2048  # vocabulary columns per sampling tile; part of what a seed reproduces
 
 
-@functools.cache
-def available() -> bool:
+def _load() -> bool:
     if os.environ.get("HYPO_FAST_NATIVE", "1") == "0" or not LIBRARY.exists():
         return False
     try:
@@ -36,6 +34,11 @@ def available() -> bool:
         return False
     _register_fakes()
     return True
+
+
+def available() -> bool:
+    """Whether ``torch.ops.hypo_fast.*`` are usable (the library is loaded once, at import)."""
+    return _AVAILABLE
 
 
 def _register_fakes() -> None:
@@ -94,3 +97,6 @@ def sample_head(hidden, weight, bias=None, *, temperature=1.0, seed=0, greedy=Fa
     tokens, logp, entropy = torch.ops.hypo_fast.sample_head(hidden, weight, bias, temperature, seed, greedy,
                                                             return_entropy, SAMPLE_TILE)
     return tokens, logp, entropy if return_entropy else None
+
+
+_AVAILABLE = _load()
