@@ -5,13 +5,16 @@ Methods, each on the same inputs with a random per-token upstream gradient (what
   torch_lce  torch.nn.functional.linear_cross_entropy(reduction="none", options=LinearCrossEntropyOptions())
   liger      Liger's fused linear cross entropy (CUDA only; scalar "sum" loss: it computes the gradient
              inside its forward, so a per-token upstream gradient is not expressible)
-  ours       hypo_fast.linear_logprobs (impl="auto": Triton on CUDA, chunked PyTorch on CPU; 8NVD FLOPs)
+  ours       hypo_fast.linear_logprobs, impl="auto" (Triton on CUDA; on CPU the native op, hypo_fast._C,
+             when it was built, else the chunked PyTorch path; the row's "impl" says which; 8NVD FLOPs)
+  chunked    hypo_fast.linear_logprobs, impl="torch": the chunked PyTorch path (the CPU baseline the
+             native op has to beat)
 
 Each case runs in a fresh process: a cold run measures peak extra memory, then warm repeats give the
 median time. Prints a table with ratios to naive and the achieved GFLOP/s against a plain matmul
 measured in the same run, and appends rows to benchmarks/results/bench_linear_logprobs.jsonl.
 
-    python benchmarks/bench_linear_logprobs.py                 # CPU: N=4096 V=32000 D=512 fp32
+    python benchmarks/bench_linear_logprobs.py                 # CPU: D=512, and a Qwen-0.5B-like head
     python benchmarks/bench_linear_logprobs.py --device cuda   # GPU shapes incl. the Llama-3-8B head
 """
 
@@ -23,12 +26,12 @@ import torch
 from benchlib import (bench_arguments, compare_methods, finish_run, serve_worker, start_run, time_and_memory)
 
 SHAPES = {  # (N, V, D)
-    "cpu": [(4096, 32000, 512), (1024, 32000, 1024)],
+    "cpu": [(4096, 32000, 512), (2048, 151936, 896)],
     "cuda": [(8192, 128256, 4096), (8192, 32000, 4096), (16384, 151936, 896)],
 }
 DTYPES = {"cpu": ["float32"], "cuda": ["bfloat16"]}
-METHODS = ["naive", "torch_lce", "liger", "ours"]
-FLOPS_PER_NVD = {"naive": 6, "torch_lce": 6, "liger": 6, "ours": 8}
+METHODS = {"cpu": ["naive", "torch_lce", "ours", "chunked"], "cuda": ["naive", "torch_lce", "liger", "ours"]}
+FLOPS_PER_NVD = {"naive": 6, "torch_lce": 6, "liger": 6, "ours": 8, "chunked": 8}
 
 
 def make_step(method: str, hidden, weight, targets, grad):
@@ -54,11 +57,12 @@ def make_step(method: str, hidden, weight, targets, grad):
 
         def step():
             loss_fn(weight, hidden, targets).backward()
-    elif method == "ours":
+    elif method in ("ours", "chunked"):
         from hypo_fast import linear_logprobs
+        impl = "auto" if method == "ours" else "torch"
 
         def step():
-            (linear_logprobs(hidden, weight, targets) * grad).sum().backward()
+            (linear_logprobs(hidden, weight, targets, impl=impl) * grad).sum().backward()
     elif method == "matmul":
         def step():
             with torch.no_grad():
@@ -81,11 +85,15 @@ def worker(method: str, case: dict, repeats: int) -> dict:
         hidden.grad = weight.grad = None
         step()
 
-    return time_and_memory(run, device, repeats)
+    result = time_and_memory(run, device, repeats)
+    if method in ("ours", "chunked"):
+        from hypo_fast.ops.linear_logprobs import resolve_impl
+        result["impl"] = resolve_impl("auto" if method == "ours" else "torch", hidden.device)
+    return result
 
 
 def main() -> None:
-    parser = bench_arguments(__doc__, METHODS)
+    parser = bench_arguments(__doc__, [])
     parser.add_argument("--shapes", nargs="*", help="N,V,D triples (default: per device)")
     parser.add_argument("--dtypes", nargs="*", help="default: float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 3 CPU, 10 CUDA)")
@@ -94,6 +102,7 @@ def main() -> None:
         return
 
     device = args.device
+    methods = args.methods or METHODS[device]
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else SHAPES[device]
     repeats = args.repeats or (3 if device == "cpu" else 10)
     env = start_run(args)
@@ -101,10 +110,10 @@ def main() -> None:
     for dtype in args.dtypes or DTYPES[device]:
         for N, V, D in shapes:
             case = {"bench": "linear_logprobs", "N": N, "V": V, "D": D, "dtype": dtype, "device": device}
-            flops = {m: FLOPS_PER_NVD[m] * N * V * D for m in args.methods}
-            rows += compare_methods(__file__, args.methods, case, repeats, "naive", flops, env)
+            flops = {m: FLOPS_PER_NVD[m] * N * V * D for m in methods}
+            rows += compare_methods(__file__, methods, case, repeats, "naive", flops, env)
     finish_run("bench_linear_logprobs", rows, [("dtype", "dtype", "s"), ("N", "N", "d"), ("V", "V", "d"), ("D", "D", "d"),
-                       ("method", "method", "s"), ("time_s", "time s", ".3f"),
+                       ("method", "method", "s"), ("impl", "impl", "s"), ("time_s", "time s", ".3f"),
                        ("time_vs_naive", "×naive", ".2f"), ("peak_extra_mb", "extra MiB", ".0f"),
                        ("mem_vs_naive", "mem×naive", ".3f"), ("gflops", "GFLOP/s", ".0f"),
                        ("pct_of_matmul", "%matmul", ".0f"), ("error", "error", "s")], args)
