@@ -1,8 +1,8 @@
 """The native CPU ops (``hypo_fast._C``, built from ``kernels/csrc`` by CMake at install time).
 
-The library is loaded when this module is imported; ``available()`` says whether ``torch.ops.hypo_fast.*`` can be used. The
-library is optional: without it (no compiler at install, ``HYPO_FAST_NATIVE=0``, or a torch upgraded
-since the build) every op falls back to the PyTorch path. The fake implementations below let
+The library is loaded when this module is imported; ``available()`` says whether ``torch.ops.hypo_fast.*``
+can be used. It is optional: without it (no compiler at install, ``HYPO_FAST_NATIVE=0``, or a torch
+upgraded since the build) every op falls back to the PyTorch path. The fake implementations below let
 ``torch.compile`` trace each native op as one node.
 """
 
@@ -53,9 +53,8 @@ def _register_fakes() -> None:
     @torch.library.register_fake("hypo_fast::linear_logprobs_bwd")
     def _(hidden, weight, targets, bias, lse, grad_logp, entropy, grad_entropy, temperature, ignore_index,
           want_hidden, want_weight, want_bias, fp32_weight_grad, *chunking):
-        like = lambda t, wanted: torch.empty_like(t) if wanted else t.new_empty((0,))  # noqa: E731
-        return like(hidden, want_hidden), like(weight, want_weight), \
-            like(bias, want_bias and bias is not None) if bias is not None else weight.new_empty((0,))
+        like = lambda t, wanted: torch.empty_like(t) if wanted else weight.new_empty((0,))  # noqa: E731
+        return like(hidden, want_hidden), like(weight, want_weight), like(bias, want_bias and bias is not None)
 
     @torch.library.register_fake("hypo_fast::sample_head")
     def _(hidden, weight, bias, temperature, seed, greedy, return_entropy, tile):

@@ -66,6 +66,18 @@ at::Tensor chunk_shift(const c10::optional<at::Tensor>& bias, int64_t lo, int64_
   return (bias->slice(0, lo, hi).to(at::kFloat) * inv_temp).contiguous();
 }
 
+// The Python entry (hypo_fast.linear_logprobs) validates arguments with messages that name them; these
+// checks keep direct torch.ops.hypo_fast calls from reading out of bounds.
+void check_shapes(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+                  const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1),
+              "hidden must be [N, D] and weight [V, D], got ", hidden.sizes(), " and ", weight.sizes());
+  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == hidden.size(0), "targets must be [N=", hidden.size(0),
+              "], got ", targets.sizes());
+  TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == weight.size(0)), "bias must be [V=",
+              weight.size(0), "]");
+}
+
 // Calls fn(r0, r1) for row blocks of the valid rows, one thread per block range (ATen/OpenMP).
 template <typename Fn>
 void for_row_blocks(int64_t rows, int64_t block, const Fn& fn) {
@@ -81,6 +93,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd(
     const c10::optional<at::Tensor>& bias, double temperature, int64_t ignore_index, bool return_entropy,
     bool return_logit_mean, int64_t chunk_elements, int64_t min_chunk) {
   const at::NoGradGuard no_grad;  // differentiated by its autograd.Function (ops/linear_logprobs.py)
+  check_shapes(hidden, weight, targets, bias);
   const int64_t N = hidden.size(0), V = weight.size(0);
   const float inv_temp = static_cast<float>(1.0 / temperature);
   const ValidRows rows = gather_valid_rows(hidden, targets, ignore_index);
@@ -132,6 +145,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd(
     int64_t chunk_elements, int64_t min_chunk) {
   const at::NoGradGuard no_grad;  // differentiated by its autograd.Function (ops/linear_logprobs.py)
   (void)fp32_weight_grad;  // CPU accumulates dW in fp32 always (cast once at the end)
+  check_shapes(hidden, weight, targets, bias);
+  TORCH_CHECK(lse_all.numel() == hidden.size(0) && grad_logp.numel() == hidden.size(0), "lse and grad_logp must be [N]");
   want_b = want_b && bias.has_value();
   const int64_t V = weight.size(0), D = weight.size(1);
   const float inv_temp = static_cast<float>(1.0 / temperature);

@@ -71,6 +71,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_head(const at::Tensor& hid
                                                            int64_t tile_columns) {
   const at::NoGradGuard no_grad;  // sampling has no gradient
   TORCH_CHECK(tile_columns > 0, "tile must be positive");
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1),
+              "hidden must be [B, D] and weight [V, D], got ", hidden.sizes(), " and ", weight.sizes());
+  TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == weight.size(0)), "bias must be [V]");
+  TORCH_CHECK(greedy || temperature > 0, "temperature must be positive");
   const int64_t B = hidden.size(0), V = weight.size(0), tiles = (V + tile_columns - 1) / tile_columns;
   const float inv_temp = greedy ? 1.f : static_cast<float>(1.0 / temperature);
   const at::Tensor h = hidden.to(at::kFloat).contiguous();

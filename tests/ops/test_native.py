@@ -93,3 +93,14 @@ def test_switched_off_by_environment():
     env = {**os.environ, "HYPO_FAST_NATIVE": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@needs_native
+def test_direct_op_calls_check_shapes():
+    hidden, weight, targets = torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,))
+    with pytest.raises(RuntimeError, match="weight"):
+        torch.ops.hypo_fast.linear_logprobs_fwd(hidden, weight[:, :7], targets, None, 1.0, -100, False, False, 1024, 64)
+    with pytest.raises(RuntimeError, match="targets"):
+        torch.ops.hypo_fast.linear_logprobs_fwd(hidden, weight, targets[:3], None, 1.0, -100, False, False, 1024, 64)
+    with pytest.raises(RuntimeError, match="bias"):
+        torch.ops.hypo_fast.sample_head(hidden, weight, torch.zeros(9), 1.0, 0, False, False, 2048)
