@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from benchlib import (bench_arguments, compare_methods, finish_run, serve_worker, start_run, time_and_memory)
+from benchlib import (HYPO_FAST_IMPLS, bench_arguments, compare_methods, finish_run, resolved_impl, serve_worker,
+                      start_run, time_and_memory)
 
 SHAPES = {  # (N, V, D)
     "cpu": [(4096, 32000, 512), (2048, 151936, 896)],
@@ -57,9 +58,9 @@ def make_step(method: str, hidden, weight, targets, grad):
 
         def step():
             loss_fn(weight, hidden, targets).backward()
-    elif method in ("ours", "chunked"):
+    elif method in HYPO_FAST_IMPLS:
         from hypo_fast import linear_logprobs
-        impl = "auto" if method == "ours" else "torch"
+        impl = HYPO_FAST_IMPLS[method]
 
         def step():
             (linear_logprobs(hidden, weight, targets, impl=impl) * grad).sum().backward()
@@ -86,9 +87,7 @@ def worker(method: str, case: dict, repeats: int) -> dict:
         step()
 
     result = time_and_memory(run, device, repeats)
-    if method in ("ours", "chunked"):
-        from hypo_fast.ops.linear_logprobs import resolve_impl
-        result["impl"] = resolve_impl("auto" if method == "ours" else "torch", hidden.device)
+    result["impl"] = resolved_impl(method, device)
     return result
 
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from benchlib import bench_arguments, compare_methods, finish_run, serve_worker, start_run, time_and_memory
+from benchlib import (HYPO_FAST_IMPLS, bench_arguments, compare_methods, finish_run, resolved_impl, serve_worker,
+                      start_run, time_and_memory)
 
 SHAPES = {  # (B, V, D): B rows decoded at once
     "cpu": [(16, 32000, 512), (64, 32000, 512), (16, 151936, 896)],
@@ -35,8 +36,8 @@ def make_step(method: str, hidden, weight):
             logp = torch.log_softmax((hidden @ weight.T).float(), -1)
             tokens = torch.multinomial(logp.exp(), 1)
             return tokens.squeeze(1), logp.gather(1, tokens).squeeze(1)
-    elif method in ("ours", "chunked"):
-        impl = "auto" if method == "ours" else "torch"
+    elif method in HYPO_FAST_IMPLS:
+        impl = HYPO_FAST_IMPLS[method]
 
         def step():
             return sample_tokens(hidden, weight, seed=0, impl=impl)
@@ -55,9 +56,7 @@ def worker(method: str, case: dict, repeats: int) -> dict:
     weight = (torch.randn(V, D, device=device) * 2 / D**0.5).to(dt)
     with torch.no_grad():
         result = time_and_memory(make_step(method, hidden, weight), device, repeats)
-    if method in ("ours", "chunked"):
-        from hypo_fast.ops.linear_logprobs import resolve_impl
-        result["impl"] = resolve_impl("auto" if method == "ours" else "torch", hidden.device)
+    result["impl"] = resolved_impl(method, device)
     return result
 
 

@@ -102,6 +102,19 @@ def median_time(fn, repeats: int, device: str) -> float:
     return times[len(times) // 2]
 
 
+# hypo_fast methods shared by the op benchmarks → the ``impl`` each one asks for
+HYPO_FAST_IMPLS = {"ours": "auto", "chunked": "torch"}
+
+
+def resolved_impl(method: str, device) -> str | None:
+    """Which backend a hypo_fast method actually ran (recorded in its row); None for baselines."""
+    if method not in HYPO_FAST_IMPLS:
+        return None
+    from hypo_fast.ops.linear_logprobs import resolve_impl
+
+    return resolve_impl(HYPO_FAST_IMPLS[method], torch.device(device))
+
+
 def run_worker(script: str, args: list[str], timeout: float = 1800) -> dict:
     """Run ``script --worker args`` in a fresh interpreter and parse the JSON line it prints last."""
     proc = subprocess.run([sys.executable, script, "--worker", *args], capture_output=True, text=True,
