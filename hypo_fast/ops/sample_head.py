@@ -61,6 +61,9 @@ def chunked_sample_head(hidden, weight, bias=None, *, temperature=1.0, seed=0, g
     return tokens, z_best - lse, entropy
 
 
+_SAMPLERS = {"triton": triton_sample_head, "native": native.sample_head, "torch": chunked_sample_head}
+
+
 def sample_tokens(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -94,7 +97,7 @@ def sample_tokens(
     if weight.dtype != hidden.dtype or weight.device != hidden.device:
         raise ValueError("weight must have hidden's dtype and device")
     impl = resolve_impl(impl, hidden.device)
-    fn = {"triton": triton_sample_head, "native": native.sample_head, "torch": chunked_sample_head}[impl]
+    fn = _SAMPLERS[impl]
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     tokens, logp, entropy = fn(hidden, weight, bias, temperature=temperature, seed=seed, greedy=greedy,
                                return_entropy=return_entropy)
