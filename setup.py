@@ -7,6 +7,7 @@ skip the build on purpose).
 """
 
 import functools
+import json
 import os
 import shutil
 import subprocess
@@ -41,31 +42,51 @@ def torch_cmake_prefix() -> str | None:
 
 
 class CMakeBuild(build_ext):
-    """Builds ``hypo_fast._C`` with CMake, or skips it with a one-line notice."""
+    """Builds ``hypo_fast._C`` with CMake when it can; otherwise installs without it and says why.
+
+    Whatever happens, ``hypo_fast/_build_info.json`` records it (``hypo_fast.info()`` prints it), and a
+    skipped or failed build drops the extension from the build, so editable and regular installs both
+    complete without it.
+    """
 
     def get_ext_filename(self, fullname):
         return os.path.join(*fullname.split(".")) + ".so"  # a torch op library, not a Python module
 
-    def build_extension(self, ext):
-        missing = self._missing_prerequisite()
-        if missing:
-            print(f"hypo_fast: {missing}; installing without the native CPU ops (pure PyTorch/Triton)",
+    def run(self):
+        library = Path(self.get_ext_fullpath("hypo_fast._C"))  # in the source tree for editable installs
+        reason = self._missing_prerequisite() or self._cmake_build()
+        if reason is None:
+            print("hypo_fast: built the native CPU ops (hypo_fast._C)", file=sys.stderr)
+        else:
+            print(f"hypo_fast: installing without the native CPU ops ({reason}); CPU ops use the PyTorch path",
                   file=sys.stderr)
-            return
-        build_dir = Path(self.build_temp) / "cmake"
-        configure = ["cmake", "-S", str(ROOT), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
+            self.extensions = []  # nothing to copy or record
+        self._build_info = library.with_name("_build_info.json")
+        self._build_info.parent.mkdir(parents=True, exist_ok=True)
+        self._build_info.write_text(json.dumps({"native_built": reason is None, "reason": reason}) + "\n")
+        super().run()
+
+    def get_outputs(self):
+        info = getattr(self, "_build_info", None)
+        return super().get_outputs() + ([str(info)] if info is not None else [])
+
+    def build_extension(self, ext):
+        target = Path(self.get_ext_fullpath(ext.name))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self._cmake_dir / "_C.so", target)
+
+    def _cmake_build(self) -> str | None:
+        """Configure and build ``_C.so`` under ``build_temp``; returns None, or why it failed."""
+        self._cmake_dir = Path(self.build_temp) / "cmake"
+        configure = ["cmake", "-S", str(ROOT), "-B", str(self._cmake_dir), "-DCMAKE_BUILD_TYPE=Release",
                      f"-DCMAKE_PREFIX_PATH={torch_cmake_prefix()}"]
         try:
             subprocess.run(configure, check=True, stdout=subprocess.DEVNULL)
-            subprocess.run(["cmake", "--build", str(build_dir), f"-j{os.cpu_count() or 1}"], check=True,
+            subprocess.run(["cmake", "--build", str(self._cmake_dir), f"-j{os.cpu_count() or 1}"], check=True,
                            stdout=subprocess.DEVNULL)
-        except subprocess.CalledProcessError as error:
-            print(f"hypo_fast: the native CPU ops failed to build ({error}); installing without them",
-                  file=sys.stderr)
-            return
-        target = Path(self.get_ext_fullpath(ext.name))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(build_dir / "_C.so", target)
+        except (OSError, subprocess.CalledProcessError) as error:
+            return f"the CMake build failed: {error}"
+        return None
 
     @staticmethod
     def _missing_prerequisite() -> str | None:

@@ -5,6 +5,7 @@ Data: Understanding Preference Fine-tuning via Coverage", NeurIPS 2024): offline
 penalty estimated on the policy's own samples.
 """
 
+from hypo_fast.environment import info
 from hypo_fast.fused_losses import FusedLinearDPOLoss, FusedLinearHyPOLoss, PreferenceAux
 from hypo_fast.losses import dpo_loss, hypo_loss, k3_kl_loss, rloo_kl_loss, sampled_kl, sequence_logps
 from hypo_fast.ops import linear_logprobs
@@ -14,5 +15,5 @@ __all__ = [
     "linear_logprobs",
     "sequence_logps", "dpo_loss", "sampled_kl", "rloo_kl_loss", "k3_kl_loss", "hypo_loss",
     "FusedLinearDPOLoss", "FusedLinearHyPOLoss", "PreferenceAux",
-    "__version__",
+    "info", "__version__",
 ]

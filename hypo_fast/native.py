@@ -1,44 +1,82 @@
 """The native CPU ops (``hypo_fast._C``, built from ``kernels/csrc`` by CMake at install time).
 
 The library is loaded when this module is imported; ``available()`` says whether ``torch.ops.hypo_fast.*``
-can be used. It is optional: without it (no compiler at install, ``HYPO_FAST_NATIVE=0``, or a torch
-upgraded since the build) every op falls back to the PyTorch path. The fake implementations below let
-``torch.compile`` trace each native op as one node.
+can be used and ``status()`` says why not. It is optional: without it (no compiler at install,
+``HYPO_FAST_NATIVE=0``, or a torch upgraded since the build) every op falls back to the PyTorch path. The
+fake implementations below let ``torch.compile`` trace each native op as one node.
+
+The library is looked for next to this file, then in the installed distribution: after a non-editable
+``pip install .``, code run from the repository root imports the source tree's ``hypo_fast`` (no
+``_C.so`` there) and still gets the installed build.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
 import os
 import warnings
 from pathlib import Path
 
 import torch
 
-LIBRARY = Path(__file__).with_name("_C.so")
 SAMPLE_TILE = 2048  # vocabulary columns per sampling tile; part of what a seed reproduces
 
 
-def _load() -> bool:
-    if os.environ.get("HYPO_FAST_NATIVE", "1") == "0" or not LIBRARY.exists():
-        return False
+def _package_folders() -> list[Path]:
+    """This package's folder, then the installed distribution's (they differ when run from a checkout)."""
+    folders = [Path(__file__).parent]
+    for dist in importlib.metadata.distributions(name="hypo_fast"):  # a checkout's egg-info is one of them
+        installed = Path(dist.locate_file("hypo_fast"))
+        if all(installed.resolve() != f.resolve() for f in folders):
+            folders.append(installed)
+    return folders
+
+
+def _find_library() -> Path | None:
+    return next((f / "_C.so" for f in _package_folders() if (f / "_C.so").exists()), None)
+
+
+def build_info() -> dict:
+    """What the install recorded (``_build_info.json``): ``{"native_built": bool, "reason": str | None}``."""
+    for folder in _package_folders():
+        path = folder / "_build_info.json"
+        if path.exists():
+            return json.loads(path.read_text())
+    return {"native_built": None, "reason": "no build record (not installed with pip)"}
+
+
+def _load() -> tuple[Path | None, str]:
+    """Load the library; returns (its path or None, a one-line status)."""
+    if os.environ.get("HYPO_FAST_NATIVE", "1") == "0":
+        return None, "switched off (HYPO_FAST_NATIVE=0)"
+    library = _find_library()
+    if library is None:
+        reason = build_info()["reason"]
+        return None, f"not built ({reason})" if reason else "not found"
     try:
-        torch.ops.load_library(str(LIBRARY))
+        torch.ops.load_library(str(library))
     except (OSError, RuntimeError) as error:  # e.g. undefined symbols after a torch upgrade
-        warnings.warn(f"hypo_fast: could not load {LIBRARY.name} ({error}); reinstall hypo_fast to rebuild it. "
+        warnings.warn(f"hypo_fast: could not load {library} ({error}); reinstall hypo_fast to rebuild it. "
                       "Using the PyTorch path.", stacklevel=2)
-        return False
+        return None, f"failed to load {library}"
     built_with, running = torch.ops.hypo_fast.built_with(), torch.__version__.split("+")[0]
     if built_with != running:
-        warnings.warn(f"hypo_fast: {LIBRARY.name} was built for torch {built_with}, this is torch {running}; "
+        warnings.warn(f"hypo_fast: {library} was built for torch {built_with}, this is torch {running}; "
                       "reinstall hypo_fast to rebuild it. Using the PyTorch path.", stacklevel=2)
-        return False
+        return None, f"built for torch {built_with}, running {running}: reinstall to rebuild"
     _register_fakes()
-    return True
+    return library, f"loaded from {library}"
 
 
 def available() -> bool:
     """Whether ``torch.ops.hypo_fast.*`` are usable (the library is loaded once, at import)."""
-    return _AVAILABLE
+    return LIBRARY is not None
+
+
+def status() -> str:
+    """One line: where the library was loaded from, or why the native ops are not in use."""
+    return _STATUS
 
 
 def _register_fakes() -> None:
@@ -98,4 +136,4 @@ def sample_head(hidden, weight, bias=None, *, temperature=1.0, seed=0, greedy=Fa
     return tokens, logp, entropy if return_entropy else None
 
 
-_AVAILABLE = _load()
+LIBRARY, _STATUS = _load()  # Path of the loaded library, or None
