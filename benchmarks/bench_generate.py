@@ -52,12 +52,11 @@ def worker(method: str, case: dict, repeats: int) -> dict:
                 model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=True, temperature=1.0,
                                top_k=0, top_p=1.0, max_new_tokens=new, min_new_tokens=new)
     else:
-        from hypo_fast.models import FusedLogprobHead
+        from hypo_fast.models import Policy
         from hypo_fast.sampling import Sampler, SamplingConfig
 
         cache = method.removeprefix("hypo_fast_").removesuffix("_cache")
-        sampler = Sampler(model, FusedLogprobHead.from_linear(model.get_output_embeddings()),
-                          SamplingConfig(max_new_tokens=new, num_samples=k, cache=cache))
+        sampler = Sampler(Policy(model), SamplingConfig(max_new_tokens=new, num_samples=k, cache=cache))
         prompt_lists = prompts.tolist()
 
         def run():

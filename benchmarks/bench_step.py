@@ -153,8 +153,8 @@ def run_hypo_fast(case, folder, tokenizer_dir, data, kl_coef):
     cfg = config_from_dict({
         "model": {"config": model_config(case), "tokenizer": str(tokenizer_dir), "dtype": case["dtype"]},
         "data": {"train_file": str(data), "max_prompt_length": 4096, "max_length": 8192},
-        "algorithm": {"beta": BETA, "kl_coef": kl_coef},
-        "sampling": {"num_samples": 2, "prompts_per_step": case["pairs"], "max_new_tokens": case["response_chars"] + 1},
+        "algorithm": {"beta": BETA, "kl_coef": kl_coef, "num_samples": 2},
+        "sampling": {"prompts_per_step": case["pairs"], "max_new_tokens": case["response_chars"] + 1},
         "optim": {"lr": LR, "max_steps": STEPS, "pairs_per_micro_batch": case["pairs"], "scheduler": "constant",
                   "max_grad_norm": 0.0},
         "output": {"dir": str(folder / f"hypo-{kl_coef}"), "resume": "never", "tensorboard": False},

@@ -158,8 +158,8 @@ def measure_step(shape: Shape, lora: bool, seq: int, device: str, dtype: str) ->
                                     "max_position_embeddings": 2 * seq + 8, "tie_word_embeddings": shape.tied},
                          "tokenizer": str(folder / "tok"), "dtype": dtype, "gradient_checkpointing": True},
                "data": {"train_file": str(folder / "pairs.jsonl"), "max_prompt_length": seq, "max_length": 2 * seq},
-               "algorithm": {"kl_coef": 0.05},
-               "sampling": {"num_samples": 2, "prompts_per_step": 1, "max_new_tokens": half + 1,
+               "algorithm": {"kl_coef": 0.05, "num_samples": 2},
+               "sampling": {"prompts_per_step": 1, "max_new_tokens": half + 1,
                             "stop_on_eos": False},
                "optim": {"max_steps": 1, "pairs_per_micro_batch": 1},
                "output": {"dir": str(folder / "run"), "resume": "never", "tensorboard": False}}

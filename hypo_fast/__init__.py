@@ -6,7 +6,8 @@ penalty estimated on the policy's own samples.
 """
 
 from hypo_fast.environment import info
-from hypo_fast.fused_losses import FusedLinearDPOLoss, FusedLinearHyPOLoss, PreferenceAux
+from hypo_fast.fused_losses import FusedLinearDPOLoss, FusedLinearHyPOLoss
+from hypo_fast.objective import HyPOObjective, PreferenceAux, StepLogps, OnlineLogps
 from hypo_fast.losses import dpo_loss, hypo_loss, k3_kl_loss, rloo_kl_loss, sampled_kl, sequence_logps
 from hypo_fast.ops import linear_logprobs
 
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 __all__ = [
     "linear_logprobs",
     "sequence_logps", "dpo_loss", "sampled_kl", "rloo_kl_loss", "k3_kl_loss", "hypo_loss",
-    "FusedLinearDPOLoss", "FusedLinearHyPOLoss", "PreferenceAux",
+    "HyPOObjective", "StepLogps", "OnlineLogps", "PreferenceAux",
+    "FusedLinearDPOLoss", "FusedLinearHyPOLoss",
     "info", "__version__",
 ]

@@ -150,7 +150,7 @@ class RLOOKL(NamedTuple):
     advantages: torch.Tensor  # [M] r_i − b_i
 
 
-def rloo_kl_loss(seq_logps: torch.Tensor, seq_ref_logps: torch.Tensor, group_size: int) -> RLOOKL:
+def rloo_kl_loss(seq_logps: torch.Tensor, seq_ref_logps: torch.Tensor, num_samples: int) -> RLOOKL:
     """The online term ℓ_kl of HyPO (Algorithm 1): REINFORCE with a leave-one-out baseline.
 
     For the k samples ``y_1..y_k ~ π(·|x)`` of a prompt (consecutive in the batch):
@@ -163,21 +163,21 @@ def rloo_kl_loss(seq_logps: torch.Tensor, seq_ref_logps: torch.Tensor, group_siz
     Args:
         seq_logps: ``[M]`` sequence log-probs of the samples under π_θ, with grad.
         seq_ref_logps: ``[M]`` the same under π_ref.
-        group_size: k, samples per prompt; must divide M.
+        num_samples: k, samples per prompt; must divide M.
     """
-    if group_size < 1:
-        raise ValueError(f"group_size must be ≥ 1, got {group_size}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be ≥ 1, got {num_samples}")
     if seq_logps.dim() != 1 or seq_logps.shape != seq_ref_logps.shape:
         raise ValueError(f"seq_logps {tuple(seq_logps.shape)} and seq_ref_logps {tuple(seq_ref_logps.shape)} "
                          "must be equal 1-D shapes")
-    if seq_logps.shape[0] % group_size:
-        raise ValueError(f"group_size={group_size} must divide the number of samples M={seq_logps.shape[0]}")
+    if seq_logps.shape[0] % num_samples:
+        raise ValueError(f"num_samples={num_samples} must divide the number of samples M={seq_logps.shape[0]}")
     rewards = (seq_logps - seq_ref_logps).detach()
-    if group_size == 1:
+    if num_samples == 1:
         advantages = rewards
     else:
-        groups = rewards.view(-1, group_size)  # [prompts, k]
-        baseline = (groups.sum(1, keepdim=True) - groups) / (group_size - 1)
+        groups = rewards.view(-1, num_samples)  # [prompts, k]
+        baseline = (groups.sum(1, keepdim=True) - groups) / (num_samples - 1)
         advantages = (groups - baseline).view(-1)
     loss = (advantages * seq_logps).mean()
     return RLOOKL(loss, rewards, advantages)
@@ -210,9 +210,9 @@ def hypo_loss(
     online_mask: torch.Tensor | None = None,
     *,
     num_online: int | None = None,
+    kl_coef: float,
+    num_samples: int,
     beta: float = 0.1,
-    kl_coef: float = 0.01,
-    group_size: int = 2,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
     kl_loss: str = "rloo",
@@ -224,8 +224,8 @@ def hypo_loss(
         online_token_logps, online_ref_token_logps, online_mask: ``[M, T]`` token log-probs of the
             k·prompts online samples (a prompt's samples consecutive) under π_θ (with grad) and π_ref,
             and their mask; or packed ``[N]`` log-probs with int segment ids ``[N]`` and ``num_online``.
-        kl_coef: λ. The paper tunes it per task; there is no universal default.
-        group_size: k samples per prompt.
+        kl_coef: λ (required: the paper tunes it per task; ``HyPOObjective`` holds the project's default, 0).
+        num_samples: k samples per prompt.
         kl_loss: ``"rloo"`` (the paper: REINFORCE + leave-one-out baseline) or ``"k3"`` (not from the
             paper: per-token k3 KL as a direct loss).
     """
@@ -241,12 +241,14 @@ def hypo_loss(
     if online_token_logps is None or kl_coef == 0:
         return HyPOLoss(loss, dpo_losses, chosen_rewards, rejected_rewards, zero, zero, None)
 
+    if online_ref_token_logps is None or online_mask is None:
+        raise ValueError("online_token_logps needs online_ref_token_logps and online_mask (or packed segment ids)")
     if not (online_token_logps.shape == online_ref_token_logps.shape == online_mask.shape):
         raise ValueError(f"online log-probs {tuple(online_token_logps.shape)}, reference log-probs "
                          f"{tuple(online_ref_token_logps.shape)} and mask {tuple(online_mask.shape)} must match")
     seq = sequence_logps(online_token_logps, online_mask, num_segments=num_online)
     seq_ref = sequence_logps(online_ref_token_logps.detach(), online_mask, num_segments=num_online)
-    rloo = rloo_kl_loss(seq, seq_ref, group_size)
+    rloo = rloo_kl_loss(seq, seq_ref, num_samples)
     if kl_loss == "rloo":
         term = rloo.loss
     else:

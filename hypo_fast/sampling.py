@@ -4,8 +4,10 @@ Each decode step runs the decoder body on one token per row and hands its last h
 fused sampling head, which returns the next token *and* its log-probability without ``[B, V]`` logits.
 Those recorded log-probs are the ones HyPO's KL reward uses: no second scoring pass.
 
-Samples are on-policy only at ``temperature = 1`` without truncation; at any other temperature the
-recorded log-probs (and so the KL) are those of the tempered policy softmax(z/τ).
+The temperature is the policy's (:class:`hypo_fast.models.Policy` owns it): samples come from
+π_τ = softmax(z/τ) and the recorded log-probs are log π_τ, exactly what the training forward computes for
+online samples (tested at τ = 1 and τ ≠ 1). There is no top-k/top-p truncation: a truncated draw would
+not come from π_τ, and the KL estimate would be biased.
 """
 
 from __future__ import annotations
@@ -18,16 +20,16 @@ from typing import Sequence
 import torch
 from transformers import DynamicCache, StaticCache
 
-from hypo_fast.models.head import FusedLogprobHead
 from hypo_fast.models.loading import decoder_of
+from hypo_fast.models.policy import Policy
+from hypo_fast.seeds import derive_seed
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
     max_new_tokens: int = 64
     num_samples: int = 2  # k per prompt, consecutive in the output
-    temperature: float = 1.0
-    greedy: bool = False
+    greedy: bool = False  # argmax decoding (records log-probs at τ = 1; needs a policy at τ = 1)
     stop_token_ids: tuple[int, ...] = ()
     seed: int = 0
     cache: str = "auto"  # "static" (preallocated, compile-friendly), "dynamic", or auto: static on CUDA
@@ -39,8 +41,6 @@ class SamplingConfig:
             raise ValueError(f"num_samples (k) must be ≥ 1, got {self.num_samples}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be ≥ 1, got {self.max_new_tokens}")
-        if not self.greedy and not self.temperature > 0:
-            raise ValueError(f"temperature must be positive, got {self.temperature}")
         if self.cache not in ("auto", "static", "dynamic"):
             raise ValueError(f"cache must be 'auto', 'static' or 'dynamic', got {self.cache!r}")
 
@@ -59,11 +59,6 @@ class Samples:
         return int(self.mask.sum())
 
 
-def step_seed(seed: int, step: int) -> int:
-    """A distinct, reproducible seed per decode step (the head's counter-based noise is keyed by it)."""
-    return (seed * 1_000_003 + step * 7_919 + 1) % (2**31 - 1)
-
-
 def gathered_parameters(model: torch.nn.Module):
     """Under DeepSpeed ZeRO-3, gather the full weights once for a whole generation phase."""
     params = [p for p in model.parameters() if hasattr(p, "ds_id")]
@@ -75,11 +70,15 @@ def gathered_parameters(model: torch.nn.Module):
 
 
 class Sampler:
-    """Batched generation from an HF causal LM through a :class:`FusedLogprobHead`."""
+    """Batched generation from a :class:`Policy` (its HF model, fused head and temperature)."""
 
-    def __init__(self, model: torch.nn.Module, head: FusedLogprobHead, config: SamplingConfig, pad_id: int = 0):
-        self.model, self.head, self.config, self.pad_id = model, head, config, pad_id
-        self.decoder = decoder_of(model)
+    def __init__(self, policy: Policy, config: SamplingConfig, pad_id: int = 0):
+        if config.greedy and policy.temperature != 1.0:
+            raise ValueError(f"greedy decoding records log-probs at τ = 1, but the policy samples at "
+                             f"temperature {policy.temperature}")
+        self.policy, self.config, self.pad_id = policy, config, pad_id
+        self.model, self.head = policy.model, policy.head
+        self.decoder = decoder_of(self.model)
         # transformers ≥ 5.2x renames the decoder's ``past_key_values`` argument to ``cache``
         self._cache_arg = "cache" if "cache" in inspect.signature(self.decoder.forward).parameters else "past_key_values"
         self._decode = self.decoder
@@ -145,8 +144,8 @@ class Sampler:
         finished = torch.zeros(M, dtype=torch.bool, device=device)
         tokens, logps, live = [], [], []
         for step in range(cfg.max_new_tokens):
-            token, logp = self.head.sample(hidden, temperature=cfg.temperature, seed=step_seed(seed, step),
-                                           greedy=cfg.greedy)
+            token, logp = self.head.sample(hidden, temperature=self.policy.temperature,
+                                           seed=derive_seed(seed, "decode", step), greedy=cfg.greedy)
             alive = ~finished
             tokens.append(torch.where(alive, token, self.pad_id))
             logps.append(torch.where(alive, logp, 0.0))

@@ -134,7 +134,7 @@ def test_hypo_module_matches_naive_float64(impl, k, seed):
     ref_hidden = hidden + 0.1 * torch.randn_like(hidden)
     ref_online = online_hidden + 0.1 * torch.randn_like(online_hidden)
     leaves = [t.clone().requires_grad_() for t in (weight, hidden, online_hidden)]
-    fn = FusedLinearHyPOLoss(beta=0.2, kl_coef=0.3, group_size=k, impl=impl)
+    fn = FusedLinearHyPOLoss(beta=0.2, kl_coef=0.3, num_samples=k, impl=impl)
     loss, aux = fn(leaves[0], leaves[1], target, None, ref_hidden, ref_weight, online_input=leaves[2],
                    online_target=online_target, ref_online_input=ref_online)
     loss.backward()
@@ -164,7 +164,7 @@ def test_hypo_with_precomputed_online_reference_and_zero_kl_coef(seed):
     weight, _ = _head()
     ref_online, _ = naive_token_logps(online_hidden * 0.9, weight, None, online_target)
     ref_online = ref_online.float()
-    fn = FusedLinearHyPOLoss(kl_coef=0.5, group_size=2)
+    fn = FusedLinearHyPOLoss(kl_coef=0.5, num_samples=2)
     loss_pre, _ = fn(weight, hidden, target, None, hidden, weight, online_input=online_hidden,
                      online_target=online_target, online_ref_logps=ref_online)
     loss_live, _ = fn(weight, hidden, target, None, hidden, weight, online_input=online_hidden,
@@ -190,7 +190,7 @@ def _good_call():
     (lambda c: c.update(target=c["target"][:, :-1]), "target"),
     (lambda c: c.update(ref_input=None), "ref_input"),
     (lambda c: c.update(online_input=c["online_input"][:3], online_target=c["online_target"][:3],
-                        ref_online_input=c["ref_online_input"][:3]), "group_size"),
+                        ref_online_input=c["ref_online_input"][:3]), "num_samples"),
     (lambda c: c.update(ref_online_input=None), "online_ref_logps"),
     (lambda c: c.update(ref_online_input=c["ref_online_input"][:, :-1]), "ref_online_input"),
     (lambda c: c.update(ref_chosen_logps=torch.zeros(B)), "ref_rejected_logps"),
@@ -199,10 +199,10 @@ def test_bad_input_names_the_argument(change, match):
     call = _good_call()
     change(call)
     with pytest.raises(ValueError, match=match):
-        FusedLinearHyPOLoss(kl_coef=0.1, group_size=2)(**call)
+        FusedLinearHyPOLoss(kl_coef=0.1, num_samples=2)(**call)
 
 
-@pytest.mark.parametrize("kwargs,match", [({"loss_type": "kto"}, "loss_type"), ({"group_size": 0}, "group_size"),
+@pytest.mark.parametrize("kwargs,match", [({"loss_type": "kto"}, "loss_type"), ({"num_samples": 0}, "num_samples"),
                                           ({"kl_loss": "k2"}, "kl_loss"), ({"label_smoothing": 0.7}, "smoothing")])
 def test_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -134,8 +134,8 @@ def test_sampled_kl_estimators(estimator):
         assert (est >= 0).all()
 
 
-@pytest.mark.parametrize("group_size", [1, 2, 4])
-def test_rloo_gradient_is_unbiased_for_the_kl_gradient(group_size):
+@pytest.mark.parametrize("num_samples", [1, 2, 4])
+def test_rloo_gradient_is_unbiased_for_the_kl_gradient(num_samples):
     """E[∇ℓ_kl] = ∇KL(π‖π_ref), enumerated exactly on a 3-symbol, 2-token policy (fixed seed)."""
     V, batches, per_batch = 3, 40, 3000
     theta = [t.requires_grad_() for t in _tiny_policy(V, 1)]
@@ -145,7 +145,7 @@ def test_rloo_gradient_is_unbiased_for_the_kl_gradient(group_size):
     estimates = []  # one gradient estimate per independent batch → mean and standard error
     for _ in range(batches):
         y = _sample([t.detach() for t in theta], per_batch, generator)
-        out = rloo_kl_loss(_seq_logp(theta, y), _seq_logp(ref, y), group_size)
+        out = rloo_kl_loss(_seq_logp(theta, y), _seq_logp(ref, y), num_samples)
         estimates.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(out.loss, theta)]))
     estimates = torch.stack(estimates)
     mean, stderr = estimates.mean(0), estimates.std(0) / batches**0.5
@@ -156,7 +156,7 @@ def test_rloo_gradient_is_unbiased_for_the_kl_gradient(group_size):
 def test_rloo_advantages_by_hand():
     seq = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0], requires_grad=True)
     ref = torch.zeros(6)
-    out = rloo_kl_loss(seq, ref, group_size=3)
+    out = rloo_kl_loss(seq, ref, num_samples=3)
     # group 1: r = 1,2,6 → b = 4, 3.5, 1.5; group 2: r = 0,0,3 → b = 1.5, 1.5, 0
     torch.testing.assert_close(out.advantages, torch.tensor([-3.0, -1.5, 4.5, -1.5, -1.5, 3.0]))
     out.loss.backward()
@@ -165,12 +165,12 @@ def test_rloo_advantages_by_hand():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"group_size": 4}, "group_size"),
-    ({"group_size": 0}, "group_size"),
+    ({"num_samples": 4}, "num_samples"),
+    ({"num_samples": 0}, "num_samples"),
     ({"seq_ref_logps": torch.zeros(5)}, "seq_ref_logps"),
 ])
 def test_rloo_bad_input(kwargs, match):
-    args = {"seq_logps": torch.zeros(6), "seq_ref_logps": torch.zeros(6), "group_size": 2, **kwargs}
+    args = {"seq_logps": torch.zeros(6), "seq_ref_logps": torch.zeros(6), "num_samples": 2, **kwargs}
     with pytest.raises(ValueError, match=match):
         rloo_kl_loss(**args)
 
@@ -180,15 +180,15 @@ def test_hypo_loss_composes_dpo_and_rloo(seed):
     online = -torch.rand(6, 5, dtype=torch.float64, requires_grad=True)
     online_ref = -torch.rand(6, 5, dtype=torch.float64)
     mask = torch.rand(6, 5) < 0.8
-    dpo_only = hypo_loss(*pairs, online, online_ref, mask, kl_coef=0.0, group_size=3)
+    dpo_only = hypo_loss(*pairs, online, online_ref, mask, kl_coef=0.0, num_samples=3)
     torch.testing.assert_close(dpo_only.loss, dpo_loss(*pairs)[0].mean())
-    out = hypo_loss(*pairs, online, online_ref, mask, kl_coef=0.5, group_size=3)
+    out = hypo_loss(*pairs, online, online_ref, mask, kl_coef=0.5, num_samples=3)
     rloo = rloo_kl_loss(sequence_logps(online, mask), sequence_logps(online_ref, mask), 3)
     torch.testing.assert_close(out.loss, dpo_loss(*pairs)[0].mean() + 0.5 * rloo.loss)
     torch.testing.assert_close(out.online_kl, rloo.rewards.mean())
-    k3 = hypo_loss(*pairs, online, online_ref, mask, kl_coef=0.5, group_size=3, kl_loss="k3")
+    k3 = hypo_loss(*pairs, online, online_ref, mask, kl_coef=0.5, num_samples=3, kl_loss="k3")
     torch.testing.assert_close(k3.loss, dpo_loss(*pairs)[0].mean() + 0.5 * k3_kl_loss(online, online_ref, mask))
     with pytest.raises(ValueError, match="kl_loss"):
-        hypo_loss(*pairs, online, online_ref, mask, kl_loss="k2")
-    with pytest.raises(ValueError, match="group_size"):
-        hypo_loss(*pairs, online, online_ref, mask, group_size=4)
+        hypo_loss(*pairs, online, online_ref, mask, kl_coef=0.5, num_samples=3, kl_loss="k2")
+    with pytest.raises(ValueError, match="num_samples"):
+        hypo_loss(*pairs, online, online_ref, mask, kl_coef=0.5, num_samples=4)

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from hypo_fast.examples.toy import tiny_llama
-from hypo_fast.models import FusedLogprobHead, Policy, pack_sequences
+from hypo_fast.models import Policy, pack_sequences, pack_step
 from hypo_fast.sampling import Sampler, SamplingConfig
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11]]
 
 
-def _sampler(model, **config):
-    return Sampler(model, FusedLogprobHead.from_linear(model.get_output_embeddings()), SamplingConfig(**config))
+def _sampler(model, temperature=1.0, **config):
+    return Sampler(Policy(model, temperature=temperature), SamplingConfig(**config))
 
 
 @pytest.mark.parametrize("cache", ["static", "dynamic"])
@@ -25,14 +25,23 @@ def test_greedy_equals_hf_generate(cache):
         assert out.tokens[i].tolist() == expected.tolist()
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 0.1)])
-def test_recorded_logps_equal_the_training_forward(dtype, atol):
+def test_recorded_logps_equal_the_training_forward(dtype, atol, temperature):
+    """The sampler records log π_τ; the training forward scores the same online tokens under π_τ too
+    (and the pairs beside them at τ = 1), so the two agree at any temperature."""
     model = tiny_llama().to(dtype).eval()
-    samples = _sampler(model, max_new_tokens=10, num_samples=3, temperature=1.0).generate(PROMPTS, seed=3)
-    sequences = [(PROMPTS[i], r) for i, r in zip(samples.prompt_index.tolist(), samples.responses())]
+    policy = Policy(model, temperature=temperature)
+    samples = Sampler(policy, SamplingConfig(max_new_tokens=10, num_samples=3)).generate(PROMPTS, seed=3)
+    online = [(PROMPTS[i], r) for i, r in zip(samples.prompt_index.tolist(), samples.responses())]
+    pairs = [([5, 6, 7], [8, 9], [10, 11, 12])]
+    batch = pack_step(pairs, online)
     with torch.no_grad():
-        rescored = Policy(model).token_logprobs(pack_sequences(sequences))
+        offline, rescored = batch.split(policy.step_logprobs(batch))
+        untempered = Policy(model).token_logprobs(pack_sequences([(p, c) for p, c, _ in pairs]
+                                                                 + [(p, r) for p, _, r in pairs]))
     torch.testing.assert_close(samples.logps[samples.mask], rescored, atol=atol, rtol=0)
+    torch.testing.assert_close(offline, untempered, atol=atol, rtol=0)  # the pairs stay at τ = 1
 
 
 def test_k_samples_per_prompt_are_consecutive_reproducible_and_different():
@@ -72,7 +81,14 @@ def test_bad_prompts(prompts, config, match):
 
 
 @pytest.mark.parametrize("config,match", [({"num_samples": 0}, "num_samples"), ({"max_new_tokens": 0}, "max_new"),
-                                          ({"temperature": 0.0}, "temperature"), ({"cache": "paged"}, "cache")])
+                                          ({"cache": "paged"}, "cache")])
 def test_bad_config(config, match):
     with pytest.raises(ValueError, match=match):
         SamplingConfig(**config)
+
+
+def test_temperature_belongs_to_the_policy():
+    with pytest.raises(ValueError, match="temperature"):
+        Policy(tiny_llama(), temperature=0.0)
+    with pytest.raises(ValueError, match="greedy"):
+        Sampler(Policy(tiny_llama(), temperature=0.7), SamplingConfig(greedy=True))

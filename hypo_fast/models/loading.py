@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 log = logging.getLogger(__name__)
 
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # config names → dtypes
 
 
 def attention_implementation(requested: str = "auto") -> str:

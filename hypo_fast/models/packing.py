@@ -13,6 +13,9 @@ from typing import Sequence
 
 import torch
 
+from hypo_fast.losses import sequence_logps
+from hypo_fast.objective import OnlineLogps, StepLogps
+
 
 @dataclass(frozen=True)
 class TokenBatch:
@@ -89,3 +92,84 @@ def pad_sequences(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], pad_
     position_ids = (attention_mask.cumsum(1) - 1).clamp_min(0)
     return TokenBatch(input_ids, position_ids, attention_mask, torch.tensor(loss_positions),
                       torch.tensor(targets), torch.tensor(segments), len(sequences))
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """One micro-step's sequences packed once, in named segments: B chosen, B rejected, then M online.
+
+    ``tokens`` is one padding-free row whose loss positions run chosen, rejected, online, so each
+    segment is a contiguous slice of the token log-probs ``[N]``; the online sequences are packed last,
+    so the reference can score them on a view of the same row (:meth:`online_tokens`), never repacked.
+    """
+
+    tokens: TokenBatch
+    num_pairs: int  # B
+    num_online: int  # M (k samples per prompt, consecutive)
+    offline_positions: int  # loss positions of the pairs: tokens.loss_positions[:offline_positions]
+    online_column: int  # first column of the online sequences in the packed row
+
+    def to(self, device) -> "StepBatch":
+        return StepBatch(self.tokens.to(device), self.num_pairs, self.num_online, self.offline_positions,
+                         self.online_column)
+
+    def split(self, token_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[N]`` per-token values → ``(pairs [N_off], online [N_on])``."""
+        return token_values[:self.offline_positions], token_values[self.offline_positions:]
+
+    def pair_logps(self, offline_token_logps: torch.Tensor, average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[N_off]`` token log-probs of the pairs → ``(chosen [B], rejected [B])`` sums (or means)."""
+        ids = self.tokens.segment_ids[:self.offline_positions]
+        seq = sequence_logps(offline_token_logps, ids, average=average, num_segments=2 * self.num_pairs)
+        return seq[:self.num_pairs], seq[self.num_pairs:]
+
+    @property
+    def online_segment_ids(self) -> torch.Tensor:
+        """``[N_on]`` sample index (0..M−1) of each online loss position."""
+        return self.tokens.segment_ids[self.offline_positions:] - 2 * self.num_pairs
+
+    def online_tokens(self) -> TokenBatch:
+        """The online sequences alone, as a view of the packed row (for the reference forward)."""
+        t, col = self.tokens, self.online_column
+        return TokenBatch(t.input_ids[:, col:], t.position_ids[:, col:], None,
+                          t.loss_positions[self.offline_positions:] - col, t.targets[self.offline_positions:],
+                          self.online_segment_ids, self.num_online)
+
+    def step_logps(self, token_logps: torch.Tensor, ref_pairs: torch.Tensor, ref_online: torch.Tensor | None = None,
+                   logit_means: torch.Tensor | None = None, average: bool = False) -> StepLogps:
+        """The objective's input, by segment, from one forward's ``[N]`` outputs (no host sync).
+
+        Args:
+            token_logps: ``[N]`` policy log-probs at every loss position (pairs at τ = 1, online at τ).
+            ref_pairs: ``[B, 2]`` reference (chosen, rejected) sequence log-probs.
+            ref_online: ``[N_on]`` reference token log-probs of the online samples at τ.
+            logit_means: ``[N]`` mean logit per position (for the ``logits/*`` metrics).
+            average: length-average the pairs' log-probs (ipo).
+        """
+        offline, online = self.split(token_logps)
+        chosen, rejected = self.pair_logps(offline, average)
+        online_logps = None
+        if self.num_online:
+            if ref_online is None or ref_online.shape != online.shape:
+                raise ValueError(f"ref_online must hold the {online.shape[0]} online positions' reference log-probs")
+            online_logps = OnlineLogps(online, ref_online, self.online_segment_ids, self.num_online)
+        means = (None, None)
+        if logit_means is not None:
+            ids = self.tokens.segment_ids[:self.offline_positions]
+            offline_means = self.split(logit_means)[0]
+            masks = ((ids < self.num_pairs).float(), (ids >= self.num_pairs).float())
+            means = tuple((offline_means * m).sum() / m.sum().clamp_min(1) for m in masks)
+        return StepLogps(chosen, rejected, ref_pairs[:, 0], ref_pairs[:, 1], online_logps, *means)
+
+
+def pack_step(pairs: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int]]],
+              online: Sequence[tuple[Sequence[int], Sequence[int]]] = (), pad_id: int = 0) -> StepBatch:
+    """Pack ``(prompt, chosen, rejected)`` pairs and ``(prompt, response)`` online samples into one row.
+
+    Either part may be empty (evaluation packs online samples alone; DPO steps have none).
+    """
+    sequences = ([(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs] + list(online))
+    tokens = pack_sequences(sequences, pad_id=pad_id)
+    offline_positions = sum(len(c) + len(r) for _, c, r in pairs)
+    online_column = sum(len(p) + len(c) + len(p) + len(r) for p, c, r in pairs)
+    return StepBatch(tokens, len(pairs), len(online), offline_positions, online_column)

@@ -1,4 +1,9 @@
-"""A policy (HF causal LM + fused head) and its reference, composed rather than subclassed."""
+"""A policy (HF causal LM + fused head) and its reference, composed rather than subclassed.
+
+The policy owns the sampling temperature τ: the sampler draws from π_τ, and :func:`step_token_logprobs`
+is the one place a temperature meets a segment (pairs at τ = 1 for the DPO term, online samples at τ for
+the KL term, policy and reference alike; see :mod:`hypo_fast.objective`).
+"""
 
 from __future__ import annotations
 
@@ -9,13 +14,29 @@ import torch
 
 from hypo_fast.models.head import FusedLogprobHead
 from hypo_fast.models.loading import decoder_of, is_peft, output_embeddings
-from hypo_fast.models.packing import TokenBatch
+from hypo_fast.models.packing import StepBatch, TokenBatch
 
 
 def final_hidden(model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
     """``[rows, L, D]`` final hidden states of the decoder body; the HF LM head is never called."""
     return decoder_of(model)(input_ids=batch.input_ids, position_ids=batch.position_ids,
                              attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
+
+
+def step_token_logprobs(head: FusedLogprobHead, hidden: torch.Tensor, batch: StepBatch, temperature: float,
+                        return_logit_mean: bool = False):
+    """``[N]`` log-probs at a step batch's loss positions: the pairs' under π (τ = 1), the online
+    samples' under π_τ. With ``return_logit_mean``, also ``[N]`` mean logits (a metric)."""
+    tokens = batch.tokens
+    if temperature == 1.0 or batch.num_online == 0:
+        return head(hidden, tokens.targets, tokens.loss_positions, return_logit_mean=return_logit_mean)
+    n = batch.offline_positions
+    offline = head(hidden, tokens.targets[:n], tokens.loss_positions[:n], return_logit_mean=return_logit_mean)
+    online = head(hidden, tokens.targets[n:], tokens.loss_positions[n:], temperature=temperature,
+                  return_logit_mean=return_logit_mean)
+    if not return_logit_mean:
+        return torch.cat([offline, online])
+    return torch.cat([offline[0], online[0]]), torch.cat([offline[1], online[1]])
 
 
 class AdapterReference:
@@ -46,23 +67,39 @@ class FrozenReference:
 
 
 class Policy:
-    """Holds the trainable model, its fused head and its reference; scores token batches."""
+    """Holds the trainable model, its fused head, its reference and the sampling temperature τ."""
 
-    def __init__(self, model: torch.nn.Module, reference: AdapterReference | FrozenReference | None = None,
-                 impl: str = "auto"):
+    def __init__(self, model: torch.nn.Module, reference: AdapterReference | FrozenReference | None = None, *,
+                 temperature: float = 1.0, impl: str = "auto"):
+        if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
+            raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
         self.model = model
         self.head = FusedLogprobHead.from_linear(output_embeddings(model), impl)
         if reference is None and is_peft(model):
             reference = AdapterReference(model, self.head)
         self.reference = reference
+        self.temperature = float(temperature)  # of π_τ, the distribution the sampler draws from
 
     def token_logprobs(self, batch: TokenBatch) -> torch.Tensor:
-        """``[N]`` log π(target | prefix) at the batch's loss positions, with grad."""
+        """``[N]`` log π(target | prefix) at the batch's loss positions (τ = 1), with grad."""
         return self.head(final_hidden(self.model, batch), batch.targets, batch.loss_positions)
+
+    def step_logprobs(self, batch: StepBatch, return_logit_mean: bool = False):
+        """``[N]`` log-probs of a step batch, with grad: pairs under π, online samples under π_τ."""
+        return step_token_logprobs(self.head, final_hidden(self.model, batch.tokens), batch, self.temperature,
+                                   return_logit_mean)
 
     @torch.no_grad()
     def reference_token_logprobs(self, batch: TokenBatch) -> torch.Tensor:
-        """``[N]`` log π_ref at the same positions (one no-grad forward)."""
+        """``[N]`` log π_ref at the same positions (τ = 1; one no-grad forward)."""
+        return self._reference(batch, 1.0)
+
+    @torch.no_grad()
+    def reference_online_logprobs(self, batch: StepBatch) -> torch.Tensor:
+        """``[N_on]`` log π_ref,τ of the step batch's online samples (one no-grad forward over them only)."""
+        return self._reference(batch.online_tokens(), self.temperature)
+
+    def _reference(self, batch: TokenBatch, temperature: float) -> torch.Tensor:
         if self.reference is None:
             raise ValueError("this policy has no reference (pass a FrozenReference or use LoRA)")
         ref = self.reference
@@ -70,5 +107,5 @@ class Policy:
         with ref.context():
             batch_on = batch.to(device)
             hidden = final_hidden(ref.model, batch_on)
-            out = ref.head(hidden, batch_on.targets, batch_on.loss_positions)
+            out = ref.head(hidden, batch_on.targets, batch_on.loss_positions, temperature=temperature)
         return out.to(batch.targets.device)

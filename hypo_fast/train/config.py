@@ -17,6 +17,9 @@ from typing import Any
 
 import yaml
 
+from hypo_fast.models.loading import DEFAULT_LORA_TARGETS, DTYPES
+from hypo_fast.objective import HyPOObjective, OptionError
+
 
 class ConfigError(ValueError):
     """A bad configuration key or value (the message names the dotted key)."""
@@ -27,7 +30,7 @@ class LoraConfig:
     r: int = 16
     alpha: int = 32
     dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS
 
 
 @dataclass(frozen=True)
@@ -54,21 +57,14 @@ class DataConfig:
     skip_bad_rows: bool = False
 
 
-@dataclass(frozen=True)
-class AlgorithmConfig:
-    beta: float = 0.1
-    loss_type: str = "sigmoid"
-    label_smoothing: float = 0.0
-    kl_coef: float = 0.0  # λ; 0 = plain DPO (no sampling)
-    kl_loss: str = "rloo"  # rloo (the paper) | k3 (not from the paper: per-token k3 as a direct loss)
+AlgorithmConfig = HyPOObjective  # the `algorithm` section is the objective's own settings: β, λ, k, …
 
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    num_samples: int = 2  # k per online prompt
-    prompts_per_step: int = 4  # online prompts per micro-batch (per rank)
+    prompts_per_step: int = 4  # online prompts per micro-batch (per rank); each gets algorithm.num_samples
     max_new_tokens: int = 64
-    temperature: float = 1.0
+    temperature: float = 1.0  # τ of π_τ: samples are drawn from it and the KL term is KL(π_τ ‖ π_ref,τ)
     stop_on_eos: bool = True
 
 
@@ -178,7 +174,10 @@ def _build(cls, data: dict, prefix: str = ""):
         where = f"{prefix}." if prefix else ""
         raise ConfigError(f"unknown key {where}{unknown[0]} (known: {', '.join(sorted(names))})")
     kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except OptionError as err:  # a section validating itself (the objective) names the option
+        raise ConfigError(f"{prefix}.{err.option}: {err.detail}" if prefix else str(err)) from err
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -245,23 +244,15 @@ def _require(ok: bool, key: str, message: str) -> None:
 
 
 def validate(cfg: TrainConfig) -> None:
-    m, d, a, s, o, z, e, out = (cfg.model, cfg.data, cfg.algorithm, cfg.sampling, cfg.optim, cfg.deepspeed,
-                                cfg.eval, cfg.output)
+    m, d, s, o, z, e, out = cfg.model, cfg.data, cfg.sampling, cfg.optim, cfg.deepspeed, cfg.eval, cfg.output
     _require((m.path is None) != (m.config is None), "model.path", "give exactly one of model.path or model.config")
     _require(m.path is not None or m.tokenizer is not None, "model.tokenizer",
              "a model built from model.config needs a local tokenizer folder")
-    _require(m.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"unknown dtype {m.dtype!r}")
+    _require(m.dtype in DTYPES, "model.dtype", f"unknown dtype {m.dtype!r} (known: {', '.join(DTYPES)})")
     _require(d.train_file is not None, "data.train_file", "is required")
     _require(0.0 <= d.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)")
     _require(d.max_prompt_length >= 1, "data.max_prompt_length", "must be ≥ 1")
     _require(d.max_length > d.max_prompt_length, "data.max_length", "must exceed data.max_prompt_length")
-    _require(a.beta > 0, "algorithm.beta", "must be positive")
-    _require(a.loss_type in ("sigmoid", "ipo", "hinge", "robust"), "algorithm.loss_type",
-             f"unknown loss type {a.loss_type!r}")
-    _require(0.0 <= a.label_smoothing < 0.5, "algorithm.label_smoothing", "must be in [0, 0.5)")
-    _require(a.kl_coef >= 0, "algorithm.kl_coef", "must be ≥ 0")
-    _require(a.kl_loss in ("rloo", "k3"), "algorithm.kl_loss", f"unknown KL loss {a.kl_loss!r}")
-    _require(s.num_samples >= 1, "sampling.num_samples", "must be ≥ 1")
     _require(s.prompts_per_step >= 1, "sampling.prompts_per_step", "must be ≥ 1")
     _require(s.max_new_tokens >= 1, "sampling.max_new_tokens", "must be ≥ 1")
     _require(s.temperature > 0, "sampling.temperature", "must be positive")

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from hypo_fast.seeds import derive_seed
+
 log = logging.getLogger(__name__)
 
 
@@ -181,15 +183,15 @@ class Stream:
     ``load_state()`` make resumption continue with exactly the next batch.
     """
 
-    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1):
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, name: str = "order"):
         if n < 1:
             raise DataError("nothing to stream")
-        self.n, self.seed, self.rank, self.world = n, seed, rank, world
+        self.n, self.seed, self.rank, self.world, self.name = n, seed, rank, world, name
         self.epoch, self.position = 0, 0
         self._order = self._permutation(0)
 
     def _permutation(self, epoch: int) -> list[int]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.name, epoch))
         return torch.randperm(self.n, generator=generator).tolist()
 
     def _next(self) -> int:

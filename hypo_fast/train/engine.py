@@ -1,39 +1,14 @@
-"""DeepSpeed: process group, the generated config, optimizer and schedule, the engine."""
+"""DeepSpeed: the generated config, optimizer and schedule, the engine."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import socket
 from pathlib import Path
 
 import torch
 
 from hypo_fast.train.config import TrainConfig
-
-
-def init_distributed() -> tuple[int, int]:
-    """Join (or, alone, create) the process group DeepSpeed expects: NCCL on GPUs, gloo on CPU.
-
-    Launched by ``deepspeed``/``torchrun`` the environment names rank and world; run directly it is a
-    world of one.
-    """
-    if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
 def _merge(base: dict, override: dict) -> dict:

@@ -8,8 +8,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from hypo_fast.losses import dpo_loss, sampled_kl, sequence_logps
-from hypo_fast.models import pack_sequences
+from hypo_fast.models import Policy, pack_step
+from hypo_fast.objective import HyPOObjective, OnlineLogps, StepLogps
+from hypo_fast.sampling import Sampler
 from hypo_fast.train.data import PreferencePair, Prompt
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
@@ -39,40 +40,42 @@ def load_reward(spec: str | None, device) -> RewardFn | None:
 
 
 @torch.no_grad()
-def pair_metrics(policy, pairs: list[PreferencePair], ref_logps: torch.Tensor, beta: float, loss_type: str,
-                 label_smoothing: float, device, batch_pairs: int = 8) -> dict:
-    """DPO loss, reward accuracy and margins on held-out pairs (reference log-probs from the cache)."""
-    chosen, rejected = [], []
+def pair_metrics(policy: Policy, objective: HyPOObjective, pairs: list[PreferencePair], ref_logps: torch.Tensor,
+                 device, batch_pairs: int = 8) -> dict:
+    """The objective's DPO metrics on held-out pairs (``eval/`` + TRL's names), reference from the cache."""
+    chosen, rejected, chosen_means, rejected_means = [], [], [], []
     for start in range(0, len(pairs), batch_pairs):
         chunk = pairs[start:start + batch_pairs]
-        batch = pack_sequences([(p.prompt_ids, p.chosen_ids) for p in chunk]
-                               + [(p.prompt_ids, p.rejected_ids) for p in chunk]).to(device)
-        seq = sequence_logps(policy.token_logprobs(batch), batch.segment_ids, num_segments=batch.num_sequences)
-        chosen.append(seq[:len(chunk)])
-        rejected.append(seq[len(chunk):])
-    chosen, rejected = torch.cat(chosen), torch.cat(rejected)
+        batch = pack_step([(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in chunk]).to(device)
+        logps, logit_means = policy.step_logprobs(batch, return_logit_mean=True)
+        step = batch.step_logps(logps, ref_logps[start:start + len(chunk)].to(device), logit_means=logit_means,
+                                average=objective.length_normalised)
+        chosen.append(step.chosen)
+        rejected.append(step.rejected)
+        chosen_means.append(step.chosen_logits_mean * len(chunk))
+        rejected_means.append(step.rejected_logits_mean * len(chunk))
     ref = ref_logps.to(device)
-    losses, cr, rr = dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], beta=beta, loss_type=loss_type,
-                              label_smoothing=label_smoothing)
-    return {"eval/loss/dpo": losses.mean().item(), "eval/rewards/accuracies": (cr > rr).float().mean().item(),
-            "eval/rewards/margins": (cr - rr).mean().item(), "eval/logps/chosen": chosen.mean().item()}
+    n = len(pairs)
+    step = StepLogps(torch.cat(chosen), torch.cat(rejected), ref[:, 0], ref[:, 1], None,
+                     sum(chosen_means) / n, sum(rejected_means) / n)  # logits/*: pair-weighted batch means
+    _, aux = objective(step)
+    return aux.metrics(prefix="eval/")
 
 
 @torch.no_grad()
-def sampled_kl_metrics(policy, sampler, prompts: list[Prompt], seed: int, tokenizer, reward: RewardFn | None,
-                       device) -> dict:
-    """Reverse KL(π ‖ π_ref) estimated on fresh samples (k1 and k3), the paper's headline metric."""
+def sampled_kl_metrics(policy: Policy, sampler: Sampler, prompts: list[Prompt], seed: int, tokenizer,
+                       reward: RewardFn | None, device) -> dict:
+    """KL(π_τ ‖ π_ref,τ) estimated on fresh samples (k1 and k3; the paper's headline metric), with the
+    objective's own estimator and the policy's own temperature, plus the optional reward."""
     if not prompts:
         return {}
     samples = sampler.generate([p.ids for p in prompts], seed=seed)
     responses = samples.responses()
     index = samples.prompt_index.tolist()
-    batch = pack_sequences([(prompts[i].ids, r) for i, r in zip(index, responses)]).to(device)
-    policy_logps = samples.logps[samples.mask].to(device)  # recorded while sampling: no scoring pass
-    ref_logps = policy.reference_token_logprobs(batch)
-    n = batch.num_sequences
-    out = {f"eval/kl/{est}": sampled_kl(policy_logps, ref_logps, batch.segment_ids, est, n).mean().item()
-           for est in ("k1", "k3")}
+    batch = pack_step([], [(prompts[i].ids, r) for i, r in zip(index, responses)]).to(device)
+    online = OnlineLogps(samples.logps[samples.mask].to(device),  # recorded while sampling: no scoring pass
+                         policy.reference_online_logprobs(batch), batch.online_segment_ids, batch.num_online)
+    out = {f"eval/kl/{est}": online.kl(est).mean().item() for est in ("k1", "k3")}
     out["eval/response_length"] = samples.mask.sum(1).float().mean().item()
     if reward is not None:
         texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]

@@ -51,17 +51,27 @@ def test_two_ranks_match_one_process(tmp_path, stage):
     assert (tmp_path / "ranks" / "checkpoint-3" / "model.safetensors").exists()
 
 
-def test_two_ranks_hypo_under_zero3_runs(tmp_path):
+def test_two_ranks_hypo_under_zero3_match_one_process(tmp_path):
     """Sampling (weights gathered once per generation), the online reference forward and the offline
-    reference cache are all collective under ZeRO-3: a HyPO run on two ranks must complete and learn."""
-    cfg = toy_config(tmp_path, "hypo", kl_coef=0.5, steps=3, optim={"pairs_per_micro_batch": 2},
-                     deepspeed={"zero_stage": 3})
-    path = tmp_path / "hypo.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    result = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                             str(_free_port()), "-m", "hypo_fast.cli", "train", str(path)], cwd=tmp_path,
-                            env=subprocess_env(), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    rows = _losses(tmp_path / "hypo")
-    assert sorted(rows) == [1, 2, 3]
-    assert all("kl/online" in r and r["generation/tokens_per_s"] > 0 for r in rows.values())
+    reference cache are all collective under ZeRO-3. A draw is seeded by its place in the global batch,
+    so two ranks sample, score and step exactly as one process with two micro-batches does."""
+    runs = {
+        "single": ([PYTHON, "-m", "hypo_fast.cli"], {"gradient_accumulation_steps": 2}),
+        "ranks": ([PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+                   "-m", "hypo_fast.cli"], {"gradient_accumulation_steps": 1}),
+    }
+    for name, (launcher, optim) in runs.items():
+        cfg = toy_config(tmp_path, name, kl_coef=0.5, steps=3, optim={"pairs_per_micro_batch": 2, **optim},
+                         deepspeed={"zero_stage": 3})
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        result = subprocess.run([*launcher, "train", str(path)], cwd=tmp_path, env=subprocess_env(),
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    single, ranks = _losses(tmp_path / "single"), _losses(tmp_path / "ranks")
+    assert sorted(single) == sorted(ranks) == [1, 2, 3]
+    assert all(r["generation/tokens_per_s"] > 0 for r in ranks.values())
+    assert abs(ranks[3]["loss/kl"]) > 1e-3  # the policy has left the reference: the online term is live
+    for step in single:
+        for key in ("loss", "loss/dpo", "loss/kl", "kl/online", "advantages/std", "rewards/margins"):
+            assert abs(single[step][key] - ranks[step][key]) <= 1e-5 * max(1.0, abs(single[step][key])), (step, key)

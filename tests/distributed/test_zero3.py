@@ -40,7 +40,7 @@ def test_zero3_two_ranks_match_single_process(tmp_path):
     logps = policy.token_logprobs(batch)
     (-logps.sum()).backward()
     expected_head = policy.head.weight.detach() - 0.1 * policy.head.weight.grad
-    greedy = Sampler(policy.model, policy.head, SamplingConfig(max_new_tokens=6, num_samples=1, greedy=True))
+    greedy = Sampler(policy, SamplingConfig(max_new_tokens=6, num_samples=1, greedy=True))
     expected_tokens = greedy.generate([[1, 2, 3], [9, 8]]).tokens
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt")

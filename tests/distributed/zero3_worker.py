@@ -35,7 +35,7 @@ def main(rank: int, world: int, port: int, out_dir: str) -> None:
                                       config=config)
     partitioned = policy.head.weight.ds_tensor.numel() < policy.head.weight.ds_numel
     logps = engine(batch)
-    sampler = Sampler(policy.model, policy.head, SamplingConfig(max_new_tokens=6, num_samples=1, greedy=True))
+    sampler = Sampler(policy, SamplingConfig(max_new_tokens=6, num_samples=1, greedy=True))
     tokens = sampler.generate([[1, 2, 3], [9, 8]]).tokens
     engine.backward(-logps.sum())
     engine.step()

@@ -34,6 +34,9 @@ def test_yaml_and_overrides(tmp_path):
     (["model.config={model_type: llama}"], "model.path"),
     (["bogus.key=1"], "bogus"),
     (["sampling.temperature=0"], "sampling.temperature"),
+    (["algorithm.num_samples=0"], "algorithm.num_samples"),
+    (["algorithm.kl_loss=k2"], "algorithm.kl_loss"),
+    (["sampling.num_samples=2"], "sampling.num_samples"),  # k has one home: algorithm.num_samples
     (["optim.lr"], "key.sub=value"),
 ])
 def test_bad_config_names_the_key(overrides, match):

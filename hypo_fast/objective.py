@@ -1,0 +1,160 @@
+"""The HyPO objective, decided once (layer 2): validated settings and the one function from a step's
+log-probabilities to its loss and metrics.
+
+The trainer, the fused modules (:mod:`hypo_fast.fused_losses`) and evaluation all go through
+:class:`HyPOObjective`, so the DPO term, the online KL term, their sum and every logged number are
+assembled in exactly one place (:func:`hypo_fast.losses.hypo_loss` does the maths):
+
+    L = mean_pairs ℓ_dpo + λ · ℓ_kl        (Song et al. 2024, §5 and Algorithm 1)
+
+**Temperature.** The paper samples from the policy itself (τ = 1). With a sampling temperature τ ≠ 1
+the online samples come from π_τ = softmax(z/τ); hypo_fast then regularises KL(π_τ ‖ π_ref,τ), the KL
+between the two models' *sampling* distributions (both heads at τ, as TRL's online trainers do), and
+it is estimated without bias because the training forward scores the online samples at the same τ
+(policy and reference), while the offline pairs are always scored at τ = 1 (the DPO term is on π).
+:class:`hypo_fast.models.Policy` owns τ; nothing else passes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from hypo_fast.losses import LOSS_TYPES, ONLINE_KL_LOSSES, hypo_loss, sampled_kl
+
+
+class OptionError(ValueError):
+    """A bad objective setting; ``option`` names it (the config layer prefixes its section)."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(f"{option}: {message}")
+        self.option, self.detail = option, message
+
+
+class OnlineLogps(NamedTuple):
+    """Token log-probs of the online samples (k per prompt, consecutive), both at the sampling τ."""
+
+    token_logps: torch.Tensor  # [M, T] or packed [N]: log π_τ(y_t | x, y_<t), with grad
+    ref_token_logps: torch.Tensor  # same shape: log π_ref,τ(y_t | x, y_<t)
+    mask_or_segment_ids: torch.Tensor  # [M, T] bool mask, or packed [N] int sample index
+    num_sequences: int | None = None  # M (required with packed segment ids)
+
+    def kl(self, estimator: str = "k1") -> torch.Tensor:
+        """``[M]`` per-sample estimates of KL(π_τ ‖ π_ref,τ) (detached); evaluation reports the same."""
+        return sampled_kl(self.token_logps.detach(), self.ref_token_logps, self.mask_or_segment_ids, estimator,
+                          self.num_sequences)
+
+
+class StepLogps(NamedTuple):
+    """What the objective reads from one step, by named segment (however the log-probs were computed)."""
+
+    chosen: torch.Tensor  # [B] log π(y+|x) at τ = 1, with grad (length-averaged for ipo)
+    rejected: torch.Tensor  # [B] log π(y−|x)
+    ref_chosen: torch.Tensor  # [B] log π_ref(y+|x)
+    ref_rejected: torch.Tensor  # [B] log π_ref(y−|x)
+    online: OnlineLogps | None = None  # None: no online samples this step
+    chosen_logits_mean: torch.Tensor | None = None  # scalar metric (mean logit over vocabulary and tokens)
+    rejected_logits_mean: torch.Tensor | None = None
+
+
+class PreferenceAux(NamedTuple):
+    """Liger's aux tuple order, then HyPO's online statistics (None without online samples)."""
+
+    chosen_logps: torch.Tensor  # [B]
+    rejected_logps: torch.Tensor  # [B]
+    chosen_logits_mean: torch.Tensor  # scalar: mean logit over the vocabulary and chosen tokens
+    rejected_logits_mean: torch.Tensor  # scalar
+    nll_loss: torch.Tensor  # scalar: mean NLL of chosen tokens (0 unless computed)
+    chosen_rewards: torch.Tensor  # [B] β·(log π − log π_ref), detached
+    rejected_rewards: torch.Tensor  # [B]
+    dpo_loss: torch.Tensor | None = None  # scalar mean ℓ_dpo
+    kl_loss: torch.Tensor | None = None  # scalar ℓ_kl (its value, not the KL)
+    online_kl: torch.Tensor | None = None  # scalar mean k1 estimate of KL(π_τ ‖ π_ref,τ) on the samples
+    advantages: torch.Tensor | None = None  # [M] RLOO advantages r_i − b_i
+
+    def metrics(self, prefix: str = "") -> dict[str, float]:
+        """Scalar metrics under TRL's names plus ``loss/dpo``, ``loss/kl``, ``kl/online``: the one place
+        they are computed (training logs, the fused modules and evaluation all call this)."""
+        margins = self.chosen_rewards - self.rejected_rewards
+        out = {
+            "rewards/chosen": self.chosen_rewards.mean(),
+            "rewards/rejected": self.rejected_rewards.mean(),
+            "rewards/accuracies": (margins > 0).float().mean(),
+            "rewards/margins": margins.mean(),
+            "logps/chosen": self.chosen_logps.detach().mean(),
+            "logps/rejected": self.rejected_logps.detach().mean(),
+            "logits/chosen": self.chosen_logits_mean,
+            "logits/rejected": self.rejected_logits_mean,
+            "nll_loss": self.nll_loss.detach(),
+        }
+        for key, value in (("loss/dpo", self.dpo_loss), ("loss/kl", self.kl_loss), ("kl/online", self.online_kl)):
+            if value is not None:
+                out[key] = value.detach()
+        if self.advantages is not None and self.advantages.numel():
+            out["advantages/mean"] = self.advantages.mean()
+            out["advantages/std"] = self.advantages.std(unbiased=False)
+        return {prefix + k: float(v) for k, v in out.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class HyPOObjective:
+    """HyPO's settings, validated once, and the objective itself (call it on :class:`StepLogps`).
+
+    Every layer takes these names and defaults from here: the config's ``algorithm`` section *is* this
+    class, and the fused modules' keyword defaults read its fields.
+    """
+
+    beta: float = 0.1  # β of the DPO term
+    loss_type: str = "sigmoid"  # sigmoid | ipo | hinge | robust (TRL's formulas)
+    label_smoothing: float = 0.0
+    kl_coef: float = 0.0  # λ. 0 is DPO and never samples; the paper tunes λ per task (no universal value)
+    num_samples: int = 2  # k online samples per prompt (the RLOO baseline needs k ≥ 2)
+    kl_loss: str = "rloo"  # rloo (the paper) | k3 (not from the paper: per-token k3 as a direct loss)
+
+    def __post_init__(self):
+        def check(ok: bool, option: str, message: str):
+            if not ok:
+                raise OptionError(option, message)
+
+        check(self.loss_type in LOSS_TYPES, "loss_type", f"must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        check(self.beta > 0, "beta", f"must be positive, got {self.beta}")
+        check(0.0 <= self.label_smoothing < 0.5, "label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
+        check(self.kl_coef >= 0, "kl_coef", f"must be ≥ 0, got {self.kl_coef}")
+        check(isinstance(self.num_samples, int) and self.num_samples >= 1, "num_samples",
+              f"must be an integer ≥ 1, got {self.num_samples!r}")
+        check(self.kl_loss in ONLINE_KL_LOSSES, "kl_loss", f"must be one of {ONLINE_KL_LOSSES}, got {self.kl_loss!r}")
+
+    @property
+    def samples_online(self) -> bool:
+        """Whether a step draws online samples (λ > 0)."""
+        return self.kl_coef > 0
+
+    @property
+    def length_normalised(self) -> bool:
+        """ipo compares length-averaged log-probs (TRL's convention); the others compare sums."""
+        return self.loss_type == "ipo"
+
+    def __call__(self, logps: StepLogps, nll_loss: torch.Tensor | None = None) -> tuple[torch.Tensor, PreferenceAux]:
+        """``(loss, aux)``: ``loss = mean ℓ_dpo + λ·ℓ_kl``; ``aux`` carries every metric.
+
+        ``logps.online`` is ignored when λ = 0 (the DPO baseline); ``nll_loss`` is only reported.
+        """
+        online = logps.online if self.samples_online else None
+        online_args = (None, None, None) if online is None else online[:3]
+        result = hypo_loss(logps.chosen, logps.rejected, logps.ref_chosen, logps.ref_rejected, *online_args,
+                           num_online=None if online is None else online.num_sequences,
+                           beta=self.beta, kl_coef=self.kl_coef, num_samples=self.num_samples,
+                           loss_type=self.loss_type, label_smoothing=self.label_smoothing, kl_loss=self.kl_loss)
+        zero = result.loss.new_zeros(()).detach()
+        aux = PreferenceAux(
+            logps.chosen.detach(), logps.rejected.detach(),
+            zero if logps.chosen_logits_mean is None else logps.chosen_logits_mean.detach(),
+            zero if logps.rejected_logits_mean is None else logps.rejected_logits_mean.detach(),
+            zero if nll_loss is None else nll_loss.detach(),
+            result.chosen_rewards, result.rejected_rewards, result.dpo_losses.mean().detach(),
+            None if online is None else result.kl_loss,
+            None if online is None else result.online_kl,
+            result.advantages)
+        return result.loss, aux
