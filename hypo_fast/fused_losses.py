@@ -98,6 +98,9 @@ class PairScorer:
             if ref_input is None or ref_input.shape[:2] != target.shape:
                 raise ValueError("use_ref_model=True needs ref_input shaped like _input "
                                  "(or ref_chosen_logps and ref_rejected_logps)")
+            if ref_input.shape[-1] != ref_weight.shape[-1]:
+                raise ValueError(f"ref_input's hidden size {ref_input.shape[-1]} must equal ref_weight's "
+                                 f"D={ref_weight.shape[-1]}")
             offline_ref.append((ref_input.detach(), target))
         online_ref = online[3] if online else None
         live_online_ref = [(online[2].detach(), online[1])] if online is not None and online_ref is None else None

@@ -14,6 +14,7 @@ log-probabilities, so it composes with any way of computing them; the fused modu
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -37,7 +38,8 @@ def sequence_logps(
         mask_or_segment_ids: a bool/float ``[B, T]`` mask of scored tokens, or an integer ``[N]`` tensor
             giving each packed token's sequence index (negative = not scored).
         average: divide by the number of scored tokens (length-normalised log-prob).
-        num_segments: number of sequences for segment ids (default ``max id + 1``, one host sync).
+        num_segments: number of sequences for segment ids (default ``max id + 1``, one host sync). Ids
+            must be below it: checked on CPU; on a GPU the check would cost a host sync, so it is skipped.
 
     Returns:
         ``[B]`` or ``[num_segments]``.
@@ -54,6 +56,8 @@ def sequence_logps(
             raise ValueError("segment ids need packed [N] token_logps; pass a bool mask for [B, T]")
         scored = ids >= 0
         n = int(ids.max()) + 1 if num_segments is None else num_segments
+        if num_segments is not None and ids.device.type == "cpu" and ids.numel() and int(ids.max()) >= n:
+            raise ValueError(f"segment id {int(ids.max())} is out of range for num_segments={n}")
         index = torch.where(scored, ids, 0).long()
         weight = scored.to(token_logps.dtype)
         sums = token_logps.new_zeros(n).index_add(0, index, token_logps * weight)
@@ -66,8 +70,8 @@ def check_dpo_options(beta: float, loss_type: str, label_smoothing: float) -> No
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    if beta <= 0:
-        raise ValueError(f"beta must be positive, got {beta}")
+    if not (isinstance(beta, (int, float)) and 0 < beta < math.inf):
+        raise ValueError(f"beta must be a positive finite number, got {beta!r}")
 
 
 def dpo_loss(
@@ -231,8 +235,8 @@ def hypo_loss(
     """
     if kl_loss not in ONLINE_KL_LOSSES:
         raise ValueError(f"kl_loss must be one of {ONLINE_KL_LOSSES}, got {kl_loss!r}")
-    if kl_coef < 0:
-        raise ValueError(f"kl_coef must be ≥ 0, got {kl_coef}")
+    if not (isinstance(kl_coef, (int, float)) and 0 <= kl_coef < math.inf):
+        raise ValueError(f"kl_coef must be a finite number ≥ 0, got {kl_coef!r}")
     dpo_losses, chosen_rewards, rejected_rewards = dpo_loss(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
         beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)

@@ -17,6 +17,7 @@ it is estimated without bias because the training forward scores the online samp
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -119,9 +120,11 @@ class HyPOObjective:
                 raise OptionError(option, message)
 
         check(self.loss_type in LOSS_TYPES, "loss_type", f"must be one of {LOSS_TYPES}, got {self.loss_type!r}")
-        check(self.beta > 0, "beta", f"must be positive, got {self.beta}")
+        check(isinstance(self.beta, (int, float)) and 0 < self.beta < math.inf, "beta",
+              f"must be a positive finite number, got {self.beta!r}")
         check(0.0 <= self.label_smoothing < 0.5, "label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
-        check(self.kl_coef >= 0, "kl_coef", f"must be ≥ 0, got {self.kl_coef}")
+        check(isinstance(self.kl_coef, (int, float)) and 0 <= self.kl_coef < math.inf, "kl_coef",
+              f"must be a finite number ≥ 0, got {self.kl_coef!r}")
         check(isinstance(self.num_samples, int) and self.num_samples >= 1, "num_samples",
               f"must be an integer ≥ 1, got {self.num_samples!r}")
         check(self.kl_loss in ONLINE_KL_LOSSES, "kl_loss", f"must be one of {ONLINE_KL_LOSSES}, got {self.kl_loss!r}")

@@ -51,6 +51,8 @@ def check_inputs(hidden, weight, targets, bias, temperature, ignore_index, check
         raise ValueError(f"weight must be [V, D], got shape {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype:
         raise ValueError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
+    if weight.shape[1] < 1:
+        raise ValueError(f"weight must have a hidden size D ≥ 1, got shape {tuple(weight.shape)}")
     if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"hidden's last dim must equal weight's D={weight.shape[1]}, got {tuple(hidden.shape)}")
     if weight.shape[0] < 1:
@@ -102,6 +104,11 @@ class LinearLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy, _grad_logit_mean):
+        if torch.is_grad_enabled():  # create_graph=True: its gradient would be differentiated again
+            raise RuntimeError(
+                "linear_logprobs has no double backward: its gradient cannot be differentiated again "
+                "(autograd.grad(..., create_graph=True), e.g. a gradient penalty on ∂logp/∂hidden). Compute "
+                "that term from explicit logits instead: torch.log_softmax(hidden @ weight.T, -1).")
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
         temperature, ignore_index, impl, fp32_weight_grad = ctx.options
         needs = ctx.needs_input_grad[:3]

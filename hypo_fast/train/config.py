@@ -15,13 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from hypo_fast.models.loading import DEFAULT_LORA_TARGETS, DTYPES
 from hypo_fast.objective import HyPOObjective, OptionError
+from hypo_fast.train.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A bad configuration key or value (the message names the dotted key)."""
 
 
@@ -104,8 +106,14 @@ class OutputConfig:
     save_every: int = 0  # steps; 0 = only at the end
     keep_last: int = 2
     log_every: int = 1
-    resume: str = "auto"  # auto (latest checkpoint in dir, if any) | never | a checkpoint folder
+    resume: str = "auto"  # auto: continue the run in dir if its config and data match | never | a checkpoint folder
+    overwrite: bool = False  # start over in a dir that holds a run (its checkpoints and logs are deleted)
     tensorboard: bool = True
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    timeout_minutes: float = 30.0  # a collective waiting longer (a frozen or dead rank) ends the run
 
 
 @dataclass(frozen=True)
@@ -118,6 +126,7 @@ class TrainConfig:
     deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 # ---- building from plain data --------------------------------------------------------------------
@@ -269,3 +278,8 @@ def validate(cfg: TrainConfig) -> None:
     _require(e.every >= 0 and e.kl_prompts >= 0 and e.kl_samples >= 1, "eval", "every/kl_prompts ≥ 0, kl_samples ≥ 1")
     _require(out.keep_last >= 1, "output.keep_last", "must be ≥ 1")
     _require(out.save_every >= 0 and out.log_every >= 1, "output.save_every", "save_every ≥ 0 and log_every ≥ 1")
+    _require(cfg.distributed.timeout_minutes > 0, "distributed.timeout_minutes", "must be positive")
+    _require(m.dtype != "float16" or torch.cuda.is_available(), "model.dtype",
+             "float16 needs a CUDA GPU (on CPU use float32 or bfloat16)")
+    _require(z.config_file is None or Path(z.config_file).is_file(), "deepspeed.config_file",
+             f"{z.config_file}: no such file")

@@ -12,15 +12,17 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from hypo_fast.seeds import derive_seed
+from hypo_fast.train.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A malformed data file or row (the message names the file and row)."""
 
 
@@ -48,37 +50,65 @@ class DataStats:
     notes: list[str] = field(default_factory=list)
 
 
-def read_rows(path: str | Path) -> list[dict]:
-    """All rows of a local data file or saved dataset folder, in order."""
+def read_rows(path: str | Path) -> Iterator[tuple[str, object]]:
+    """``(where, row)`` for every row of a local data file or saved dataset folder, in order.
+
+    ``where`` names the file and row (or line). A row that cannot be read (bad UTF-8, bad JSON) comes as a
+    :class:`DataError` in place of the row, so the caller raises it or, with ``skip_bad_rows``, counts it;
+    a file that cannot be read at all raises at once.
+    """
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
-    if path.is_dir():
-        import datasets
-
-        return list(datasets.load_from_disk(str(path)))
-    if path.suffix == ".parquet":
-        import datasets
-
-        return list(datasets.Dataset.from_parquet(str(path), keep_in_memory=True))
-    text = path.read_text()
+    if path.is_dir() or path.suffix == ".parquet":
+        for number, row in enumerate(_read_dataset(path), start=1):
+            yield f"{path}: row {number}", row
+        return
     if path.suffix == ".json":
         try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}: not valid JSON ({err})") from err
+            rows = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise DataError(f"{path}: not valid UTF-8 JSON ({err})") from err
         if not isinstance(rows, list):
             raise DataError(f"{path}: a .json data file must hold a list of rows")
-        return rows
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}: line {number}: not valid JSON ({err.msg})") from err
-    return rows
+        for number, row in enumerate(rows, start=1):
+            yield f"{path}: row {number}", row
+        return
+    with path.open("rb") as lines:  # JSON Lines, one row per line, each read on its own
+        for number, raw in enumerate(lines, start=1):
+            where = f"{path}: line {number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield where, DataError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start})")
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as err:
+                yield where, DataError(f"{where}: not valid JSON ({err.msg})")
+
+
+def _read_dataset(path: Path):
+    import datasets
+
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet
+
+            pyarrow.parquet.read_metadata(path)  # a damaged file fails here, before datasets logs about it
+            return datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
+        if not any((path / name).exists() for name in ("dataset_info.json", "state.json", "dataset_dict.json")):
+            raise DataError(f"{path}: a folder, but not a dataset saved with datasets' save_to_disk")
+        loaded = datasets.load_from_disk(str(path))
+    except DataError:
+        raise
+    except Exception as err:  # a truncated or foreign file: name it, not pyarrow's internals
+        raise DataError(f"{path}: cannot be read as a dataset ({type(err).__name__}: {err})") from err
+    if isinstance(loaded, datasets.DatasetDict):
+        raise DataError(f"{path}: a DatasetDict with splits {sorted(loaded)}; point at one split's folder")
+    return loaded
 
 
 def _is_messages(value) -> bool:
@@ -99,10 +129,13 @@ def _render(row: dict, keys: tuple[str, ...], tokenizer, where: str) -> tuple[st
     if all(_is_messages(v) for v in values):
         if getattr(tokenizer, "chat_template", None) is None:
             raise DataError(f"{where}: conversational row but the tokenizer has no chat template")
-        prompt = tokenizer.apply_chat_template(values[0], tokenize=False, add_generation_prompt=True)
+        try:
+            prompt = tokenizer.apply_chat_template(values[0], tokenize=False, add_generation_prompt=True)
+            fulls = [tokenizer.apply_chat_template(values[0] + completion, tokenize=False) for completion in values[1:]]
+        except Exception as err:  # the template's own checks (e.g. roles must alternate) raise anything
+            raise DataError(f"{where}: the chat template rejected the row ({type(err).__name__}: {err})") from err
         rendered = [prompt]
-        for completion in values[1:]:
-            full = tokenizer.apply_chat_template(values[0] + completion, tokenize=False)
+        for full in fulls:
             if not full.startswith(prompt):
                 raise DataError(f"{where}: the chat template does not extend the prompt with the completion")
             rendered.append(full[len(prompt):])
@@ -137,10 +170,12 @@ class Tokenization:
 
 def _rendered_rows(path, keys: tuple[str, ...], tokenizer, skip_bad_rows: bool, stats: DataStats):
     """Yield each row's rendered text fields; a malformed row raises (or, with skip_bad_rows, is counted)."""
-    for number, row in enumerate(read_rows(path), start=1):
+    for where, row in read_rows(path):
         stats.rows += 1
         try:
-            yield _render(row, keys, tokenizer, f"{path}: row {number}")
+            if isinstance(row, DataError):
+                raise row
+            yield _render(row, keys, tokenizer, where)
         except DataError as err:
             if not skip_bad_rows:
                 raise

@@ -32,7 +32,8 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(Path(out_dir) / "tensorboard"))
+                # a resumed leg replays the steps after its checkpoint: TensorBoard drops their old events
+                self.writer = SummaryWriter(str(Path(out_dir) / "tensorboard"), purge_step=start_step + 1 if start_step else None)
             except ImportError:
                 log.warning("tensorboard is not installed: TensorBoard logging is off")
         from tqdm.auto import tqdm

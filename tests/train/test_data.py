@@ -78,7 +78,7 @@ def test_truncation_is_counted(tmp_path, tokenizer):
 ])
 def test_malformed_rows_name_file_and_row(tmp_path, tokenizer, row, match):
     path = _write(tmp_path / "bad.jsonl", [ROWS[0], row, ROWS[1]], "jsonl")
-    with pytest.raises(DataError, match=rf"bad.jsonl: row 2: .*{match}"):
+    with pytest.raises(DataError, match=rf"bad.jsonl: line 2: .*{match}"):
         load_pairs(path, tokenizer, 8, 16)
     pairs, stats = load_pairs(path, tokenizer, 8, 16, skip_bad_rows=True)
     assert len(pairs) == 2 and stats.bad_rows == 1

@@ -92,7 +92,7 @@ def test_cli_reports_bad_config_and_bad_data(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ab", "chosen": "c", "rejected": "d"}\n{"prompt": "ab", "chosen": "c"}\n')
     result = _cli("train", str(path), f"data.train_file={bad}", cwd=tmp_path)
-    assert result.returncode == 2 and "bad.jsonl: row 2" in result.stderr and "rejected" in result.stderr
+    assert result.returncode == 2 and "bad.jsonl: line 2" in result.stderr and "rejected" in result.stderr
 
 
 def test_reward_from_a_local_sequence_classifier(tmp_path):
