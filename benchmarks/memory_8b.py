@@ -162,7 +162,7 @@ def measure_step(shape: Shape, lora: bool, seq: int, device: str, dtype: str) ->
                "sampling": {"prompts_per_step": 1, "max_new_tokens": half + 1,
                             "stop_on_eos": False},
                "optim": {"max_steps": 1, "pairs_per_micro_batch": 1},
-               "output": {"dir": str(folder / "run"), "resume": "never", "tensorboard": False}}
+               "output": {"dir": str(folder / "run"), "resume": "never", "report_to": []}}
         if lora:
             cfg["model"]["lora"] = {"r": 16}
         trainer = Trainer(config_from_dict(cfg))

@@ -19,6 +19,12 @@ _BACKENDS = {
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def no_autocast(device: torch.device):
+    """The backends choose their own precisions (fp32 statistics): an enclosing autocast must not recast
+    the GEMMs inside them (on CPU it would hand the native op bf16 blocks it does not expect)."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -92,10 +98,11 @@ class LinearLogprobsFunction(torch.autograd.Function):
                 return_logit_mean, impl, fp32_weight_grad):
         ctx.set_materialize_grads(False)
         fwd, _ = _BACKENDS[impl]
-        logp, lse, entropy, logit_mean = fwd(
-            hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
-            return_entropy=return_entropy, return_logit_mean=return_logit_mean,
-        )
+        with no_autocast(hidden.device):
+            logp, lse, entropy, logit_mean = fwd(
+                hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
+                return_entropy=return_entropy, return_logit_mean=return_logit_mean,
+            )
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
         ctx.options = (temperature, ignore_index, impl, fp32_weight_grad)
         if logit_mean is not None:
@@ -117,11 +124,12 @@ class LinearLogprobsFunction(torch.autograd.Function):
         if grad_logp is None:
             grad_logp = torch.zeros_like(lse)
         _, bwd = _BACKENDS[impl]
-        d_hidden, d_weight, d_bias = bwd(
-            hidden, weight, targets, bias, lse, grad_logp, entropy=entropy, grad_entropy=grad_entropy,
-            temperature=temperature, ignore_index=ignore_index, needs_grad=needs,
-            fp32_weight_grad=fp32_weight_grad,
-        )
+        with no_autocast(hidden.device):
+            d_hidden, d_weight, d_bias = bwd(
+                hidden, weight, targets, bias, lse, grad_logp, entropy=entropy, grad_entropy=grad_entropy,
+                temperature=temperature, ignore_index=ignore_index, needs_grad=needs,
+                fp32_weight_grad=fp32_weight_grad,
+            )
         return d_hidden, d_weight, d_bias, None, None, None, None, None, None, None
 
 

@@ -7,7 +7,7 @@ import torch
 from hypo_fast import native
 from hypo_fast.kernels.sample_head import sample_head as triton_sample_head
 from hypo_fast.ops import chunked
-from hypo_fast.ops.linear_logprobs import resolve_impl
+from hypo_fast.ops.linear_logprobs import no_autocast, resolve_impl
 
 
 def chunked_sample_head(hidden, weight, bias=None, *, temperature=1.0, seed=0, greedy=False, return_entropy=False):
@@ -99,6 +99,7 @@ def sample_tokens(
     impl = resolve_impl(impl, hidden.device)
     fn = _SAMPLERS[impl]
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
-    tokens, logp, entropy = fn(hidden, weight, bias, temperature=temperature, seed=seed, greedy=greedy,
-                               return_entropy=return_entropy)
+    with no_autocast(hidden.device):
+        tokens, logp, entropy = fn(hidden, weight, bias, temperature=temperature, seed=seed, greedy=greedy,
+                                   return_entropy=return_entropy)
     return (tokens, logp, entropy) if return_entropy else (tokens, logp)

@@ -29,9 +29,16 @@ def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int]:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    # DeepSpeed makes its own groups (data parallel, …) with no timeout argument, so they take torch's module
+    # default: set that too, or a frozen peer would block the gradient all-reduce for the default 30 minutes
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timeout
+    if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), datetime.timedelta):
+        c10d.default_pg_nccl_timeout = timeout
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                                   timeout=datetime.timedelta(minutes=timeout_minutes))
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return dist.get_rank(), dist.get_world_size()

@@ -29,7 +29,7 @@ RUN_RECORD = "run.json"
 # settings a continued run may change: cadence, length and where the data files live (data is compared by
 # content); anything else changes what the run computes
 MAY_CHANGE = ("optim.max_steps", "output.resume", "output.overwrite", "output.save_every", "output.keep_last",
-              "output.log_every", "output.tensorboard", "eval.every", "distributed.timeout_minutes",
+              "output.log_every", "output.report_to", "eval.every", "distributed.timeout_minutes",
               "data.train_file", "data.eval_file", "data.prompt_file", "data.skip_bad_rows")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +48,8 @@ class TrainModule(torch.nn.Module):
 class StepResult:
     loss: torch.Tensor
     metrics: dict
-    tokens: int
+    tokens: int  # every token of the packed forward (pairs and samples)
+    pair_tokens: int  # the pairs' tokens, prompts counted twice (TRL's num_tokens)
     generated: int
     gen_seconds: float
     ref_seconds: float
@@ -79,7 +81,8 @@ class Trainer:
         self.prompts, self.eval_prompts = data.prompts, data.eval_prompts
         self.start = self._claim_run_folder(data.fingerprints())  # before the model: fail fast
         self.policy = build.load_policy(cfg, self.device)
-        self.engine = build_engine(TrainModule(self.policy), cfg, self.world)
+        self.max_steps = self._total_steps()
+        self.engine = build_engine(TrainModule(self.policy), cfg, self.world, self.max_steps)
         s = cfg.sampling
         stops = (self.tokenizer.eos_token_id,) if s.stop_on_eos and self.tokenizer.eos_token_id is not None else ()
         self.sampler = Sampler(self.policy, SamplingConfig(max_new_tokens=s.max_new_tokens,
@@ -100,7 +103,7 @@ class Trainer:
         seed = cfg.optim.seed
         self.pairs = Stream(len(self.train_pairs), seed, self.rank, self.world, name="pairs")
         self.prompt_stream = Stream(len(self.prompts), seed, self.rank, self.world, name="prompts")
-        self.step, self.phase = 0, "start-up"
+        self.step, self.phase, self.num_tokens = 0, "start-up", 0
         self._resume()
         if self.rank == 0:
             run_folder.apply(self.out, self.start, self._config, self._data, self.step if self.step else -1)
@@ -108,6 +111,14 @@ class Trainer:
         distributed.barrier()
 
     # ---- set-up ----------------------------------------------------------------------------------
+
+    def _total_steps(self) -> int:
+        """``optim.max_steps``, or ``num_epochs`` passes over the training pairs in global batches."""
+        o = self.cfg.optim
+        if o.max_steps is not None:
+            return o.max_steps
+        global_batch = o.pairs_per_micro_batch * o.gradient_accumulation_steps * self.world
+        return max(1, math.ceil(o.num_epochs * len(self.train_pairs) / global_batch))
 
     def _claim_run_folder(self, data: dict) -> run_folder.Start:
         """Whether this start continues the folder's run, starts over, or must refuse (every rank decides
@@ -151,7 +162,7 @@ class Trainer:
         else:
             raise checkpoint.CheckpointError(f"output.dir {self.out}: no intact checkpoint to resume from "
                                              f"(tried {', '.join(c.name for c in candidates)})")
-        self.step = state["step"]
+        self.step, self.num_tokens = state["step"], state.get("num_tokens", 0)
         self.pairs.load_state(state["pairs"])
         self.prompt_stream.load_state(state["prompts"])
         if self.rank == 0:
@@ -196,12 +207,16 @@ class Trainer:
                                 average=self.objective.length_normalised)
         loss, aux = self.objective(step)
         metrics = {"loss": loss.detach(), **aux.metrics()}
-        return StepResult(loss, metrics, int(batch.tokens.input_ids.numel()), generated, gen_seconds, ref_seconds)
+        pair_tokens = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+        return StepResult(loss, metrics, int(batch.tokens.input_ids.numel()), pair_tokens, generated, gen_seconds,
+                          ref_seconds)
 
     def train_step(self) -> dict:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches."""
         ga = self.cfg.optim.gradient_accumulation_steps
-        start, sums, tokens, generated, bad = time.perf_counter(), {}, 0, 0, False
+        start, sums, tokens, pair_tokens, generated, bad = time.perf_counter(), {}, 0, 0, 0, False
+        grad_norm = None
+        learning_rate = self.engine.get_lr()[0]  # the rate this step's update uses (what HF's Trainer logs)
         gen_seconds = ref_seconds = 0.0
         for micro in range(ga):
             out = self.micro_step(micro)
@@ -212,18 +227,27 @@ class Trainer:
                 bad = True
                 self.engine.backward(self._zero_loss())  # DeepSpeed's bookkeeping stays in step
             self.phase = "the backward's gradient reduction and the optimizer step"
+            if micro == ga - 1 and not bad:
+                grad_norm = self._local_grad_norm()
             with optimizer_step_skipped(self.engine) if bad and micro == ga - 1 else contextlib.nullcontext():
                 self.engine.step()
             for k, v in out.metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / ga
-            tokens, generated = tokens + out.tokens, generated + out.generated
+            tokens, pair_tokens, generated = tokens + out.tokens, pair_tokens + out.pair_tokens, generated + out.generated
             gen_seconds, ref_seconds = gen_seconds + out.gen_seconds, ref_seconds + out.ref_seconds
         seconds = time.perf_counter() - start
         self.step += 1
         self.phase = "the metrics' mean over ranks"
+        sums["num_tokens"] = float(pair_tokens)  # this step's share; summed over ranks below
         sums = distributed.mean_over_ranks(sums, self.device)  # the global batch's metrics, not rank 0's share
+        self.num_tokens += round(sums.pop("num_tokens") * self.world)
+        if not bad:  # the norm before clipping, as HF's Trainer logs it
+            grad_norm = self.engine.get_global_grad_norm() if grad_norm is None else grad_norm
+            if grad_norm is not None:
+                sums["grad_norm"] = float(grad_norm)
         sums.update({"skipped_nonfinite": float(bad), "tokens_per_s": tokens * self.world / seconds,
-                     "lr": self.engine.get_lr()[0], "peak_memory_mb": peak_memory_mb(), "step_seconds": seconds,
+                     "learning_rate": learning_rate, "epoch": self.pairs.epoch + self.pairs.position / self.pairs.n,
+                     "num_tokens": float(self.num_tokens), "peak_memory_mb": peak_memory_mb(), "step_seconds": seconds,
                      "time/sampling": gen_seconds, "time/reference": ref_seconds,
                      "time/policy": seconds - gen_seconds - ref_seconds})
         if generated:
@@ -231,6 +255,15 @@ class Trainer:
         if bad and self.rank == 0:
             log.warning("step %d: non-finite loss: optimizer step skipped, weights unchanged", self.step)
         return sums
+
+    def _local_grad_norm(self) -> float | None:
+        """Without ZeRO, DeepSpeed keeps no gradient norm: take it from the (already reduced) gradients.
+        ZeRO's optimizers record it themselves during the step (``engine.get_global_grad_norm``)."""
+        if self.cfg.deepspeed.zero_stage != 0:
+            return None
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))) \
+            if grads else None
 
     def _zero_loss(self) -> torch.Tensor:
         """A loss whose gradient is exactly zero, backed in place of a non-finite one. ZeRO-1/2 reduce
@@ -260,20 +293,21 @@ class Trainer:
 
     def save(self):
         self.phase = "saving a checkpoint"
-        state = {"step": self.step, "pairs": self.pairs.state(), "prompts": self.prompt_stream.state()}
+        state = {"step": self.step, "pairs": self.pairs.state(), "prompts": self.prompt_stream.state(),
+                 "num_tokens": self.num_tokens}
         config_yaml = (self.out / "config.yaml").read_text() if self.rank == 0 else ""
         return checkpoint.save_checkpoint(self.out, self.step, self.engine, self.policy.model, self.tokenizer, state,
                                           config_yaml, self.cfg.output.keep_last, self.rank)
 
     def train(self) -> list[dict]:
         """Train to ``optim.max_steps``; SIGTERM/SIGINT stop after the current step with a checkpoint."""
-        o, max_steps = self.cfg.output, self.cfg.optim.max_steps
+        o, max_steps = self.cfg.output, self.max_steps
         if self.step >= max_steps:
             if self.rank == 0:
                 print(f"hypo-fast: the run in {self.out} is complete (step {self.step} of {max_steps}); nothing to do "
                       "(raise optim.max_steps to train on)", flush=True)
             return []
-        logger = MetricsLog(self.out, max_steps, self.step, self.rank == 0, o.tensorboard)
+        logger = MetricsLog(self.out, max_steps, self.step, self.rank == 0, o.report_to, self._config)
         history = []
         try:
             with StopRequests() as stop, self._timeouts_named():

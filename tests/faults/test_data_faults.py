@@ -9,7 +9,8 @@ import logging
 import pytest
 
 from hypo_fast.examples.toy import char_tokenizer
-from hypo_fast.train.data import DataError, load_pairs
+from hypo_fast.train.data import DataError
+from hypo_fast.train.tokenization import TokenizeSettings as Settings, load_pairs
 
 GOOD = {"prompt": "abc", "chosen": "dd", "rejected": "eee"}
 
@@ -43,9 +44,9 @@ def test_a_bad_line_is_named_or_skipped_and_counted(tmp_path, tokenizer, caplog,
     path = tmp_path / "pairs.jsonl"
     path.write_bytes(_line(GOOD) + BAD_LINES[kind] + _line(GOOD))
     with pytest.raises(DataError, match=MESSAGES[kind]):
-        load_pairs(path, tokenizer, 8, 16)
+        load_pairs(path, tokenizer, Settings(max_prompt_length=8, max_length=16))
     with caplog.at_level(logging.WARNING):
-        pairs, stats = load_pairs(path, tokenizer, 8, 16, skip_bad_rows=True)
+        pairs, stats = load_pairs(path, tokenizer, Settings(max_prompt_length=8, max_length=16, skip_bad_rows=True))
     assert len(pairs) == 2 and stats.bad_rows == 1 and stats.rows == 3
     assert any("pairs.jsonl: line 2" in r.getMessage() for r in caplog.records)
 
@@ -53,7 +54,7 @@ def test_a_bad_line_is_named_or_skipped_and_counted(tmp_path, tokenizer, caplog,
 def test_every_kind_skipped_in_one_file(tmp_path, tokenizer):
     path = tmp_path / "pairs.jsonl"
     path.write_bytes(_line(GOOD) + b"".join(BAD_LINES.values()) + _line(GOOD))
-    pairs, stats = load_pairs(path, tokenizer, 8, 16, skip_bad_rows=True)
+    pairs, stats = load_pairs(path, tokenizer, Settings(max_prompt_length=8, max_length=16, skip_bad_rows=True))
     assert len(pairs) == 2 and stats.bad_rows == 3
 
 
@@ -61,13 +62,13 @@ def test_unreadable_files_are_named(tmp_path, tokenizer):
     parquet = tmp_path / "pairs.parquet"
     parquet.write_bytes(b"PAR1 this is not a parquet file")
     with pytest.raises(DataError, match="pairs.parquet: cannot be read as a dataset"):
-        load_pairs(parquet, tokenizer, 8, 16)
+        load_pairs(parquet, tokenizer, Settings(max_prompt_length=8, max_length=16))
     folder = tmp_path / "plain"
     folder.mkdir()
     (folder / "notes.txt").write_text("hello")
     with pytest.raises(DataError, match="plain: a folder, but not a dataset saved with datasets' save_to_disk"):
-        load_pairs(folder, tokenizer, 8, 16)
+        load_pairs(folder, tokenizer, Settings(max_prompt_length=8, max_length=16))
     broken = tmp_path / "pairs.json"
     broken.write_bytes(b'[{"prompt": "\xff"}]')
     with pytest.raises(DataError, match="pairs.json: not valid UTF-8 JSON"):
-        load_pairs(broken, tokenizer, 8, 16)
+        load_pairs(broken, tokenizer, Settings(max_prompt_length=8, max_length=16))

@@ -4,6 +4,7 @@ names the timed-out collective, instead of blocking its peer for the default hal
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -47,7 +48,7 @@ def test_a_frozen_rank_ends_the_run_within_the_timeout(tmp_path):
     env = {**subprocess_env(), "HYPO_FAST_TEST_MARKER": marker}
     run = subprocess.Popen([PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                             str(_free_port()), "-m", "hypo_fast.cli", "train", str(path)], cwd=tmp_path, env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     metrics = tmp_path / "run" / "metrics.jsonl"
     try:
         deadline = time.time() + 300
@@ -58,13 +59,12 @@ def test_a_frozen_rank_ends_the_run_within_the_timeout(tmp_path):
         assert len(frozen) == 1
         os.kill(frozen[0], signal.SIGSTOP)
         stopped_at = time.time()
-        output, finished = "", False
-        while time.time() < stopped_at + 120:
-            line = run.stdout.readline()
-            output += line
-            if "collective timed out" in line or (not line and run.poll() is not None):
-                finished = True
-                break
+        output, finished, fd = "", False, run.stdout.fileno()
+        while time.time() < stopped_at + 120 and not finished:  # never block on a silent pipe
+            ready, _, _ = select.select([fd], [], [], 1.0)
+            chunk = os.read(fd, 1 << 16).decode(errors="replace") if ready else ""
+            output += chunk
+            finished = "collective timed out" in output or (ready and not chunk)
         elapsed = time.time() - stopped_at
     finally:
         for pid in _processes_with(marker):
@@ -73,6 +73,6 @@ def test_a_frozen_rank_ends_the_run_within_the_timeout(tmp_path):
                     os.kill(pid, sig)
                 except ProcessLookupError:
                     pass
-        run.wait(timeout=60)
+        run.communicate(timeout=60)
     assert finished and "a collective timed out after distributed.timeout_minutes=0.1 during " in output, output[-3000:]
     assert elapsed < 60, elapsed  # the 6-second timeout, not the default 30 minutes

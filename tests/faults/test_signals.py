@@ -21,7 +21,7 @@ def uninterrupted(tmp_path_factory):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_saves_and_resume_continues_exactly(tmp_path, sig, uninterrupted):
-    cfg = config(tmp_path, "stopped", steps=6, kl_coef=0.5, output={"save_every": 0, "tensorboard": True})
+    cfg = config(tmp_path, "stopped", steps=6, kl_coef=0.5, output={"save_every": 0, "report_to": ["tensorboard"]})
     run = cli(tmp_path, cfg, name="stopped.yaml", wait=False)
     metrics = tmp_path / "stopped" / "metrics.jsonl"
     deadline = time.time() + 300

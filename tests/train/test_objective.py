@@ -44,7 +44,7 @@ def _tiny_task(tmp_path, temperature: float, kl_coef: float, num_samples: int = 
         "algorithm": {"beta": 0.5, "kl_coef": kl_coef, "num_samples": num_samples},
         "sampling": {"max_new_tokens": MAX_NEW, "temperature": temperature},
         "optim": {"lr": 1e-3, "max_steps": 1},
-        "output": {"dir": str(tmp_path / "run"), "resume": "never", "tensorboard": False},
+        "output": {"dir": str(tmp_path / "run"), "resume": "never", "report_to": []},
     }
     trainer = Trainer(config_from_dict(cfg))
     with torch.no_grad():  # move the policy away from the reference so that ∇KL is large

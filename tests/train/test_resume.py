@@ -31,7 +31,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     paths = {}
     for name in ("straight", "killed"):
         cfg = toy_config(tmp_path, name, kl_coef=0.5, steps=6)
-        cfg["output"].update(save_every=2, keep_last=2, resume="auto", overwrite=False, tensorboard=True)
+        cfg["output"].update(save_every=2, keep_last=2, resume="auto", overwrite=False, report_to=["tensorboard"])
         paths[name] = tmp_path / f"{name}.yaml"
         paths[name].write_text(yaml.safe_dump(cfg))
 
