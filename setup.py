@@ -131,5 +131,6 @@ setup(
     extras_require={
         "flash": ["flash-attn"],
         "test": ["pytest", "scipy"],
+        "trl": ["trl==1.16.*"],
     },
 )
