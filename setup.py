@@ -133,5 +133,6 @@ setup(
         "trl": ["trl==1.16.*"],  # hypo_fast.integrations.trl and the TRL parity tests
         "loggers": ["wandb", "mlflow-skinny"],  # output.report_to: wandb, mlflow
         "test": ["pytest", "scipy"],
+        "trl": ["trl==1.16.*"],
     },
 )

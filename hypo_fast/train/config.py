@@ -153,7 +153,15 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
+        if len(inner) == 1:
+            return _coerce(value, inner[0], key)
+        problems = []
+        for alternative in inner:  # e.g. `str | tuple[str, ...]`: the first that accepts the value
+            try:
+                return _coerce(value, alternative, key)
+            except ConfigError as err:
+                problems.append(str(err))
+        raise ConfigError(f"{key}: " + " or ".join(p.removeprefix(f"{key}: ") for p in problems))
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")

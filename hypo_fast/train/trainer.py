@@ -136,10 +136,9 @@ class Trainer:
         files = []
         if m.path is not None:
             files = sorted(Path(m.path).glob("*.safetensors")) + sorted(Path(m.path).glob("*.bin"))
-        average = self.objective.length_normalised
-        key = reference_cache.fingerprint(source, files, pairs, average)
+        key = reference_cache.fingerprint(source, files, pairs)
         return reference_cache.reference_logps(self.policy, pairs, self.out / "ref_cache" / f"{name}-{key}.pt",
-                                               average, self.rank, self.world, self.device)
+                                               self.rank, self.world, self.device)
 
     def _resume(self):
         """Continue from the chosen checkpoint; a damaged one is named and the next older intact one used."""
@@ -203,8 +202,7 @@ class Trainer:
             ref_seconds = time.perf_counter() - start
         self.phase = "the policy forward"
         token_logps, logit_means = self.engine(batch)  # ONE policy forward over pairs and samples together
-        step = batch.step_logps(token_logps, self.ref_train[pair_index].to(self.device), ref_online, logit_means,
-                                average=self.objective.length_normalised)
+        step = batch.step_logps(token_logps, self.ref_train[pair_index].to(self.device), ref_online, logit_means)
         loss, aux = self.objective(step)
         metrics = {"loss": loss.detach(), **aux.metrics()}
         pair_tokens = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
