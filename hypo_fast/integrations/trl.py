@@ -60,7 +60,8 @@ class HyPOTrainer(DPOTrainer):
         loss_type = a.loss_type[0] if isinstance(a.loss_type, (list, tuple)) and len(a.loss_type) == 1 else a.loss_type
         kl_coef = getattr(a, "kl_coef", 0.0)
         self.hypo_loss = FusedLinearHyPOLoss(beta=a.beta, kl_coef=kl_coef, num_samples=getattr(a, "num_samples", 2),
-                                             loss_type=loss_type, label_smoothing=a.label_smoothing,
+                                             loss_type=loss_type, loss_weights=a.loss_weights,
+                                             discopop_tau=a.discopop_tau, label_smoothing=a.label_smoothing,
                                              kl_loss=getattr(a, "kl_loss", "rloo"),
                                              temperature=getattr(a, "temperature", 1.0))
         self.objective = self.hypo_loss.objective
