@@ -13,11 +13,14 @@ splits' partial (max, sum-exp, entropy sum, best score, best token, best logit).
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 import triton
 import triton.language as tl
 
-from .linear_logprobs import _check, _config, _dot_flags, _load_logits_tile, _num_splits, _online_softmax_update
+from .launch import Launch, check_inputs, device_arch, dot_flags, num_splits, tile_config
+from .tiles import logits_tile, online_softmax_update
 
 
 @triton.jit
@@ -50,9 +53,9 @@ def _sample_head_kernel(
     for v0 in range(v_begin, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         v_ok = offs_v < v_end
-        z = _load_logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, offs_v, v_ok, D, stride_hb, stride_wv,
+        z = logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, offs_v, v_ok, D, stride_hb, stride_wv,
                               inv_temp, BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, DOT_IN_FP32, DOT_PRECISION)
-        m, s, t, _ = _online_softmax_update(m, s, t, z, tl.where(v_ok[None, :], z, 0.0), HAS_ENTROPY)
+        m, s, t, _ = online_softmax_update(m, s, t, z, tl.where(v_ok[None, :], z, 0.0), HAS_ENTROPY)
         score = z
         if not GREEDY:
             u = tl.rand(seed, (rows[:, None] * V + offs_v[None, :]).to(tl.int32))  # [BLOCK_N, BLOCK_V]
@@ -75,6 +78,47 @@ def _sample_head_kernel(
     tl.store(zbest_ptr + out, z_best, mask=row_ok)
 
 
+def sample_head_launch(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    arch: int | None,
+    temperature: float = 1.0,
+    seed: int = 0,
+    greedy: bool = False,
+    return_entropy: bool = False,
+    allow_tf32: bool = False,
+    splits: int | None = None,
+) -> tuple[Launch, SimpleNamespace]:
+    """Plan the sampling-head launch on ``arch`` (None: interpreter): the Launch and its ``[S, B]`` partials."""
+    check_inputs(hidden, weight, bias)
+    B, V = hidden.shape[0], weight.shape[0]
+    if B * V >= 2**31:
+        raise ValueError(f"hidden: B·V = {B * V} must stay below 2³¹ (Philox offsets are int32)")
+    device = hidden.device
+    cfg = tile_config("sample_head", hidden.dtype, arch, allow_tf32)
+    b_tiles, v_tiles = triton.cdiv(B, cfg.block_n), triton.cdiv(V, cfg.block_v)
+    splits = splits or num_splits(b_tiles, v_tiles, device, arch)
+    v_per_split = triton.cdiv(v_tiles, splits) * cfg.block_v
+    splits = triton.cdiv(V, v_per_split)
+    part = lambda dtype=torch.float32: torch.empty((splits, B), device=device, dtype=dtype)  # noqa: E731
+    out = SimpleNamespace(m=part(), s=part(), best=part(), z_best=part(), tok=part(torch.int32))
+    out.t = part() if return_entropy else out.m
+    dot_in_fp32, dot_precision = dot_flags(hidden.dtype, arch, allow_tf32)
+    inv_temp = 1.0 if greedy else 1.0 / temperature
+    launch = Launch(
+        _sample_head_kernel, (b_tiles, splits),
+        (hidden, weight, bias if bias is not None else weight, out.m, out.s, out.t, out.best, out.tok, out.z_best,
+         B, V, hidden.shape[1], hidden.stride(0), weight.stride(0), inv_temp, seed, v_per_split),
+        dict(HAS_BIAS=bias is not None, HAS_ENTROPY=return_entropy, GREEDY=greedy,
+             DOT_IN_FP32=dot_in_fp32, DOT_PRECISION=dot_precision,
+             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+             num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+    )
+    return launch, out
+
+
 def sample_head(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -84,43 +128,25 @@ def sample_head(
     seed: int = 0,
     greedy: bool = False,
     return_entropy: bool = False,
+    allow_tf32: bool = False,
     num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Draw one token per row. Returns ``(tokens [B] int64, logp [B] fp32, entropy [B] fp32 | None)``.
 
     ``logp`` and ``entropy`` are those of ``softmax(z)`` with ``z = (hWᵀ + b)/τ`` (``τ = 1`` when greedy).
     """
-    B, V = hidden.shape[0], weight.shape[0]
-    _check(hidden, weight, torch.empty(B, device=hidden.device, dtype=torch.long), bias)
-    if B * V >= 2**31:
-        raise ValueError(f"B·V = {B * V} must stay below 2³¹ (Philox offsets are int32)")
-    device = hidden.device
-    cfg = _config(device, hidden.dtype, backward=False)
-    b_tiles, v_tiles = triton.cdiv(B, cfg.block_n), triton.cdiv(V, cfg.block_v)
-    splits = num_splits or _num_splits(b_tiles, v_tiles, device)
-    v_per_split = triton.cdiv(v_tiles, splits) * cfg.block_v
-    splits = triton.cdiv(V, v_per_split)
-    part = lambda dtype=torch.float32: torch.empty((splits, B), device=device, dtype=dtype)  # noqa: E731
-    m, s, best, z_best = part(), part(), part(), part()
-    t = part() if return_entropy else m
-    tok = part(torch.int32)
-    dot_in_fp32, precision = _dot_flags(hidden)
-    inv_temp = 1.0 if greedy else 1.0 / temperature
-    _sample_head_kernel[(b_tiles, splits)](
-        hidden, weight, bias if bias is not None else weight, m, s, t, best, tok, z_best,
-        B, V, hidden.shape[1], hidden.stride(0), weight.stride(0), inv_temp, seed, v_per_split,
-        HAS_BIAS=bias is not None, HAS_ENTROPY=return_entropy, GREEDY=greedy,
-        DOT_IN_FP32=dot_in_fp32, DOT_PRECISION=precision,
-        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    launch, out = sample_head_launch(
+        hidden, weight, bias, arch=device_arch(hidden.device), temperature=temperature, seed=seed, greedy=greedy,
+        return_entropy=return_entropy, allow_tf32=allow_tf32, splits=num_splits)
+    launch()
+    m, s, t = out.m, out.s, out.t
     m_max = m.amax(0)
     scale = torch.exp(m - m_max)  # [S, B]
     sum_exp = (s * scale).sum(0)
     lse = m_max + torch.log(sum_exp)
-    winner = best.argmax(0, keepdim=True)  # [1, B]: the split holding the overall best score
-    tokens = tok.gather(0, winner).squeeze(0).long()
-    logp = z_best.gather(0, winner).squeeze(0) - lse
+    winner = out.best.argmax(0, keepdim=True)  # [1, B]: the split holding the overall best score
+    tokens = out.tok.gather(0, winner).squeeze(0).long()
+    logp = out.z_best.gather(0, winner).squeeze(0) - lse
     entropy = None
     if return_entropy:
         entropy = (scale * (t + (m_max - m) * s)).sum(0) / sum_exp + torch.log(sum_exp)

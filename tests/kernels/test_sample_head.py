@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from hypo_fast.kernels.sample_head import sample_head
-from hypo_fast.ops import chunked
-from hypo_fast import native
+from hypo_fast.ops import chunked, native
 from hypo_fast.ops.sample_head import sample_tokens
 from tests.oracle import impl_param
 
