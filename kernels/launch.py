@@ -57,6 +57,11 @@ def head_row_buckets(arch: int) -> list[int]:
     return [256]
 
 
+def head_row_buckets(arch: int) -> list[int]:
+    """Decode batch sizes B that select each distinct sampling-head row tile on ``arch`` (largest B each)."""
+    return [256]  # one config for every B today
+
+
 # Interpreted runs (CPU tensors, TRITON_INTERPRET=1) are simulated on numpy: few, large program instances.
 INTERPRETER_TILE = TileConfig(block_n=32, block_v=64, block_d=32, num_warps=1, num_stages=1)
 
