@@ -26,35 +26,30 @@ class TileConfig:
     group_n: int = 8  # token tiles launched together (L2 reuse of their h rows)
 
 
-def _same(cfg: TileConfig) -> dict[int, TileConfig]:
-    return {arch: cfg for arch in ARCHS}
+_T = TileConfig  # short name for the table below
 
 
-# kernel → precision → arch → config. Precision: "half" (bf16/fp16 inputs), "ieee" (fp32 inputs, exact
-# fp32 dots), "tf32" (fp32 inputs with allow_tf32).
-TILES: dict[str, dict[str, dict[int, TileConfig]]] = {
+# kernel → precision → arch → config. Precision: "half" (bf16/fp16 inputs), "ieee" (fp32 inputs,
+# exact fp32 FMA dots), "tf32" (fp32 inputs, allow_tf32).
+# Chosen with benchmarks/kernel_resources.py: no local memory inside any loop, no spills at all where a
+# config allows it, shared memory within 99 KB on the 80 column (it also serves sm_86/89/120).
+TILES: dict[str, dict] = {
     "linear_logprobs_fwd": {
-        "half": _same(TileConfig(128, 128, 64, num_warps=8, num_stages=4)),
-        "ieee": _same(TileConfig(64, 64, 32, num_warps=4, num_stages=3)),
-        "tf32": _same(TileConfig(64, 64, 32, num_warps=4, num_stages=3)),
+        "half": {80: _T(128, 128, 64, 8, 4), 90: _T(128, 128, 64, 8, 3), 100: _T(128, 64, 64, 8, 4)},
+        "ieee": {80: _T(128, 64, 16, 8, 3), 90: _T(128, 64, 16, 8, 3), 100: _T(128, 64, 16, 8, 3)},
+        "tf32": {80: _T(128, 64, 32, 8, 3), 90: _T(128, 64, 32, 8, 3), 100: _T(128, 64, 32, 8, 3)},
     },
     "linear_logprobs_bwd": {
-        "half": _same(TileConfig(128, 128, 64, num_warps=8, num_stages=3)),
-        "ieee": _same(TileConfig(64, 64, 32, num_warps=4, num_stages=3)),
-        "tf32": _same(TileConfig(64, 64, 32, num_warps=4, num_stages=3)),
+        "half": {80: _T(64, 128, 64, 8, 3), 90: _T(128, 128, 32, 8, 3), 100: _T(64, 128, 64, 8, 3)},
+        "ieee": {80: _T(64, 128, 16, 8, 3), 90: _T(64, 128, 16, 8, 3), 100: _T(64, 128, 16, 8, 3)},
+        "tf32": {80: _T(64, 128, 32, 8, 2), 90: _T(128, 64, 32, 8, 3), 100: _T(64, 128, 32, 8, 3)},
     },
-    "sample_head": {
-        "half": _same(TileConfig(128, 128, 64, num_warps=8, num_stages=4)),
-        "ieee": _same(TileConfig(64, 64, 32, num_warps=4, num_stages=3)),
-        "tf32": _same(TileConfig(64, 64, 32, num_warps=4, num_stages=3)),
+    "sample_head": {  # as before; it spills (its per-logit Gumbel noise), the next change reshapes it
+        "half": {arch: _T(128, 128, 64, 8, 4) for arch in ARCHS},
+        "ieee": {arch: _T(64, 64, 32, 4, 3) for arch in ARCHS},
+        "tf32": {arch: _T(64, 64, 32, 4, 3) for arch in ARCHS},
     },
 }
-
-
-
-def head_row_buckets(arch: int) -> list[int]:
-    """Decode batch sizes B that select each distinct sampling-head row tile on ``arch`` (largest B each)."""
-    return [256]
 
 
 def head_row_buckets(arch: int) -> list[int]:
@@ -107,6 +102,20 @@ def dot_flags(dtype: torch.dtype, arch: int | None, allow_tf32: bool = False) ->
     interpreted = arch is None
     dot_in_fp32 = interpreted and dtype in HALF_DTYPES
     return dot_in_fp32, "tf32" if allow_tf32 and not interpreted else "ieee"
+
+
+def weight_grad_dtype(dtype: torch.dtype, arch: int | None, fp32_weight_grad: bool) -> torch.dtype:
+    """Accumulation dtype of the backward's atomic ``dW`` sums.
+
+    fp32 by default. With ``fp32_weight_grad=False`` the weight dtype, where the arch adds it natively:
+    fp16 everywhere (``red.add.noftz.f16``), bf16 from sm_90 on; bf16 on sm_8x (and under the
+    interpreter) stays fp32, since its atomics would be compare-and-swap loops.
+    """
+    if fp32_weight_grad or dtype == torch.float32:
+        return torch.float32
+    if dtype == torch.bfloat16 and (arch is None or arch < 90):
+        return torch.float32
+    return dtype
 
 
 def num_splits(n_tiles: int, v_tiles: int, device: torch.device, arch: int | None) -> int:

@@ -11,14 +11,16 @@ The per-split partials (``[S, N]`` fp32, S small) are merged by the launcher; on
 the backward.
 
 Backward: programs are (token tile × vocabulary tile); each recomputes its logits tile, forms
-``dz = g·(onehot − p) [− g_H·p·(log p + H)]`` in fp32, and atomically accumulates ``dh = dz·W/τ`` and
-``dW = dzᵀ·h/τ`` into fp32 buffers (``dW`` optionally in the weight dtype).
+``dz = g·(onehot − p) [− g_H·p·(log p + H)]`` in fp32, and accumulates ``dh = dz·W/τ`` and
+``dW = dzᵀ·h/τ`` with relaxed atomic adds (no fences: the sums need no ordering) into fp32 buffers
+(``dW`` in the weight dtype where the arch adds it natively, see ``launch.weight_grad_dtype``).
 
 Token tiles walk the rows in an order that puts ignored rows last, so tiles made only of ignored rows
-exit before any vocabulary work. Tile configs come from ``launch.TILES`` (per arch); ``*_launch`` plan a
-launch without running it (the compile gate compiles exactly those). Under ``TRITON_INTERPRET=1`` (CPU
-tensors) half-precision ``tl.dot`` operands are cast to fp32: the interpreter mis-computes bf16 dots
-(triton-lang/triton#11584).
+exit before any vocabulary work. Tile configs come from ``launch.TILES`` (per arch); ``fwd_launch`` and
+``bwd_launch`` plan a launch without running it (the compile gate, ``benchmarks/kernel_resources.py``,
+compiles exactly those). fp32 inputs use exact fp32 (FMA) dots unless ``allow_tf32``. Under
+``TRITON_INTERPRET=1`` (CPU tensors) half-precision ``tl.dot`` operands are cast to fp32: the
+interpreter mis-computes bf16 dots (triton-lang/triton#11584).
 
 Layer 0: imports torch and triton only.
 """
@@ -31,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import Launch, check_inputs, device_arch, dot_flags, num_splits, tile_config
+from .launch import Launch, check_inputs, device_arch, dot_flags, num_splits, tile_config, weight_grad_dtype
 from .tiles import grouped_tile, logits_tile, online_softmax_update, rows_of_tile
 
 
@@ -127,8 +129,10 @@ def _linear_logprobs_bwd_kernel(
         dz -= g_ent[:, None] * p * (log_p + ent[:, None])  # ∂H/∂z_v = −p_v·(log p_v + H)
     dz = tl.where(row_ok[:, None] & v_ok[None, :], dz * inv_temp, 0.0)
 
+    # relaxed atomics: the sums need no ordering with other memory traffic (acq_rel, Triton's default,
+    # puts GPU-wide fences and L1 invalidations around every one of them)
     if HAS_BIAS and B_GRAD:
-        tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=v_ok)
+        tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=v_ok, sem="relaxed")
     dz_op = dz.to(h_ptr.dtype.element_ty)
     if DOT_IN_FP32:
         dz_op = dz
@@ -144,14 +148,14 @@ def _linear_logprobs_bwd_kernel(
             if DOT_IN_FP32:
                 w = w.to(tl.float32)
             dh = tl.dot(dz_op, w, input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_D]
-            tl.atomic_add(dh_rows + offs_d[None, :], dh, mask=row_ok[:, None] & d_ok[None, :])
+            tl.atomic_add(dh_rows + offs_d[None, :], dh, mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
         if W_GRAD:
             h = tl.load(h_rows + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             if DOT_IN_FP32:
                 h = h.to(tl.float32)
             dw = tl.dot(tl.trans(dz_op), h, input_precision=DOT_PRECISION)  # [BLOCK_V, BLOCK_D]
             tl.atomic_add(dw_rows + offs_d[None, :], dw.to(dw_ptr.dtype.element_ty),
-                          mask=v_ok[:, None] & d_ok[None, :])
+                          mask=v_ok[:, None] & d_ok[None, :], sem="relaxed")
 
 
 def row_order(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -271,8 +275,7 @@ def bwd_launch(
         order = row_order(targets, ignore_index)
     want_h, want_w, want_b = needs_grad
     want_b = want_b and bias is not None
-    interpreted_bf16 = arch is None and weight.dtype == torch.bfloat16
-    dw_dtype = torch.float32 if fp32_weight_grad or interpreted_bf16 else weight.dtype
+    dw_dtype = weight_grad_dtype(weight.dtype, arch, fp32_weight_grad)
     out = SimpleNamespace(
         dh=torch.zeros((N, D), device=device, dtype=torch.float32) if want_h else lse,
         dw=torch.zeros((V, D), device=device, dtype=dw_dtype) if want_w else lse,
@@ -317,7 +320,7 @@ def linear_logprobs_bwd(
     """Fused backward by tile recomputation. Returns ``(d_hidden, d_weight, d_bias)`` in input dtypes.
 
     ``needs_grad`` selects (hidden, weight, bias); ``fp32_weight_grad=False`` accumulates ``d_weight``
-    in the weight dtype (halves its buffer; interpreted bf16 falls back to fp32).
+    in the weight dtype where the arch has native atomics for it (see ``launch.weight_grad_dtype``).
     """
     launch, out = bwd_launch(
         hidden, weight, targets, bias, lse, grad_logp, arch=device_arch(hidden.device), entropy=entropy,

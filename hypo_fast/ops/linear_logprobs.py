@@ -134,7 +134,9 @@ def linear_logprobs(
         impl: ``"auto"`` (Triton on CUDA; on CPU the native op when built, else chunked PyTorch),
             ``"triton"``, ``"native"`` or ``"torch"``.
         fp32_weight_grad: accumulate the weight gradient in fp32 (default); ``False`` accumulates it
-            in the weight dtype, saving ``2·V·D`` bytes for bf16 weights at some precision cost.
+            in the weight dtype where the GPU adds that dtype atomically (fp16 everywhere, bf16 from
+            sm_90 on; bf16 on sm_8x and the CPU paths stay fp32), saving ``2·V·D`` bytes at some
+            precision cost.
         allow_tf32: fp32 inputs may use TF32 tensor cores in the Triton kernels (default: exact fp32
             dots); no effect on half-precision inputs or the CPU backends.
         check_targets: verify the target range (one host sync); pass False in hot loops whose targets
