@@ -47,12 +47,14 @@ ARCH_NAMES = {80: "sm_80", 90: "sm_90a", 100: "sm_100a"}
 SMEM_LIMIT = {80: 166912, 90: 232448, 100: 232448}  # max dynamic shared memory per block (A100, H100, B200)
 N, V, D = 8192, 128256, 4096
 DTYPES = ("bfloat16", "float16", "float32", "tf32")  # tf32: fp32 inputs with allow_tf32=True
-KERNELS = ("fwd", "bwd", "head")
+KERNELS = ("fwd", "bwd", "head", "merge")
 FLAGS = {  # each kernel's optional features; the default set is: none, each alone, all together
     "fwd": ("bias", "entropy", "logit_mean"),
     "bwd": ("bias", "entropy", "dh_only", "dw_only", "low_dw"),
     "head": ("greedy", "bias", "entropy"),
+    "merge": ("entropy",),  # the sampling head's split merge
 }
+NAMES = {"fwd": "linear_logprobs fwd", "bwd": "linear_logprobs bwd", "head": "sample_head", "merge": "sample_head merge"}
 EXCLUSIVE = {("dh_only", "dw_only"), ("dh_only", "low_dw")}
 
 
@@ -66,9 +68,8 @@ class Variant:
 
     @property
     def label(self) -> str:
-        name = {"fwd": "linear_logprobs fwd", "bwd": "linear_logprobs bwd", "head": "sample_head"}[self.kernel]
         extra = f" B={self.rows}" if self.kernel == "head" else ""
-        return f"{name}{extra} {'+'.join(self.flags) or 'base'}"
+        return f"{NAMES[self.kernel]}{extra} {'+'.join(self.flags) or 'base'}"
 
 
 def flag_sets(kernel: str, exhaustive: bool) -> list[tuple[str, ...]]:
@@ -93,6 +94,8 @@ def head_batches(arch: int) -> list[int]:
 def variants(kernels, dtypes, archs, exhaustive: bool) -> list[Variant]:
     out = []
     for arch, kernel, dtype in itertools.product(archs, kernels, dtypes):
+        if kernel == "merge" and dtype != dtypes[0]:
+            continue  # works on fp32 partials whatever the input dtype
         for flags in flag_sets(kernel, exhaustive):
             if "low_dw" in flags and dtype in ("float32", "tf32"):
                 continue
@@ -110,11 +113,11 @@ def plan(v: Variant):
     meta = lambda *shape, dt=dtype: torch.empty(*shape, device="meta", dtype=dt)  # noqa: E731
     f = set(v.flags)
     weight, bias = meta(V, D), meta(V) if "bias" in f else None
-    if v.kernel == "head":
-        launch, _ = sample_head.sample_head_launch(
+    if v.kernel in ("head", "merge"):
+        tiles, merge, _ = sample_head.sample_head_launch(
             meta(v.rows, D), weight, bias, arch=v.arch, greedy="greedy" in f, return_entropy="entropy" in f,
             allow_tf32=tf32)
-        return launch
+        return tiles if v.kernel == "head" else merge
     hidden, targets = meta(v.rows, D), meta(v.rows, dt=torch.int64)
     if v.kernel == "fwd":
         launch, _ = linear_logprobs.fwd_launch(
@@ -169,7 +172,8 @@ def compile_variant(v: Variant) -> dict:
     try:
         launch = plan(v)
         c = launch.constexprs
-        row["config"] = (f"{c['BLOCK_N']}x{c['BLOCK_V']}x{c['BLOCK_D']} w{c['num_warps']} s{c['num_stages']}")
+        blocks = "x".join(str(c[k]) for k in ("BLOCK_N", "BLOCK_B", "BLOCK_V", "BLOCK_D", "BLOCK") if k in c)
+        row["config"] = f"{blocks} w{c['num_warps']} s{c.get('num_stages', 3)}"
         row["grid"] = list(launch.grid)
         options, signature, constexprs, attrs = bind(launch, v.arch)
         knobs.nvidia.dump_ptxas_log = True

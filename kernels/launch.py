@@ -24,13 +24,18 @@ class TileConfig:
     num_warps: int
     num_stages: int
     group_n: int = 8  # token tiles launched together (L2 reuse of their h rows)
+    vocab_major: bool = False  # sampling head: compute zᵀ (vocabulary on the MMA's M side) for few rows
 
 
 _T = TileConfig  # short name for the table below
 
 
-# kernel → precision → arch → config. Precision: "half" (bf16/fp16 inputs), "ieee" (fp32 inputs,
-# exact fp32 FMA dots), "tf32" (fp32 inputs, allow_tf32).
+def _vm(*args, **kwargs) -> TileConfig:  # vocabulary-major sampling-head tile
+    return TileConfig(*args, **kwargs, vocab_major=True)
+
+
+# kernel → precision → arch → config (the sampling head: → row tile → config). Precision: "half"
+# (bf16/fp16 inputs), "ieee" (fp32 inputs, exact fp32 FMA dots), "tf32" (fp32 inputs, allow_tf32).
 # Chosen with benchmarks/kernel_resources.py: no local memory inside any loop, no spills at all where a
 # config allows it, shared memory within 99 KB on the 80 column (it also serves sm_86/89/120).
 TILES: dict[str, dict] = {
@@ -44,21 +49,44 @@ TILES: dict[str, dict] = {
         "ieee": {80: _T(64, 128, 16, 8, 3), 90: _T(64, 128, 16, 8, 3), 100: _T(64, 128, 16, 8, 3)},
         "tf32": {80: _T(64, 128, 32, 8, 2), 90: _T(128, 64, 32, 8, 3), 100: _T(64, 128, 32, 8, 3)},
     },
-    "sample_head": {  # as before; it spills (its per-logit Gumbel noise), the next change reshapes it
-        "half": {arch: _T(128, 128, 64, 8, 4) for arch in ARCHS},
-        "ieee": {arch: _T(64, 64, 32, 4, 3) for arch in ARCHS},
-        "tf32": {arch: _T(64, 64, 32, 4, 3) for arch in ARCHS},
+    # sample_head: block_v (64) is the sampling tile width, part of what a seed reproduces: the same for
+    # every row tile. Few rows: vocabulary-major tiles, so wgmma/tcgen05 get 64 vocabulary rows per MMA.
+    "sample_head": {
+        "half": {
+            80: {16: _T(16, 64, 128, 4, 4), 32: _T(32, 64, 128, 8, 3), 64: _T(64, 64, 64, 8, 4), 128: _T(128, 64, 64, 8, 4)},
+            90: {16: _vm(16, 64, 128, 4, 4), 32: _vm(32, 64, 128, 4, 4), 64: _T(64, 64, 64, 8, 4),
+                 128: _T(128, 64, 64, 8, 4)},
+            100: {16: _vm(16, 64, 128, 4, 4), 32: _vm(32, 64, 128, 8, 3), 64: _T(64, 64, 64, 8, 3),
+                  128: _T(128, 64, 64, 8, 4)},
+        },
+        "ieee": {arch: {16: _T(16, 64, 32, 8, 2), 32: _T(32, 64, 16, 4, 3), 64: _T(64, 64, 32, 8, 2),
+                        128: _T(128, 64, 16, 8, 3)} for arch in ARCHS},
+        "tf32": {arch: {16: _vm(16, 64, 64, 4, 3), 32: _vm(32, 64, 64, 4 if arch < 100 else 8, 3),
+                        64: _T(64, 64, 32, 8, 3), 128: _T(128, 64, 32, 8, 3)} for arch in ARCHS},
     },
 }
+
+# Sampling head (decode): the row tile follows the batch B; bucket → the largest B it serves.
+HEAD_ROW_TILES = (16, 32, 64, 128)
 
 
 def head_row_buckets(arch: int) -> list[int]:
     """Decode batch sizes B that select each distinct sampling-head row tile on ``arch`` (largest B each)."""
-    return [256]  # one config for every B today
+    return list(HEAD_ROW_TILES)
+
+
+def head_tile(dtype: torch.dtype, arch: int | None, rows: int, allow_tf32: bool = False) -> TileConfig:
+    """The sampling head's config for a decode batch of ``rows``: the smallest row tile holding them all
+    (the largest tile beyond that)."""
+    if arch is None:
+        return INTERPRETER_HEAD_TILE
+    table = TILES["sample_head"][precision(dtype, allow_tf32)][arch]
+    return table[next((b for b in HEAD_ROW_TILES if rows <= b), HEAD_ROW_TILES[-1])]
 
 
 # Interpreted runs (CPU tensors, TRITON_INTERPRET=1) are simulated on numpy: few, large program instances.
 INTERPRETER_TILE = TileConfig(block_n=32, block_v=64, block_d=32, num_warps=1, num_stages=1)
+INTERPRETER_HEAD_TILE = TileConfig(block_n=16, block_v=64, block_d=32, num_warps=1, num_stages=1)
 
 # Streaming multiprocessors of the arch's flagship part (A100, H100/H200, B200): sizes the vocabulary
 # splits when the launch is planned without a device (the compile gate).

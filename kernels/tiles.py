@@ -37,6 +37,45 @@ def logits_tile(
 
 
 @triton.jit
+def logits_tile_t(
+    h_ptr, w_ptr, b_ptr, rows, row_ok, offs_v, v_ok, D, stride_hn, stride_wv, inv_temp,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """The transposed tile ``zᵀ = (W[offs_v] h[rows]ᵀ + b) / τ``, ``[BLOCK_V, BLOCK_N]`` fp32; padded rows −inf.
+
+    For few rows (decode): the vocabulary is the MMA's M side, so a 16-row batch still fills wgmma's
+    64-row instruction shape instead of wasting three quarters of it.
+    """
+    acc = tl.zeros((BLOCK_V, BLOCK_N), dtype=tl.float32)
+    h_rows = h_ptr + rows[:, None] * stride_hn
+    w_rows = w_ptr + offs_v[:, None].to(tl.int64) * stride_wv
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        w = tl.load(w_rows + offs_d[None, :], mask=v_ok[:, None] & d_ok[None, :], other=0.0)
+        h = tl.load(h_rows + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        if DOT_IN_FP32:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(w, tl.trans(h), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_v, mask=v_ok, other=0.0).to(tl.float32)[:, None]
+    return tl.where(v_ok[:, None], acc * inv_temp, float("-inf"))
+
+
+@triton.jit
+def merge_softmax_stats(m, s, t, m2, s2, t2, HAS_ENTROPY: tl.constexpr):
+    """Merge two partial (max m, Σ e^(z−m), Σ e^(z−m)·(m − z)) of disjoint column sets (s, s2 ≥ 0)."""
+    m_new = tl.maximum(m, m2)
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # both empty: avoid −inf − −inf
+    alpha, alpha2 = tl.exp(m - m_ref), tl.exp(m2 - m_ref)
+    if HAS_ENTROPY:  # re-centre each t on the new max: t + (m_new − m)·s, 0 for an empty side
+        t = alpha * (t + tl.where(s > 0, m_new - m, 0.0) * s) + alpha2 * (t2 + tl.where(s2 > 0, m_new - m2, 0.0) * s2)
+    return m_new, alpha * s + alpha2 * s2, t
+
+
+@triton.jit
 def online_softmax_update(m, s, t, z, z_finite, HAS_ENTROPY: tl.constexpr):
     """Fold a logits tile into the running (max m, Σ e^(z−m), Σ e^(z−m)·(m − z)); returns them and e^(z−m)."""
     m_new = tl.maximum(m, tl.max(z, axis=1))

@@ -25,11 +25,13 @@ def sample_tokens(
 ):
     """Draw ``token ~ softmax((hidden @ weight.T + bias) / temperature)`` per row, with its log-prob.
 
-    Equals ``torch.multinomial(softmax(z), 1)`` in distribution (Gumbel-max in the Triton kernel, inverse
-    CDF within vocabulary tiles + Gumbel-max across them in the native op, inverse CDF + weighted
-    reservoir over chunks in the PyTorch path), and returns ``log_softmax(z)[token]`` — the log-probability
-    the sampler records for HyPO's KL reward — without materialising the ``[B, V]`` logits. ``greedy``
-    takes ``argmax z`` and the ``τ = 1`` log-prob. A given ``seed`` reproduces the draw (per impl).
+    Equals ``torch.multinomial(softmax(z), 1)`` in distribution, and returns ``log_softmax(z)[token]``
+    — the log-probability the sampler records for HyPO's KL reward — without materialising the
+    ``[B, V]`` logits. The Triton kernel and the native op draw one candidate per vocabulary tile by
+    inverse CDF and pick the tile by a Gumbel-max race on the tiles' log-masses; the PyTorch path draws
+    per chunk by inverse CDF and merges chunks with a weighted reservoir. Both are exact. ``greedy``
+    takes ``argmax z`` and the ``τ = 1`` log-prob. A given ``seed`` reproduces the draw (per impl, and
+    for the Triton kernel per GPU arch family: its tile width is part of the key).
 
     Args:
         hidden: ``[B, D]`` last hidden state of each row; weight ``[V, D]``; bias ``[V]`` or None.
