@@ -14,8 +14,8 @@ hints a real launch gets), compiled with ``triton.compile`` for a ``GPUTarget`` 
 
 Shapes: N, V, D = 8192, 128256, 4096 (a Llama-3-8B head) and, for the sampling head, one decode batch
 per row-tile bucket. Prints one table, appends the rows to ``benchmarks/results/kernel_resources.jsonl``
-and, with ``--check``, exits 1 on a compile error, a local-memory instruction inside a loop, a CAS
-atomic, or shared memory over the limit.
+and, with ``--check``, exits 1 on a compile error, a local-memory instruction or a GPU-wide fence inside
+a loop, a CAS atomic, or shared memory over the limit.
 
     python benchmarks/kernel_resources.py                      # every variant, 3 archs
     python benchmarks/kernel_resources.py --archs 90 --kernels bwd --dtypes float32 -j 2
@@ -30,12 +30,13 @@ import itertools
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,18 +45,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 ARCH_NAMES = {80: "sm_80", 90: "sm_90a", 100: "sm_100a"}
-SMEM_LIMIT = {80: 166912, 90: 232448, 100: 232448}  # max dynamic shared memory per block (A100, H100, B200)
+SMEM_LIMIT = {80: 101376, 90: 232448, 100: 232448}  # bytes per block: sm_86/89/120 (which the 80 column serves), H100, B200
 N, V, D = 8192, 128256, 4096
 DTYPES = ("bfloat16", "float16", "float32", "tf32")  # tf32: fp32 inputs with allow_tf32=True
 KERNELS = ("fwd", "bwd", "head", "merge")
-FLAGS = {  # each kernel's optional features; the default set is: none, each alone, all together
-    "fwd": ("bias", "entropy", "logit_mean"),
-    "bwd": ("bias", "entropy", "dh_only", "dw_only", "low_dw"),
-    "head": ("greedy", "bias", "entropy"),
-    "merge": ("entropy",),  # the sampling head's split merge
-}
 NAMES = {"fwd": "linear_logprobs fwd", "bwd": "linear_logprobs bwd", "head": "sample_head", "merge": "sample_head merge"}
-EXCLUSIVE = {("dh_only", "dw_only"), ("dh_only", "low_dw")}
+MODES = {"bwd": [(), ("dh_only",), ("dw_only",)], "head": [(), ("greedy",)]}  # what the kernel computes
+FEATURES = {"fwd": ("bias", "entropy", "logit_mean"), "bwd": ("bias", "entropy", "low_dw"), "head": ("bias", "entropy"),
+            "merge": ("entropy",)}  # optional extras, combined with every mode
+LEVELS = ("ci", "default", "exhaustive")  # features per mode: none + all | none, each (main mode), all | every subset
 
 
 @dataclass(frozen=True)
@@ -72,16 +70,18 @@ class Variant:
         return f"{NAMES[self.kernel]}{extra} {'+'.join(self.flags) or 'base'}"
 
 
-def flag_sets(kernel: str, exhaustive: bool) -> list[tuple[str, ...]]:
-    names = FLAGS[kernel]
-    if exhaustive:
-        combos = [c for r in range(len(names) + 1) for c in itertools.combinations(names, r)]
-    else:
-        combos = [(), *[(n,) for n in names], tuple(n for n in names if n not in ("dh_only", "dw_only"))]
-        if kernel == "head":
-            combos.append(("bias", "entropy"))
-    ok = [c for c in combos if not any(a in c and b in c for a, b in EXCLUSIVE)]
-    return list(dict.fromkeys(ok))
+def flag_sets(kernel: str, level: str) -> list[tuple[str, ...]]:
+    out = []
+    for mode in MODES.get(kernel, [()]):
+        names = [f for f in FEATURES[kernel] if not (f == "low_dw" and mode == ("dh_only",))]
+        if level == "exhaustive":
+            subsets = [c for r in range(len(names) + 1) for c in itertools.combinations(names, r)]
+        elif level == "default":
+            subsets = [(), *[(n,) for n in names], tuple(names)] if mode == () else [(), tuple(names)]
+        else:
+            subsets = [(), tuple(names)]
+        out += [mode + c for c in subsets]
+    return list(dict.fromkeys(out))
 
 
 def head_batches(arch: int) -> list[int]:
@@ -91,17 +91,17 @@ def head_batches(arch: int) -> list[int]:
     return head_row_buckets(arch)
 
 
-def variants(kernels, dtypes, archs, exhaustive: bool) -> list[Variant]:
+def variants(kernels, dtypes, archs, level: str = "default") -> list[Variant]:
     out = []
     for arch, kernel, dtype in itertools.product(archs, kernels, dtypes):
         if kernel == "merge" and dtype != dtypes[0]:
             continue  # works on fp32 partials whatever the input dtype
-        for flags in flag_sets(kernel, exhaustive):
-            if "low_dw" in flags and dtype in ("float32", "tf32"):
-                continue
-            rows = head_batches(arch) if kernel == "head" else [N]
+        rows = head_batches(arch) if kernel == "head" else [N]
+        for flags in flag_sets(kernel, level):
+            if dtype in ("float32", "tf32"):  # fp32 weights: dW is fp32 anyway
+                flags = tuple(f for f in flags if f != "low_dw")
             out += [Variant(kernel, dtype, arch, flags, r) for r in rows]
-    return out
+    return list(dict.fromkeys(out))
 
 
 def plan(v: Variant):
@@ -169,12 +169,19 @@ def compile_variant(v: Variant) -> dict:
 
     row = {"kernel": v.kernel, "dtype": v.dtype, "arch": ARCH_NAMES[v.arch], "flags": "+".join(v.flags) or "base",
            "rows": v.rows, "label": v.label}
+    # a cache of its own: identical kernels (a flag the arch ignores) still run ptxas and are timed
+    cache = tempfile.mkdtemp(prefix="variant_", dir=os.environ.get("HYPO_FAST_GATE_CACHE"))
+    os.environ["TRITON_CACHE_DIR"] = cache
     try:
         launch = plan(v)
         c = launch.constexprs
         blocks = "x".join(str(c[k]) for k in ("BLOCK_N", "BLOCK_B", "BLOCK_V", "BLOCK_D", "BLOCK") if k in c)
         row["config"] = f"{blocks} w{c['num_warps']} s{c.get('num_stages', 3)}"
         row["grid"] = list(launch.grid)
+        if v.kernel == "head":  # every row tile streams all of W: bytes of W read per decode step
+            elem = 4 if v.dtype in ("float32", "tf32") else 2
+            row["w_reads"] = launch.grid[0]
+            row["w_bytes_per_step"] = launch.grid[0] * V * D * elem
         options, signature, constexprs, attrs = bind(launch, v.arch)
         knobs.nvidia.dump_ptxas_log = True
         log = io.StringIO()
@@ -193,8 +200,12 @@ def compile_variant(v: Variant) -> dict:
         report = sass.analyse(text)
         row.update({k: val for k, val in asdict(report).items() if k != "instructions"})
         row["sass_instructions"] = report.instructions
+        if row["regs"] is None:
+            raise RuntimeError("no ptxas report in the compile log")
     except Exception as error:  # noqa: BLE001 -- a failed compile is a result, not a crash
         row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300] if str(error).strip() else ''}"
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
     return row
 
 
@@ -205,6 +216,8 @@ def problems(row: dict) -> list[str]:
     out = []
     if row["local_in_loops"]:
         out.append(f"{row['local_in_loops']} local-memory instructions inside loops")
+    if row["fences_in_loops"]:
+        out.append(f"{row['fences_in_loops']} GPU-wide fences inside loops")
     if row["cas"]:
         out.append(f"{row['cas']} compare-and-swap atomics")
     limit = SMEM_LIMIT[int(row["arch"][3:].rstrip("a"))]
@@ -215,7 +228,7 @@ def problems(row: dict) -> list[str]:
 
 def run(variant_list: list[Variant], jobs: int) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="hypo_fast_gate_") as cache:
-        os.environ["TRITON_CACHE_DIR"] = cache  # fresh cache: compile times are real, ptxas always runs
+        os.environ["HYPO_FAST_GATE_CACHE"] = cache  # fresh caches: compile times are real, ptxas always runs
         os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
         if jobs <= 1:
             return [compile_variant(v) for v in variant_list]
@@ -226,7 +239,8 @@ def run(variant_list: list[Variant], jobs: int) -> list[dict]:
 COLUMNS = [("arch", "arch", "s"), ("dtype", "dtype", "s"), ("label", "variant", "s"), ("config", "config", "s"),
            ("regs", "regs", "d"), ("spill_stores", "spill st B", "d"), ("spill_loads", "spill ld B", "d"),
            ("local_in_loops", "LDL/STL in loops", "d"), ("fences_in_loops", "fences in loops", "d"),
-           ("cas", "CAS", "d"), ("smem", "smem B", "d"), ("mma", "MMA", "s"), ("compile_s", "compile s", ".1f"),
+           ("cas", "CAS", "d"), ("smem", "smem B", "d"), ("mma", "MMA", "s"), ("w_reads", "W reads", "d"),
+           ("compile_s", "compile s", ".1f"),
            ("error", "error", "s")]
 
 
@@ -250,7 +264,9 @@ def main() -> None:
     parser.add_argument("--archs", nargs="+", type=int, default=list(ARCH_NAMES), choices=list(ARCH_NAMES))
     parser.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=KERNELS)
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES)
-    parser.add_argument("--exhaustive", action="store_true", help="every combination of flags, not a covering set")
+    parser.add_argument("--level", default="default", choices=LEVELS,
+                        help="flag combinations per kernel mode: ci (none, all), default (none, each, all), "
+                             "exhaustive (every subset)")
     parser.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--check", action="store_true", help="exit 1 if any variant fails the gate")
     parser.add_argument("--json", help="also write the rows and the summary to this file")
@@ -264,17 +280,17 @@ def main() -> None:
     ptxas = subprocess.run([_tool("ptxas"), "--version"], capture_output=True, text=True).stdout.strip().splitlines()
     env["ptxas"] = ptxas[-1] if ptxas else None
     print(f"# compiled on {env['machine']} | triton {triton.__version__} | {env['ptxas']} | commit {env['commit']}")
-    todo = variants(args.kernels, args.dtypes, args.archs, args.exhaustive)
+    todo = variants(args.kernels, args.dtypes, args.archs, args.level)
     rows = run(todo, args.jobs)
     rows = [{**env, "bench": "kernel_resources", "N": N, "V": V, "D": D, **r} for r in rows]
-    print_table(rows, COLUMNS)
     total = summary(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "summary": total}, indent=1))
+    print_table(rows, COLUMNS)
     print(json.dumps(total))
     for r in rows:
         for why in problems(r):
             print(f"FAIL {r['arch']} {r['dtype']} {r['label']}: {why}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "summary": total}, indent=1))
     if not args.no_save:
         print(f"rows appended to {append_rows('kernel_resources', rows, args.results_dir)}")
     if args.check and total["failing"]:

@@ -5,10 +5,10 @@ instructions, dominators over the control-flow graph, a back edge ``u → h`` wh
 ``u``, and the natural loop of that edge (``h`` plus every block that reaches ``u`` without passing
 ``h``). A retreating edge whose target does not dominate its source (irreducible flow; ptxas does not
 emit it for Triton kernels) still counts: every block laid out between target and source is taken as
-inside. Subroutines called from a loop (``CALL``) count as inside it.
+inside. A subroutine called from a loop returns into it, so its blocks count as inside it.
 
 What the compile gate asks of a kernel: local-memory instructions (``LDL``/``STL``: spills) and
-memory fences (``MEMBAR``, ``CCTL`` cache invalidation) inside loops, compare-and-swap atomics, and the
+GPU-wide memory fences (``MEMBAR.*.GPU``, ``CCTL`` cache invalidation) inside loops, compare-and-swap atomics, and the
 MMA instructions used (``HMMA`` = mma.sync, ``HGMMA`` = wgmma, ``UTC*MMA`` = tcgen05).
 """
 
@@ -71,10 +71,13 @@ class Block:
     start: int  # index of the first instruction
     end: int  # one past the last
     succ: list[int] = field(default_factory=list)
-    calls: list[int] = field(default_factory=list)  # blocks entered by CALL
 
 
 def basic_blocks(instrs: list[Instruction]) -> list[Block]:
+    """Basic blocks and their successors. A ``CALL`` has two: its target and the instruction after it;
+    a ``RET`` returns to the instruction after every call site (conservative for several call sites).
+    ptxas also uses ``CALL.REL.NOINC`` for a predicated exit from a loop: its target then never returns
+    into the loop, so it does not join the loop."""
     index_of = {ins.offset: i for i, ins in enumerate(instrs)}
     leaders = {0}
     for i, ins in enumerate(instrs):
@@ -86,35 +89,40 @@ def basic_blocks(instrs: list[Instruction]) -> list[Block]:
     starts = sorted(leaders)
     blocks = [Block(s, e) for s, e in zip(starts, starts[1:] + [len(instrs)])]
     block_at = {b.start: k for k, b in enumerate(blocks)}
+    return_points, returning = [], []
     for k, b in enumerate(blocks):
         last = instrs[b.end - 1]
         falls_through = k + 1 < len(blocks)
         if last.base in _BRANCHES and not last.never:
             target = block_at.get(index_of.get(last.target, -1))
-            if last.base == "CALL":
-                if target is not None:
-                    b.calls.append(target)
-            elif last.base in ("BRA", "JMP") and target is not None:
+            if target is not None and last.base in ("BRA", "JMP", "CALL"):
                 b.succ.append(target)
+            if last.base == "CALL" and falls_through:
+                return_points.append(k + 1)
+            if last.base == "RET":
+                returning.append(k)
             falls_through = falls_through and (last.conditional or last.base == "CALL")
         if falls_through:
             b.succ.append(k + 1)
+    for k in returning:
+        blocks[k].succ.extend(p for p in return_points if p not in blocks[k].succ)
     return blocks
 
 
-def dominators(blocks: list[Block]) -> list[set[int]]:
+def dominators(blocks: list[Block], live: set[int]) -> list[set[int]]:
+    """Dominator sets of the blocks in ``live`` (reachable ones; unreachable predecessors are ignored)."""
     n = len(blocks)
     preds = [[] for _ in range(n)]
     for k, b in enumerate(blocks):
-        for s in b.succ:
-            preds[s].append(k)
-    everything = set(range(n))
-    dom = [everything.copy() for _ in range(n)]
+        if k in live:
+            for s in b.succ:
+                preds[s].append(k)
+    dom = [set(live) for _ in range(n)]
     dom[0] = {0}
     changed = True
     while changed:
         changed = False
-        for k in range(1, n):
+        for k in sorted(live - {0}):
             new = set.intersection(*(dom[p] for p in preds[k])) if preds[k] else set()
             new = new | {k}
             if new != dom[k]:
@@ -123,30 +131,30 @@ def dominators(blocks: list[Block]) -> list[set[int]]:
 
 
 def reachable(blocks: list[Block]) -> set[int]:
-    """Blocks reachable from the entry (through branches, fall-through and calls)."""
+    """Blocks reachable from the entry."""
     seen, stack = set(), [0]
     while stack:
         x = stack.pop()
         if x not in seen:
             seen.add(x)
-            stack.extend(blocks[x].succ + blocks[x].calls)
+            stack.extend(blocks[x].succ)
     return seen
 
 
 def loops(blocks: list[Block]) -> list[set[int]]:
-    """Block sets of every reachable loop (natural loops; retreating non-back edges by layout), callees
-    included. The padding after the last ``EXIT`` (``BRA`` to itself) is unreachable and ignored."""
-    dom = dominators(blocks)
+    """Block sets of every reachable loop: natural loops of back edges, and for a retreating edge whose
+    target does not dominate its source, every block laid out between them. The padding after the last
+    ``EXIT`` (a ``BRA`` to itself) is unreachable and ignored."""
     live = reachable(blocks)
+    dom = dominators(blocks, live)
     preds = [[] for _ in blocks]
     for k, b in enumerate(blocks):
-        for s in b.succ:
-            preds[s].append(k)
+        if k in live:
+            for s in b.succ:
+                preds[s].append(k)
     found = []
-    for u, b in enumerate(blocks):
-        if u not in live:
-            continue
-        for h in b.succ:
+    for u in sorted(live):
+        for h in blocks[u].succ:
             if h in dom[u]:  # back edge: natural loop
                 body, stack = {h, u}, [u]
                 while stack:
@@ -159,15 +167,7 @@ def loops(blocks: list[Block]) -> list[set[int]]:
                             stack.append(p)
                 found.append(body)
             elif h <= u:  # retreating edge without a dominating target
-                found.append(set(range(h, u + 1)))
-    for body in found:  # subroutines called from inside a loop run inside it
-        stack = [c for k in body for c in blocks[k].calls]
-        while stack:
-            x = stack.pop()
-            if x in body:
-                continue
-            body.add(x)
-            stack.extend(blocks[x].succ + blocks[x].calls)
+                found.append(set(range(h, u + 1)) & live)
     return found
 
 
@@ -189,7 +189,9 @@ def _is_local(ins: Instruction) -> bool:
 
 
 def _is_fence(ins: Instruction) -> bool:
-    return ins.base in ("MEMBAR", "CCTL", "CCTLL")
+    """GPU- or system-wide memory barriers and L1 invalidations (what acq_rel atomics emit); the CTA-scope
+    ``MEMBAR.ALL.CTA`` + ``FENCE.VIEW.ASYNC`` pair that orders shared memory for wgmma does not count."""
+    return (ins.base == "MEMBAR" and ".CTA" not in ins.opcode) or ins.base in ("CCTL", "CCTLL")
 
 
 def _mma_kind(opcode: str) -> str | None:
