@@ -127,6 +127,23 @@ def test_out_of_line_block_and_callee_of_a_loop_count_as_inside():
     assert report.local_in_loops == 2, report
 
 
+def test_an_exit_laid_out_inside_a_loop_is_not_in_it():
+    """A block between a loop's head and its back edge that leaves the kernel is not part of the loop:
+    an address-range scan would count its spill."""
+    code = _sass([
+        "MOV R3, RZ",  # 0x00
+        "IADD3 R3, R3, 0x1, RZ",  # 0x10: head
+        "@P2 BRA 0x50",  # 0x20: stay in the loop
+        "STL [R1], R2",  # 0x30: the exit path, laid out inside the loop's address range
+        "EXIT",  # 0x40
+        "ISETP.GE.AND P0, PT, R3, R5, PT",  # 0x50: latch
+        "@!P0 BRA 0x10",  # 0x60: back edge
+        "EXIT",
+    ])
+    report = sass.analyse(code)
+    assert report.loops == 1 and report.local_total == 1 and report.local_in_loops == 0
+
+
 def test_fences_cas_and_mma_kind():
     code = _sass([
         "IADD3 R3, R3, 0x1, RZ",  # 0x00: head

@@ -53,6 +53,23 @@ def test_draws_follow_the_tempered_softmax(impl, device, temperature, chunks, mo
 
 
 @pytest.mark.parametrize("impl,device", IMPL_DEVICE)
+def test_vocabulary_tiles_are_picked_by_their_mass(impl, device, monkeypatch):
+    """Two 16-column tiles: one holds a single logit log 8 (mass 8), the other sixteen zeros (mass 16).
+    The first token must come up 1/3 of the time; a race on the tiles' maxima would give 8/9."""
+    monkeypatch.setattr(launch, "INTERPRETER_HEAD_TILE", launch.TileConfig(16, 16, 16, 1, 1))
+    monkeypatch.setattr(native, "SAMPLE_TILE", 16)
+    monkeypatch.setattr(chunked, "MIN_CHUNK", 1)
+    B, V, D = 3000, 32, 16
+    monkeypatch.setattr(chunked, "DEFAULT_CHUNK_ELEMENTS", B * 16)
+    bias = torch.cat([torch.tensor([8.0]).log(), torch.full((15,), -30.0), torch.zeros(16)]).to(device)
+    hidden, weight = torch.zeros(B, D, device=device), torch.zeros(V, D, device=device)
+    tokens, logp = sample_tokens(hidden, weight, bias, seed=99, impl=impl)
+    share = (tokens == 0).double().mean().item()
+    assert abs(share - 1 / 3) < 5 * (2 / 9 / B) ** 0.5, share  # 5 binomial standard deviations
+    torch.testing.assert_close(logp.cpu(), torch.log_softmax(bias.double(), -1)[tokens].float().cpu())
+
+
+@pytest.mark.parametrize("impl,device", IMPL_DEVICE)
 def test_logp_entropy_greedy_and_reproducibility(impl, device, seed, monkeypatch):
     monkeypatch.setattr(native, "SAMPLE_TILE", 64)  # several native tiles, the last one ragged
     B, V, D = 5, 301, 40  # V not a multiple of any tile
