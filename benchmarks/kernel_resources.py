@@ -7,15 +7,18 @@ hints a real launch gets), compiled with ``triton.compile`` for a ``GPUTarget`` 
 
   regs, spill     ptxas's register count and spill stores/loads (bytes per thread)
   LDL/STL in loop local-memory instructions inside a loop of the SASS (``benchmarks/sass.py``)
-  fences in loop  MEMBAR / CCTL inside a loop (what acq_rel atomics cost)
+  fences in loop  GPU-wide MEMBAR / CCTL (L1 invalidation) inside a loop (what acq_rel atomics cost)
   CAS             compare-and-swap atomics (a CAS loop per element)
   smem            dynamic shared memory (bytes), checked against the arch's per-block limit
   MMA             tcgen05 | wgmma | mma.sync | none (FMA dots), from the SASS
 
-Shapes: N, V, D = 8192, 128256, 4096 (a Llama-3-8B head) and, for the sampling head, one decode batch
-per row-tile bucket. Prints one table, appends the rows to ``benchmarks/results/kernel_resources.jsonl``
-and, with ``--check``, exits 1 on a compile error, a local-memory instruction or a GPU-wide fence inside
-a loop, a CAS atomic, or shared memory over the limit.
+Variants: dtype × kernel mode (backward: dh+dW, dh only, dW only; head: Gumbel, greedy) × extras (bias,
+entropy, logit mean, low-precision dW): ``--level ci`` none and all extras per mode, ``default`` also
+each extra alone in the main mode, ``exhaustive`` every subset. Shapes: N, V, D = 8192, 128256, 4096
+(a Llama-3-8B head) and, for the sampling head, one decode batch per row-tile bucket. Prints one table,
+appends the rows to ``benchmarks/results/kernel_resources.jsonl`` and, with ``--check``, exits 1 on a
+compile error, a local-memory instruction or a GPU-wide fence inside a loop, a CAS atomic, or shared
+memory over the limit.
 
     python benchmarks/kernel_resources.py                      # every variant, 3 archs
     python benchmarks/kernel_resources.py --archs 90 --kernels bwd --dtypes float32 -j 2
@@ -45,11 +48,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 ARCH_NAMES = {80: "sm_80", 90: "sm_90a", 100: "sm_100a"}
-SMEM_LIMIT = {80: 101376, 90: 232448, 100: 232448}  # bytes per block: sm_86/89/120 (which the 80 column serves), H100, B200
+# shared memory per block: 99 KB for the 80 column (it also serves sm_86/89/120), H100's and B200's 227 KB
+SMEM_LIMIT = {80: 101376, 90: 232448, 100: 232448}
 N, V, D = 8192, 128256, 4096
 DTYPES = ("bfloat16", "float16", "float32", "tf32")  # tf32: fp32 inputs with allow_tf32=True
 KERNELS = ("fwd", "bwd", "head", "merge")
-NAMES = {"fwd": "linear_logprobs fwd", "bwd": "linear_logprobs bwd", "head": "sample_head", "merge": "sample_head merge"}
+NAMES = {"fwd": "linear_logprobs fwd", "bwd": "linear_logprobs bwd", "head": "sample_head",
+         "merge": "sample_head merge"}
 MODES = {"bwd": [(), ("dh_only",), ("dw_only",)], "head": [(), ("greedy",)]}  # what the kernel computes
 FEATURES = {"fwd": ("bias", "entropy", "logit_mean"), "bwd": ("bias", "entropy", "low_dw"), "head": ("bias", "entropy"),
             "merge": ("entropy",)}  # optional extras, combined with every mode
@@ -58,7 +63,7 @@ LEVELS = ("ci", "default", "exhaustive")  # features per mode: none + all | none
 
 @dataclass(frozen=True)
 class Variant:
-    kernel: str  # fwd | bwd | head
+    kernel: str  # fwd | bwd | head | merge
     dtype: str  # bfloat16 | float16 | float32 | tf32
     arch: int
     flags: tuple[str, ...] = ()
@@ -203,7 +208,8 @@ def compile_variant(v: Variant) -> dict:
         if row["regs"] is None:
             raise RuntimeError("no ptxas report in the compile log")
     except Exception as error:  # noqa: BLE001 -- a failed compile is a result, not a crash
-        row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300] if str(error).strip() else ''}"
+        first_line = (str(error).strip().splitlines() or [""])[0][:300]
+        row["error"] = f"{type(error).__name__}: {first_line}"
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     return row

@@ -43,8 +43,9 @@ def test_compile_gate_bf16_on_sm90a_and_sm80(tmp_path):
     sampling-head row tile) compiles for sm_90a and sm_80 with no local memory, GPU-wide fence or CAS
     atomic inside a loop and shared memory within the per-block limit."""
     out = tmp_path / "gate.json"
+    jobs = str(min(os.cpu_count() or 1, 4))
     cmd = [sys.executable, str(REPO / "benchmarks" / "kernel_resources.py"), "--archs", "90", "80",
-           "--dtypes", "bfloat16", "--level", "ci", "--no-save", "--json", str(out), "-j", str(min(os.cpu_count() or 1, 4))]
+           "--dtypes", "bfloat16", "--level", "ci", "--no-save", "--json", str(out), "-j", jobs]
     proc = subprocess.run(cmd, env=_compiling_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
