@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One GPU session's worth of checks, under 9 minutes: the CUDA tests (compiled Triton), then the
-# benchmarks. Results (test log, JSONL rows, tables) land in the folder given as argument.
+# One GPU session's worth of checks, under 9 minutes: the CUDA tests (compiled Triton), the compile gate
+# (kernel_resources.py), then the benchmarks. Results (test log, JSONL rows, tables) land in the folder
+# given as argument.
 #
 #   bash benchmarks/gpu_suite.sh "$OUT"
 #
@@ -25,11 +26,17 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | 
 } | tee "$out/machine.txt"
 
 echo "== CUDA tests"
-timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/kernels tests/ops tests/test_fused_losses.py 2>&1 \
+timeout 150 python3 -m pytest -q -x -p no:cacheprovider -k "not compile_gate" tests/kernels tests/ops \
+  tests/test_fused_losses.py 2>&1 \
   | tee "$out/tests.log" | tail -15
 
+echo "== compile gate: every launched kernel variant compiled for sm_80/sm_90a/sm_100a with this image's triton"
+# predicted (registers, spills, MMA kind) beside the measured times below; its rows carry this triton's version
+timeout 120 python3 benchmarks/kernel_resources.py --results-dir "$out" -j "$(nproc)" 2>&1 \
+  | tee "$out/kernel_resources.txt" | tail -12
+
 echo "== benchmarks (each capped so that the whole suite stays under 9 minutes)"
-for bench in bench_linear_logprobs:70 bench_sample_head:40 bench_dpo_loss:60 bench_generate:60 bench_step:60 memory_8b:60; do
+for bench in bench_linear_logprobs:70 bench_sample_head:50 bench_dpo_loss:60 bench_generate:50 bench_step:60 memory_8b:40; do
   name=${bench%%:*}
   timeout "${bench##*:}" python3 "benchmarks/$name.py" --device cuda --results-dir "$out" 2>&1 | tee "$out/$name.txt"
 done

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hypo_fast import FusedLinearHyPOLoss, dpo_loss, hypo_loss, linear_logprobs, native, sequence_logps
+from hypo_fast import FusedLinearHyPOLoss, dpo_loss, hypo_loss, linear_logprobs, sequence_logps
+from hypo_fast.ops import native
 from hypo_fast.objective import HyPOObjective, OptionError
 
 IMPLS = ["torch", "triton"] + (["native"] if native.available() else [])

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hypo_fast import linear_logprobs, native
+from hypo_fast import linear_logprobs
+from hypo_fast.ops import native
 from hypo_fast.ops.sample_head import sample_tokens
 
 IMPLS = ["torch"] + (["native"] if native.available() else [])
