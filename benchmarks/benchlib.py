@@ -226,3 +226,43 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
         print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
         if i == 0:
             print("  ".join("-" * w for w in widths))
+
+
+class HostReads:
+    """Counts the device→host reads a block of code makes (``.item()``, ``.tolist()``, ``.cpu()``, ``bool()``,
+    ``float()``, ``int()`` of a tensor): on a GPU each is a host sync that stalls the launch queue. On a CPU
+    run nothing stalls, but the count is the same code path's, so it says how many syncs a GPU run would
+    make. ``ours`` counts the reads made by hypo_fast's own code; ``total`` includes libraries (DeepSpeed).
+    """
+
+    METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
+
+    def __init__(self):
+        self.ours = self.total = 0
+        self._saved = {}
+
+    def __enter__(self):
+        import sys
+
+        import torch
+
+        package = str(Path(__file__).resolve().parents[1] / "hypo_fast")
+        for name in self.METHODS:
+            original = getattr(torch.Tensor, name)
+            self._saved[name] = original
+
+            def counting(tensor, *args, _original=original, **kwargs):
+                self.total += 1
+                caller = sys._getframe(1).f_code.co_filename
+                if caller.startswith(package) or "/hypo_fast/" in caller and "site-packages" not in caller:
+                    self.ours += 1
+                return _original(tensor, *args, **kwargs)
+
+            setattr(torch.Tensor, name, counting)
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, original)
