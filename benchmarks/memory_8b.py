@@ -26,12 +26,14 @@ Rows go to benchmarks/results/memory_8b.jsonl; the measured CPU peaks are printe
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from benchlib import (PeakMemory, append_rows, bench_arguments, print_table, run_worker, serve_worker, start_run)
+from benchlib import REPO, PhasePeaks, append_rows, bench_arguments, print_table, start_run
 
 GB = 1024**3
 
@@ -56,6 +58,12 @@ class Shape:
         layer = D * self.heads * hd * 2 + 2 * D * self.kv_heads * hd + 3 * D * self.ffn + 2 * D
         return self.vocab * D * (1 if self.tied else 2) + self.layers * layer + D
 
+    def hf_config(self, max_positions: int) -> dict:
+        return {"model_type": "llama", "vocab_size": self.vocab, "hidden_size": self.hidden,
+                "intermediate_size": self.ffn, "num_hidden_layers": self.layers, "num_attention_heads": self.heads,
+                "num_key_value_heads": self.kv_heads, "max_position_embeddings": max_positions,
+                "tie_word_embeddings": self.tied}
+
     def lora_params(self, r: int) -> int:
         D, hd = self.hidden, self.head_dim
         per_layer = r * ((D + self.heads * hd) * 2 + (D + self.kv_heads * hd) * 2 + (D + self.ffn) * 3)
@@ -63,6 +71,16 @@ class Shape:
 
 
 LLAMA3_8B = Shape("llama3-8b", 32, 4096, 14336, 32, 8, 128256)
+# calibration shapes: Llama-3's vocabulary and untied head, GQA; the 1.5B one is Llama-3.2-1B's body, untied
+SHAPES = {s.name: s for s in [
+    LLAMA3_8B,
+    Shape("llama-0.15b", 4, 512, 2048, 8, 4, 128256),
+    Shape("llama-0.35b", 8, 1024, 4096, 16, 8, 128256),
+    Shape("llama-0.5b", 16, 1024, 4096, 16, 8, 128256),
+    Shape("llama32k-0.16b", 8, 1024, 2816, 16, 8, 32000),  # body-heavy: most parameters in the layers
+    Shape("llama-1.5b", 16, 2048, 8192, 32, 8, 128256),
+    Shape("tiny", 2, 256, 1024, 4, 2, 32000),
+]}
 
 
 @dataclass(frozen=True)
@@ -132,97 +150,335 @@ def plan_table(shape: Shape) -> list[dict]:
     return rows
 
 
-# ---- measurements -------------------------------------------------------------------------------
+# ---- measurement: one training step of hypo_fast's trainer, peaks per phase ---------------------------
 
-SMALL = [Shape("small-256", 2, 256, 1024, 4, 2, 32000), Shape("small-512", 4, 512, 2048, 8, 4, 32000)]
+ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 
 
-def measure_step(shape: Shape, lora: bool, seq: int, device: str, dtype: str) -> dict:
-    """Peak memory of one HyPO training step of hypo_fast's trainer (model built from the shape)."""
-    import tempfile
-    from pathlib import Path
+GEN_TOKENS = 32  # tokens drawn per online sample in a measured cell (decoding on 2 CPU cores is slow)
+MMAP_THRESHOLD = 65536  # glibc: every allocation ≥ 64 KiB its own mapping, unmapped when freed
+
+
+def cell_case(name: str, device: str = "cpu", malloc: str = "mmap") -> dict:
+    """A measured cell from its name, ``MODE-SHAPE-SEQ``.
+
+    ``lora``: a HyPO step (λ = 0.05, k = 2) with LoRA r = 16, one pair and one online prompt, one process.
+    ``full``: a DPO step (λ = 0, no sampling, no reference forward) with one pair per rank on two ranks
+    under ZeRO-3. Every sequence is ``SEQ`` tokens: a pair is half prompt, half response; an online
+    sample is a prompt of ``SEQ − 32`` tokens (its own prompt set) and 32 drawn tokens, so the KV cache
+    and the training forward see full-length sequences while decoding stays short.
+    ``malloc="mmap"`` runs with ``MALLOC_MMAP_THRESHOLD_=65536``: freed tensors leave the resident set,
+    so it tracks live tensors (what CUDA's allocator statistics report); ``"default"`` is glibc as shipped.
+    """
+    mode, rest = name.split("-", 1)
+    shape, seq = rest.rsplit("-", 1)
+    seq = int(seq)
+    if shape not in SHAPES or mode not in ("lora", "full"):
+        raise ValueError(f"unknown cell {name!r}: MODE-SHAPE-SEQ with MODE lora|full, SHAPE one of {sorted(SHAPES)}")
+    prompt = seq // 2
+    case = {"cell": name, "shape": shape, "mode": mode, "seq": seq, "prompt": prompt, "response": seq - prompt,
+            "pairs": 1, "dtype": "bfloat16", "device": device, "malloc": malloc}
+    if mode == "lora":
+        return {**case, "kl_coef": 0.05, "k": 2, "prompts": 1, "online_prompt": seq - GEN_TOKENS,
+                "gen": GEN_TOKENS, "ranks": 1, "zero": 0}
+    return {**case, "kl_coef": 0.0, "k": 2, "prompts": 1, "online_prompt": 0, "gen": 1, "ranks": 2, "zero": 3}
+
+
+def run_config(case: dict, folder: Path) -> dict:
+    """The trainer config of a measured cell: a model built from the shape (random weights), one row of
+    random letters per rank (prompt, chosen, rejected of exactly the cell's token counts), one step."""
+    import random
 
     from hypo_fast.examples.toy import char_tokenizer
+
+    shape = SHAPES[case["shape"]]
+    char_tokenizer(ALPHABET).save_pretrained(folder / "tok")
+    rng = random.Random(0)
+    text = lambda n: "".join(rng.choice(ALPHABET) for _ in range(n))  # noqa: E731
+    P, R = case["prompt"], case["response"]  # tokens: BOS + P−1 letters; R−1 letters + EOS
+    rows = [{"prompt": text(P - 1), "chosen": text(R - 1), "rejected": text(R - 1)}
+            for _ in range(case["ranks"] * case["pairs"])]
+    (folder / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    online = case["online_prompt"]
+    if online:  # the online prompts: their own set, so that samples can be long while decoding is short
+        prompts = [{"prompt": text(online - 1)} for _ in range(case["ranks"] * case["prompts"])]
+        (folder / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompts))
+    cfg = {"model": {"config": shape.hf_config(max_positions=max(P + R, online + case["gen"]) + 8),
+                     "tokenizer": str(folder / "tok"), "dtype": case["dtype"], "gradient_checkpointing": True,
+                     "attn_implementation": case.get("attn", "auto")},
+           "data": {"train_file": str(folder / "pairs.jsonl"), "max_prompt_length": max(P, online),
+                    "max_length": max(P + R, online + 1),
+                    "prompt_file": str(folder / "prompts.jsonl") if online else None},
+           "algorithm": {"kl_coef": case["kl_coef"], "num_samples": case["k"]},
+           "sampling": {"prompts_per_step": case["prompts"], "max_new_tokens": case["gen"], "stop_on_eos": False},
+           "optim": {"max_steps": 1, "pairs_per_micro_batch": case["pairs"]},
+           "deepspeed": {"zero_stage": case["zero"], "offload_optimizer": case.get("offload_optimizer", False),
+                         "offload_params": case.get("offload_params", False)},
+           "eval": {"every": 0, "kl_prompts": 0},
+           "output": {"dir": str(folder / "run"), "resume": "never", "tensorboard": False}}
+    if case["mode"] == "lora":
+        cfg["model"]["lora"] = {"r": case.get("lora_r", 16)}
+    return cfg
+
+
+class _PhasedEngine:
+    """The DeepSpeed engine, its forward, backward and step each run as a phase."""
+
+    def __init__(self, engine, phases):
+        self._engine = engine
+        self._forward = phases.wrap("policy_forward", engine)
+        self.backward = phases.wrap("backward", engine.backward)
+        self.step = phases.wrap("optimizer_step", engine.step)
+
+    def __call__(self, *args, **kwargs):
+        return self._forward(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+
+def _phase_the_head(head, phases) -> None:
+    """The fused head's forward (with grad) and its backward (from its output's gradient hook to its
+    input's) as phases ``head_forward`` / ``head_backward``."""
+    forward = head.forward
+
+    def phased(hidden, targets, positions, **kwargs):
+        if not torch.is_grad_enabled():  # the reference forward (LoRA shares the head): not this phase
+            return forward(hidden, targets, positions, **kwargs)
+        out = phases.wrap("head_forward", forward)(hidden, targets, positions, **kwargs)
+        logp = out[0] if isinstance(out, tuple) else out
+        if logp.requires_grad and hidden.requires_grad:
+            logp.register_hook(lambda grad: phases.enter("head_backward"))
+            hidden.register_hook(lambda grad: phases.exit("head_backward"))
+        return out
+
+    head.forward = phased
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def _param_bytes(module) -> int:
+    """Bytes of a module's parameters held by this rank (its ZeRO-3 partition where partitioned)."""
+    return _bytes(getattr(p, "ds_tensor", p) for p in module.parameters())
+
+
+# where DeepSpeed keeps the fp32 master weights: ZeRO-3, ZeRO-1/2, and the bf16 optimizer of ZeRO-0
+_MASTER_ATTRIBUTES = ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition")
+
+
+def tensor_inventory(trainer) -> dict:
+    """Exact tensor bytes of what the estimator names, read from the objects (not from RSS)."""
+    engine = trainer.engine
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # DeepSpeed wraps torch's AdamW
+    masters = next((getattr(engine.optimizer, a) for a in _MASTER_ATTRIBUTES if hasattr(engine.optimizer, a)), [])
+    reference = trainer.policy.reference
+    own_reference = reference is not None and reference.model is not trainer.policy.model
+    return {
+        "model_param_bytes": _param_bytes(trainer.policy.model),
+        "trainable_params": sum(getattr(p, "ds_numel", p.numel()) for p in trainer.policy.model.parameters()
+                                if p.requires_grad),
+        "reference_param_bytes": _param_bytes(reference.model) if own_reference else 0,
+        "optimizer_state_bytes": _bytes(t for s in inner.state.values() for t in s.values()),
+        "master_weight_bytes": _bytes(masters),
+    }
+
+
+def measure_worker(case: dict, out_dir: Path) -> None:
+    """One rank of one measured cell: set-up and one training step, each phase's peak, to rankN.json."""
+    import os
+    import tempfile
+    import time
+
+    phases = PhasePeaks(case["device"])
+    phases.mark("python")
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed  # noqa: F401  (its import is part of the runtime's footprint)
+
+    import hypo_fast.train.trainer as tr
     from hypo_fast.train.config import config_from_dict
-    from hypo_fast.train.trainer import Trainer
+
+    phases.mark("imports")
+    tr.load_causal_lm = phases.wrap("load_model", tr.load_causal_lm)
+    tr.add_lora = phases.wrap("add_lora", tr.add_lora)
+    tr.FrozenReference.copy_of = phases.wrap("reference_copy", tr.FrozenReference.copy_of)
+    tr.build_engine = phases.wrap("engine_init", tr.build_engine)
+    tr.Trainer._reference_logps = phases.wrap("reference_cache", tr.Trainer._reference_logps)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = config_from_dict(run_config(case, Path(tmp)))
+        start = time.perf_counter()
+        phases.enter("setup")
+        trainer = tr.Trainer(cfg)
+        phases.exit("setup")
+        setup_s = time.perf_counter() - start
+        trainer.engine = _PhasedEngine(trainer.engine, phases)
+        policy, sampler = trainer.policy, trainer.sampler
+        policy.reference_online_logprobs = phases.wrap("reference_forward", policy.reference_online_logprobs)
+        sampler.generate = phases.wrap("sampling", sampler.generate)
+        sampler.decoder = phases.wrap("prefill", sampler.decoder)
+        decode = sampler._decode
+        sampler._decode = lambda *a, **k: (out := decode(*a, **k), phases.mark("kv_cache_full"))[0]
+        _phase_the_head(policy.head, phases)
+        start = time.perf_counter()
+        phases.enter("step")
+        metrics = trainer.train_step()
+        phases.exit("step")
+        step_s = time.perf_counter() - start
+        phases.mark("end")
+    result = {"rank": trainer.rank, "world": trainer.world, "peaks": phases.peaks, "levels": phases.levels,
+              "process_peak": phases.process_peak, "reserved_peak": phases.reserved_peak, "seconds": phases.seconds,
+              "setup_s": setup_s, "step_s": step_s, "loss": float(metrics["loss"]),
+              **tensor_inventory(trainer)}
+    (out_dir / f"rank{trainer.rank}.json").write_text(json.dumps(result))
+
+
+def _descendants(root: int) -> list[int]:
+    """``root`` and every process below it (launchers may start their ranks in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))  # fields[1]: the parent pid
+        except (OSError, IndexError, ValueError):
+            continue
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += children.get(pid, [])
+    return found
+
+
+MIN_AVAILABLE = 1.5 * GB  # the guard also stops a cell when the machine (shared) runs this low
+
+
+def _available_bytes() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 1 << 62
+
+
+def _tree_rss(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * 4096
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def run_cell(case: dict, cap_bytes: float, timeout: float) -> dict:
+    """Run one cell in fresh processes (torch.distributed.run for several ranks) under a memory guard:
+    every process of the cell is killed if their resident sets together pass ``cap_bytes``."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
 
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        char_tokenizer("abcdefghijklmnopqrstuvwxyz").save_pretrained(folder / "tok")
-        half = seq // 2 - 1
-        row = {"prompt": "a" * half, "chosen": "b" * half, "rejected": "c" * half}
-        (folder / "pairs.jsonl").write_text((json.dumps(row) + "\n") * 4)
-        cfg = {"model": {"config": {"model_type": "llama", "vocab_size": shape.vocab, "hidden_size": shape.hidden,
-                                    "intermediate_size": shape.ffn, "num_hidden_layers": shape.layers,
-                                    "num_attention_heads": shape.heads, "num_key_value_heads": shape.kv_heads,
-                                    "max_position_embeddings": 2 * seq + 8, "tie_word_embeddings": shape.tied},
-                         "tokenizer": str(folder / "tok"), "dtype": dtype, "gradient_checkpointing": True},
-               "data": {"train_file": str(folder / "pairs.jsonl"), "max_prompt_length": seq, "max_length": 2 * seq},
-               "algorithm": {"kl_coef": 0.05, "num_samples": 2},
-               "sampling": {"prompts_per_step": 1, "max_new_tokens": half + 1,
-                            "stop_on_eos": False},
-               "optim": {"max_steps": 1, "pairs_per_micro_batch": 1},
-               "output": {"dir": str(folder / "run"), "resume": "never", "tensorboard": False}}
-        if lora:
-            cfg["model"]["lora"] = {"r": 16}
-        trainer = Trainer(config_from_dict(cfg))
-        with PeakMemory(device) as step_memory:
-            trainer.train_step()
-        base = torch.cuda.memory_allocated() if device == "cuda" else 0
-    return {"step_extra_bytes": step_memory.extra, "allocated_before_step": base}
+        out = Path(tmp)
+        (out / "case.json").write_text(json.dumps(case))
+        script = [str(Path(__file__).resolve()), "--worker-case", str(out / "case.json"), "--worker-out", str(out)]
+        if case["ranks"] > 1:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(case["ranks"]),
+                   "--master-port", str(_free_port()), *script]
+        else:
+            cmd = [sys.executable, *script]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+        if case.get("malloc") == "mmap":
+            env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
+        log = (out / "log.txt").open("w")
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        start, seen, stopped = time.monotonic(), 0, None
+        while proc.poll() is None:
+            pids = _descendants(proc.pid)
+            rss = _tree_rss(pids)
+            seen = max(seen, rss)
+            if rss > cap_bytes:
+                stopped = f"stopped by the memory guard: {rss / GB:.1f} GiB > {cap_bytes / GB:.1f} GiB"
+            elif _available_bytes() < MIN_AVAILABLE:
+                stopped = f"stopped by the memory guard: the machine has under {MIN_AVAILABLE / GB:.0f} GiB available"
+            elif time.monotonic() - start > timeout:
+                stopped = f"stopped after the {timeout:.0f} s time limit"
+            if stopped:
+                for pid in pids:  # the processes this cell started, by id
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                proc.wait()
+                break
+            time.sleep(0.5)
+        log.close()
+        ranks = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
+        row = {"wall_s": time.monotonic() - start, "guard_max_total_rss": seen}
+        if stopped or proc.returncode != 0 or len(ranks) != case["ranks"]:
+            tail = (out / "log.txt").read_text().strip().splitlines()[-3:]
+            row["error"] = stopped or (" | ".join(tail))[-400:]
+        row["per_rank"] = ranks
+        return row
 
 
-def worker(method: str, case: dict, repeats: int) -> dict:
-    shape = {s.name: s for s in SMALL + [LLAMA3_8B]}[case["shape"]]
-    lora = method == "lora"
-    measured = measure_step(shape, lora, case["seq"], case["device"], case["dtype"])
-    plan = Plan(lora=lora, zero_stage=0, gpus=1, bytes_per_weight=4 if case["dtype"] == "float32" else 2,
-                seq=case["seq"], device=case["device"])
-    est = estimate(shape, plan)
-    # the step's own peak above the set-up level: activations, head, KV cache, grads, optimizer state
-    # (AdamW allocates its state at the first step). The estimate sums them: an upper bound, since the
-    # optimizer state is allocated after the activations are freed.
-    step_keys = ("activations", "head", "kv_cache", "grads", "optimizer", "attention_scores", "head_workspace")
-    est = {k: est.get(k, 0.0) for k in (*step_keys, "total")}
-    return {**measured, "estimate_step_bytes": sum(est[k] for k in step_keys), "estimate_total_bytes": est["total"]}
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+MIB = 2**20
+
+
+def measured_row(case: dict, result: dict, env: dict) -> dict:
+    """A results row: the cell, the machine, and per rank its phase peaks, levels and tensor inventory (MiB)."""
+    per_rank = []
+    for r in result["per_rank"]:
+        per_rank.append({"rank": r["rank"], "peak_mib": r["process_peak"] / MIB,
+                         "phase_peak_mib": {k: v / MIB for k, v in r["peaks"].items()},
+                         "level_mib": {k: v / MIB for k, v in r["levels"].items()},
+                         "seconds": r["seconds"], "setup_s": r["setup_s"], "step_s": r["step_s"],
+                         "reserved_peak_mib": r["reserved_peak"] / MIB,
+                         **{k: (v / MIB if k.endswith("_bytes") else v) for k, v in r.items()
+                            if k.endswith("_bytes") or k == "trainable_params"}})
+    row = {**env, "kind": "measured", **case, "wall_s": result["wall_s"],
+           "guard_max_total_rss_mib": result["guard_max_total_rss"] / MIB, "per_rank": per_rank}
+    if per_rank:
+        row["peak_mib"] = max(r["peak_mib"] for r in per_rank)
+    if "error" in result:
+        row["error"] = result["error"]
+    return row
 
 
 def main() -> None:
     parser = bench_arguments(__doc__)
+    parser.add_argument("--measure", nargs="*", default=[], help="cells to measure, MODE-SHAPE-SEQ (see cell_case)")
+    parser.add_argument("--malloc", default="mmap", choices=["mmap", "default"], help="CPU: glibc's mode for the cells")
+    parser.add_argument("--max-rss-gib", type=float, default=12.5, help="memory guard: all processes of a cell")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per cell")
+    parser.add_argument("--worker-case", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if serve_worker(args, worker):
+    if args.worker_case:
+        measure_worker(json.loads(Path(args.worker_case).read_text()), Path(args.worker_out))
         return
     env = start_run(args)
-    print(f"\n## Estimated peak GB per GPU, one HyPO step on {LLAMA3_8B.name} ({LLAMA3_8B.params() / 1e9:.2f}B params),"
-          " bf16, 1 pair + 1 prompt × k=2 samples, seq 2048, gradient checkpointing")
-    table = plan_table(LLAMA3_8B)
-    print_table(table, [("mode", "mode", "s"), ("gpus", "GPUs", "d"), ("zero", "ZeRO", "d"), ("offload", "offload", "s"),
-                        ("weights_gb", "weights", ".1f"), ("grads_gb", "grads", ".1f"), ("optimizer_gb", "optim", ".1f"),
-                        ("reference_gb", "ref", ".1f"), ("activations_gb", "act", ".1f"), ("head_gb", "head", ".2f"),
-                        ("kv_cache_gb", "KV", ".2f"), ("generation_gather_gb", "gen gather", ".1f"),
-                        ("total_gb", "total", ".1f")])
-
-    print("\n## Measured vs estimated: one step's peak above the set-up level")
-    rows = []
-    cases = [(s.name, 512, "float32", args.device, m) for s in SMALL for m in ("lora", "full")]
-    if args.device == "cuda":
-        cases += [(LLAMA3_8B.name, 2048, "bfloat16", "cuda", "lora")]
-    for name, seq, dtype, device, method in cases:
-        case = {"bench": "memory_8b", "shape": name, "seq": seq, "dtype": dtype, "device": device}
-        res = run_worker(__file__, [method, *[f"{k}={v}" for k, v in sorted(case.items())], "repeats=1"], timeout=3600)
-        row = {**env, **case, "mode": method, **res}
-        if "step_extra_bytes" in res:
-            row["measured_mb"] = res["step_extra_bytes"] / 2**20
-            row["estimate_mb"] = res["estimate_step_bytes"] / 2**20
-            row["ratio"] = res["step_extra_bytes"] / res["estimate_step_bytes"]
-        rows.append(row)
-    print_table(rows, [("shape", "shape", "s"), ("mode", "mode", "s"), ("seq", "seq", "d"), ("dtype", "dtype", "s"),
-                       ("measured_mb", "measured MiB", ".0f"), ("estimate_mb", "estimate MiB", ".0f"),
-                       ("ratio", "measured/est", ".2f"), ("error", "error", "s")])
-    if not args.no_save:
-        for r in table:
-            r.update(env)
-        append_rows("memory_8b", table + rows, args.results_dir)
+    if not args.measure:
+        print_table(plan_table(LLAMA3_8B), [("mode", "mode", "s"), ("gpus", "GPUs", "d"), ("zero", "ZeRO", "d"),
+                                            ("offload", "offload", "s"), ("total_gb", "total", ".1f")])
+    for spec in args.measure:
+        case = json.loads(spec) if spec.startswith("{") else cell_case(spec, args.device, args.malloc)
+        row = measured_row(case, run_cell(case, args.max_rss_gib * GB, args.timeout), env)
+        print(f"{case.get('cell', spec)} [{case.get('malloc')}]: peak {row.get('peak_mib', float('nan')):.0f} MiB per rank, "
+              f"{row['wall_s']:.0f} s" + (f" — {row['error']}" if "error" in row else ""), flush=True)
+        if not args.no_save:
+            append_rows("memory_8b", [row], args.results_dir)
 
 
 if __name__ == "__main__":
