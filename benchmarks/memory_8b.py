@@ -1,41 +1,58 @@
-"""Memory plan for one HyPO step on Llama-3-8B shapes: an analytic estimator, checked against measurements.
+"""Memory plan for one HyPO step at Llama-3-8B scale: an estimator calibrated against measured peaks.
 
-    python benchmarks/memory_8b.py                 # estimator tables + CPU measurements of small models
-    python benchmarks/memory_8b.py --device cuda   # + the 8B shape itself on the GPU (LoRA, one step)
+    python benchmarks/memory_8b.py                       # 8B plan + calibration against the measured rows
+    python benchmarks/memory_8b.py --config my_run.yaml --gpus 8   # the peak of one config, by phase
+    python benchmarks/memory_8b.py --measure lora-llama-0.5b-512 full-llama-0.15b-2048   # measure cells (CPU)
+    python benchmarks/memory_8b.py --device cuda --measure lora-llama3-8b-2048           # on a GPU
 
-The estimator (per GPU, bytes) for a micro-step with ``pairs`` preference pairs and ``prompts·k`` online
-samples, all of length ``seq``, with gradient checkpointing:
+The estimator (:func:`estimate`) adds up, per GPU (per rank on CPU), what is alive in each phase of a
+step and reports the largest: the peak. Persistent state — weights (``w·P``, ``/n`` under ZeRO-3, 0
+with parameters offloaded), the frozen reference of full fine-tuning (a full copy on *every* rank: it is
+not partitioned, ``model.reference_device: cpu`` moves it off the GPU), fp32 master weights ``4·P`` and
+AdamW state ``8·P`` (``/n`` from ZeRO-1, 0 offloaded; AdamW creates its state in the first step),
+DeepSpeed's gradient buffers (ZeRO-3: a partition buffer ``w·P/n`` and the 5e8-element reduce bucket) —
+plus what each phase adds:
 
-* weights ``w·P`` (``/n`` under ZeRO-3; 0 when parameters are offloaded, but for one gathered layer),
-  gradients ``w·P`` (``/n`` from ZeRO-2), AdamW state ``12·P`` in mixed precision or ``8·P`` in fp32
-  (``/n`` from ZeRO-1; 0 offloaded, and gradients then stream out in 5e8-element buckets); with LoRA only the adapters train, and the reference is the same
-  weights with adapters off (full fine-tuning keeps a frozen reference copy, ``w·P``, unless on CPU);
-* activations: each layer's input for the backward, ``L·T·D·w``, plus one layer recomputed,
-  ``T·(6·D + 3·F)·w``, with ``T = (2·pairs + prompts·k)·seq`` tokens;
-* the fused head: no logits — ``N·D`` gathered rows, an fp32 ``dh`` and, when the head trains, an fp32
-  weight-gradient buffer ``4·V·D``;
-* sampling: the KV cache ``2·L·KV·hd·seq·prompts·k·w`` (and, under ZeRO-3, the weights gathered for the
-  generation phase);
-* on CPU only: SDPA's math path materialises attention scores over the whole packed row,
-  ``3·heads·T²·4`` for the recomputed layer, and the chunked head's ``[n, chunk]`` fp32 blocks.
+* sampling: the KV cache ``2·L·KV·hd·S·M·w`` (``M = prompts·k`` rows of ``S`` tokens), one layer's
+  prefill, and under ZeRO-3 the whole model gathered for the generation phase;
+* reference forward (no grad) over the online samples, packed;
+* policy forward: every layer's input kept for the backward (gradient checkpointing), ``L·T·D·w``, one
+  layer's forward in flight, the fused head's gathered rows — never ``[N, V]`` logits;
+* backward: one layer recomputed with everything it saves (bytes per token: ``8·D`` of fp32 RMSNorm
+  inputs, ``4w·D + w·D`` more for the norms and o_proj, ``4w·F`` for SwiGLU, q/k/v as attention saves
+  them — GQA-sized with flash-attention, expanded to every head by SDPA with a mask — and the fp32
+  log-sum-exp) plus the gradients in flight; the fused head's fp32 ``dh`` and, when it trains, its fp32
+  weight gradient ``4·V·D`` (and its ``w·V·D`` cast); full fine-tuning's gradients (all of them in
+  ZeRO-0/1, the reduce bucket and its scatter in ZeRO-2/3);
+* optimizer step: AdamW's state, the fp32 gradient of one sub-group and its temporaries.
 
-The total is a sum of peaks (an upper bound: optimizer state is allocated after activations are freed).
+``T = 2·pairs·(prompt + response) + prompts·k·(online prompt + drawn tokens)`` tokens go through the
+one policy forward as a single packed row; ``N`` of them (the responses) reach the head.
 
-Rows go to benchmarks/results/memory_8b.jsonl; the measured CPU peaks are printed beside the estimate.
+Device-specific terms. CPU (what the calibration cells run): the runtime's resident set (Python, torch,
+transformers, DeepSpeed, gloo; measured), SDPA over a packed row takes a ``T×T`` boolean mask and
+expands K/V to every head, the native head converts each vocabulary chunk of the weight to fp32
+(``chunk·D·4``, a wide chunk when few rows are scored), and DeepSpeed's reduce bucket is resident only
+where gradients were written. CUDA (untested here — no GPU was lent to the calibration): the bucket is
+allocated whole at start, flash-attention-2 reads packed rows from position ids (no mask, no K/V
+expansion), the Triton head keeps its tiles on chip, and the CUDA context (about 0.5 GiB) and the
+caching allocator's fragmentation (``reserved − allocated``) come on top of the allocator's peak.
+
+Calibration: ``--measure`` runs cells of hypo_fast's own trainer (``memory_cells.py``) and appends their
+per-phase peaks to benchmarks/results/memory_8b.jsonl; the default run compares every measured row with
+its estimate and carries the spread of measured/estimated into each row of the 8B table.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import torch
-
-from benchlib import REPO, PhasePeaks, append_rows, bench_arguments, print_table, start_run
+from benchlib import RESULTS_DIR, append_rows, bench_arguments, print_table, start_run
 
 GB = 1024**3
+MIB = 2**20
 
 
 @dataclass(frozen=True)
@@ -53,10 +70,17 @@ class Shape:
     def head_dim(self) -> int:
         return self.hidden // self.heads
 
-    def params(self) -> int:
+    def layer_params(self) -> int:
         D, hd = self.hidden, self.head_dim
-        layer = D * self.heads * hd * 2 + 2 * D * self.kv_heads * hd + 3 * D * self.ffn + 2 * D
-        return self.vocab * D * (1 if self.tied else 2) + self.layers * layer + D
+        return D * self.heads * hd * 2 + 2 * D * self.kv_heads * hd + 3 * D * self.ffn + 2 * D
+
+    def params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied else 2) + self.layers * self.layer_params() + self.hidden
+
+    def lora_params(self, r: int) -> int:
+        D, hd = self.hidden, self.head_dim
+        per_layer = r * ((D + self.heads * hd) * 2 + (D + self.kv_heads * hd) * 2 + (D + self.ffn) * 3)
+        return self.layers * per_layer
 
     def hf_config(self, max_positions: int) -> dict:
         return {"model_type": "llama", "vocab_size": self.vocab, "hidden_size": self.hidden,
@@ -64,421 +88,396 @@ class Shape:
                 "num_key_value_heads": self.kv_heads, "max_position_embeddings": max_positions,
                 "tie_word_embeddings": self.tied}
 
-    def lora_params(self, r: int) -> int:
-        D, hd = self.hidden, self.head_dim
-        per_layer = r * ((D + self.heads * hd) * 2 + (D + self.kv_heads * hd) * 2 + (D + self.ffn) * 3)
-        return self.layers * per_layer
-
 
 LLAMA3_8B = Shape("llama3-8b", 32, 4096, 14336, 32, 8, 128256)
-# calibration shapes: Llama-3's vocabulary and untied head, GQA; the 1.5B one is Llama-3.2-1B's body, untied
+# calibration shapes: Llama-3's vocabulary and untied head, GQA; llama-1.5b is Llama-3.2-1B's body, untied;
+# llama32k-0.16b puts most of its parameters in the layers (a 32k vocabulary)
 SHAPES = {s.name: s for s in [
     LLAMA3_8B,
     Shape("llama-0.15b", 4, 512, 2048, 8, 4, 128256),
     Shape("llama-0.35b", 8, 1024, 4096, 16, 8, 128256),
     Shape("llama-0.5b", 16, 1024, 4096, 16, 8, 128256),
-    Shape("llama32k-0.16b", 8, 1024, 2816, 16, 8, 32000),  # body-heavy: most parameters in the layers
     Shape("llama-1.5b", 16, 2048, 8192, 32, 8, 128256),
+    Shape("llama32k-0.16b", 8, 1024, 2816, 16, 8, 32000),
     Shape("tiny", 2, 256, 1024, 4, 2, 32000),
 ]}
 
 
 @dataclass(frozen=True)
 class Plan:
+    """One micro-step on one GPU (or CPU rank): what it processes and how the state is laid out."""
+
     lora: bool
-    zero_stage: int
-    gpus: int
+    zero_stage: int = 0
+    gpus: int = 1
     offload_optimizer: bool = False
     offload_params: bool = False
+    reference_on_cpu: bool = False  # model.reference_device: cpu (full fine-tuning)
     bytes_per_weight: int = 2  # bf16
-    pairs: int = 1
-    prompts: int = 1
-    k: int = 2
-    seq: int = 2048
     lora_r: int = 16
-    reference_on_cpu: bool = False
-    device: str = "cuda"  # "cpu": SDPA's math path and the chunked head add the two terms below
+    pairs: int = 1  # preference pairs per micro-step (per GPU)
+    prompt: int = 512  # tokens of a pair's prompt ...
+    response: int = 1536  # ... and of each of its responses
+    prompts: int = 1  # online prompts per micro-step; 0: DPO (λ = 0), no sampling and no reference forward
+    k: int = 2  # samples per online prompt
+    online_prompt: int = 512
+    gen: int = 1536  # tokens drawn per sample
+    device: str = "cuda"  # "cpu": the CPU terms of the module docstring
+    attention: str = "flash"  # "flash" (flash-attention-2: packed rows by position ids) | "sdpa" (T×T mask)
+    first_step: bool = False  # AdamW's state does not exist before the first optimizer step
+    reduce_bucket: int = 500_000_000  # DeepSpeed reduce_bucket_size (elements)
+    sub_group: int = 1_000_000_000  # DeepSpeed ZeRO-3 sub_group_size (elements)
 
 
-def estimate(shape: Shape, plan: Plan) -> dict[str, float]:
-    """Bytes per GPU by component (see the module docstring)."""
+CPU_RUNTIME = 560 * MIB  # measured: a rank's resident set after set-up, less its tensors (see calibrate())
+CUDA_CONTEXT = 0.5 * GB  # not measured here: CUDA context and kernels, outside the allocator's statistics
+HEAD_CHUNK = 4 * 1024 * 1024  # the CPU head's logits block (hypo_fast.ops.chunked.DEFAULT_CHUNK_ELEMENTS)
+SAMPLE_TILE = 2048  # the CPU sampling head's vocabulary tile (hypo_fast.native.SAMPLE_TILE)
+
+
+def tokens(plan: Plan) -> dict[str, int]:
+    """T (tokens in the packed policy forward), N (scored), and the online part's counts."""
+    rows = plan.prompts * plan.k
+    T_on = rows * (plan.online_prompt + plan.gen)
+    return {"T": 2 * plan.pairs * (plan.prompt + plan.response) + T_on, "T_on": T_on,
+            "N": 2 * plan.pairs * plan.response + rows * plan.gen, "N_on": rows * plan.gen,
+            "M": rows, "S": plan.online_prompt + plan.gen, "prefill": rows * plan.online_prompt}
+
+
+def _attention_expands(plan: Plan) -> bool:
+    """SDPA with a mask (packed rows, left-padded prefill) gets K/V repeated to every head by transformers."""
+    return plan.attention == "sdpa"
+
+
+def layer_saved_bytes(shape: Shape, plan: Plan) -> float:
+    """Bytes per token one decoder layer saves for its backward (the recomputed layer), see the docstring."""
+    w, D, F, H = plan.bytes_per_weight, shape.hidden, shape.ffn, shape.heads
+    kv = shape.kv_heads * shape.head_dim
+    attention = 3 * w * D if _attention_expands(plan) else w * D + 2 * w * kv
+    return 8 * D + 4 * w * D + attention + w * D + 4 * w * F + 4 * H
+
+
+def layer_forward_bytes(shape: Shape, plan: Plan) -> float:
+    """Bytes per token in flight in one layer's forward when nothing is saved (checkpointed or no-grad)."""
+    w, D, F = plan.bytes_per_weight, shape.hidden, shape.ffn
+    kv = 2 * w * D if _attention_expands(plan) else 2 * w * shape.kv_heads * shape.head_dim
+    return w * (3 * F + 4 * D) + kv
+
+
+def mask_bytes(plan: Plan, rows: int, length: int) -> float:
+    return rows * length * length if plan.attention == "sdpa" else 0.0  # bool [rows, 1, L, L]
+
+
+def cpu_head_workspace(shape: Shape, n: int) -> float:
+    """The native/chunked CPU head: a ``[n, chunk]`` fp32 logits block and the chunk of W in fp32."""
+    if n == 0:
+        return 0.0
+    chunk = min(shape.vocab, max(256, HEAD_CHUNK // n))
+    return 4 * chunk * shape.hidden + 4 * n * chunk
+
+
+def estimate(shape: Shape, plan: Plan) -> dict:
+    """Bytes per GPU: ``state`` (persistent), ``phases`` (each phase's components, state included), the
+    ``peak`` and the phase that sets it."""
     P, w, n, z = shape.params(), plan.bytes_per_weight, plan.gpus, plan.zero_stage
-    L, D, F, V = shape.layers, shape.hidden, shape.ffn, shape.vocab
-    trainable = shape.lora_params(plan.lora_r) if plan.lora else P
-    out = {}
-    if plan.offload_params:
-        out["weights"] = w * (P - V * D * 2) / L + w * V * D  # one gathered layer + the head
-    else:
-        out["weights"] = w * P / (n if z == 3 else 1)
-    out["grads"] = w * trainable / (n if z >= 2 else 1)
-    if plan.offload_optimizer:  # gradients stream to the CPU optimizer bucket by bucket (5e8 elements)
-        out["grads"] = min(out["grads"], w * 5e8)
-    opt_bytes = (12 if w == 2 else 8) * trainable
-    out["optimizer"] = 0.0 if plan.offload_optimizer else opt_bytes / (n if z >= 1 else 1)
-    out["reference"] = 0.0 if plan.lora or plan.reference_on_cpu else w * P / (n if z == 3 else 1)
-    rows = 2 * plan.pairs + plan.prompts * plan.k
-    T = rows * plan.seq
-    out["activations"] = L * T * D * w + T * (6 * D + 3 * F) * w
-    N = T  # scored tokens: at most every token (prompts excluded in practice)
-    out["head"] = N * D * (w + 4) + (4 * V * D if not plan.lora else 0)
-    out["kv_cache"] = 2 * L * shape.kv_heads * shape.head_dim * plan.seq * plan.prompts * plan.k * w
-    if plan.device == "cpu":
-        # without flash-attention, SDPA materialises scores, probabilities and their gradient for the
-        # recomputed layer — over the whole packed row (block-diagonal mask), so quadratic in T
-        out["attention_scores"] = 3 * shape.heads * T * T * 4
-        from hypo_fast.ops.chunked import DEFAULT_CHUNK_ELEMENTS
+    L, D, V = shape.layers, shape.hidden, shape.vocab
+    P_lora = shape.lora_params(plan.lora_r) if plan.lora else 0
+    P_tr = P_lora if plan.lora else P
+    cpu = plan.device == "cpu"
+    tok = tokens(plan)
+    T, N = tok["T"], tok["N"]
+    shard = n if z == 3 else 1
+    opt_shard = n if z >= 1 else 1
 
-        out["head_workspace"] = 4 * DEFAULT_CHUNK_ELEMENTS * 4  # the chunked path's [n, chunk] fp32 blocks
-    if z == 3:  # the sampler gathers the whole model once per generation phase
-        out["generation_gather"] = w * P - out["weights"]
-    out["total"] = sum(out.values())
+    state = {"runtime": CPU_RUNTIME if cpu else 0.0}
+    state["weights"] = 0.0 if plan.offload_params else w * (P + P_lora) / shard
+    state["reference"] = w * P if not plan.lora and (cpu or not plan.reference_on_cpu) else 0.0
+    state["master_weights"] = 0.0 if plan.offload_optimizer else 4 * P_tr / opt_shard
+    bucket = w * min(plan.reduce_bucket, P_tr) if cpu else w * plan.reduce_bucket  # CPU: pages written
+    grads_buffers = 0.0
+    if z >= 2:
+        grads_buffers = (0.0 if plan.offload_optimizer else w * P_tr / n) + (0.0 if cpu else bucket)
+    state["grad_buffers"] = grads_buffers
+    adam = 0.0 if plan.offload_optimizer else 8 * P_tr / opt_shard
+    state["optimizer_state"] = 0.0 if plan.first_step else adam
+
+    gathered_layer = w * shape.layer_params() if z == 3 and (n > 1 or plan.offload_params) else 0.0
+    gathered_head = w * V * D if z == 3 and (n > 1 or plan.offload_params) else 0.0
+    hidden_out = 8 * T * D  # the final RMSNorm (not checkpointed): fp32 input, bf16 cast and output
+    checkpoints = L * T * D * w
+    phases = {}
+
+    if plan.prompts:
+        cache = 2 * L * shape.kv_heads * shape.head_dim * tok["S"] * tok["M"] * w
+        phases["sampling"] = {
+            "generation_gather": (w * P - state["weights"]) if z == 3 else 0.0,
+            "kv_cache": cache,
+            "prefill": tok["prefill"] * (layer_forward_bytes(shape, plan) + w * D)
+            + mask_bytes(plan, tok["M"], tok["S"]),
+            "sample_head": 2 * 4 * SAMPLE_TILE * D if cpu else 0.0,
+        }
+        on_gpu = cpu or plan.lora or not plan.reference_on_cpu
+        phases["reference_forward"] = {
+            "activations": (tok["T_on"] * (layer_forward_bytes(shape, plan) + w * D) + mask_bytes(plan, 1, tok["T_on"]))
+            if on_gpu else 0.0,
+            "head": (tok["N_on"] * D * (w + 4) + (cpu_head_workspace(shape, tok["N_on"]) if cpu else 0.0))
+            if on_gpu else 0.0,
+        }
+    phases["policy_forward"] = {
+        "checkpoints": checkpoints + hidden_out,
+        "activations": T * layer_forward_bytes(shape, plan) + mask_bytes(plan, 1, T),
+        "zero3_gathered": gathered_layer + gathered_head,
+        "head": N * D * w + (4 * N * D + cpu_head_workspace(shape, N) if cpu else 0.0),
+    }
+    head_trains = not plan.lora
+    head_backward = (4 * N * D + T * D * w + (4 * V * D + w * V * D if head_trains else 0.0)
+                     + (cpu_head_workspace(shape, N) + 4 * N * D if cpu else 0.0))
+    recompute = T * (layer_saved_bytes(shape, plan) + w * (2 * D + 2 * shape.ffn))
+    phases["backward"] = {
+        "checkpoints": checkpoints + hidden_out,
+        "activations": max(head_backward, recompute + gathered_layer) + mask_bytes(plan, 1, T),
+        "zero3_gathered": gathered_head if head_backward >= recompute else 0.0,
+    }
+    phases["optimizer_step"] = {}
+    content = w * min(plan.reduce_bucket, P_tr)  # gradients in the reduce bucket when it is reduced
+    if z >= 2:
+        # the bucket's gradients are concatenated for the reduce-scatter (one copy); gloo has no native
+        # reduce-scatter, and its fallback takes a second copy (CPU runs)
+        phases["backward"]["gradients"] = content if cpu else 0.0  # CPU: the bucket's written pages
+        phases["gradient_reduce"] = {"gradients": content if cpu else 0.0,  # after the last layer's backward
+                                     "reduce_scatter": content * (2 if cpu else 1)}
+        if not plan.offload_optimizer:
+            phases["optimizer_step"]["reduce_bucket"] = content if cpu else 0.0
+    elif not plan.lora or P_tr:  # ZeRO-0/1: every trainable parameter's gradient, until the step
+        phases["backward"]["gradients"] = w * P_tr
+        phases["optimizer_step"]["gradients"] = w * P_tr
+    sub = min(plan.sub_group, P_tr / opt_shard)
+    if not plan.offload_optimizer:
+        # first step: AdamW creates its state here; then the fp32 gradient of a sub-group, its bf16 flat
+        # copy and AdamW's denominator temporary
+        phases["optimizer_step"].update({"optimizer_state": adam - state["optimizer_state"],
+                                         "fp32_gradients": 4 * sub + w * sub, "adamw_temporaries": 4 * sub})
+    base = sum(state.values())
+    totals = {name: base + sum(parts.values()) for name, parts in phases.items()}
+    # set-up: the trainer moves the whole model to the GPU, deep-copies it there for the reference (then
+    # moved to the CPU if asked), and under ZeRO-3 DeepSpeed copies out its partitions before freeing it
+    copy = w * P if not plan.lora else 0.0
+    init = {"weights_before_partition": w * P + w * P_lora, "reference": max(copy, state["reference"])}
+    if z == 3:
+        init["partitions"] = ((0.0 if plan.offload_params else w * (P + P_lora) / n)
+                              + (0.0 if plan.offload_optimizer else (4 + w) * P_tr / n))
+    totals["init"] = state["runtime"] + sum(init.values())
+    peak_phase = max(totals, key=totals.get)
+    return {"state": state, "phases": phases, "totals": totals, "peak": totals[peak_phase], "peak_phase": peak_phase,
+            "tokens": tok}
+
+
+def host_bytes(shape: Shape, plan: Plan) -> dict[str, float]:
+    """Host (CPU) memory per node for ``plan.gpus`` ranks, from the same terms: each rank builds the whole
+    model on the CPU before moving it (``load``), and holds what is offloaded or kept on the CPU."""
+    P, w, n = shape.params(), plan.bytes_per_weight, plan.gpus
+    P_tr = shape.lora_params(plan.lora_r) if plan.lora else P
+    out = {"load": n * w * P}  # transient, at start: every rank at once
+    steady = n * w * P if plan.reference_on_cpu and not plan.lora else 0.0
+    if plan.offload_optimizer:  # fp32 master + AdamW + the gradient partition + one fp32 gradient sub-group
+        steady += (4 + 8 + w) * P_tr + 4 * min(plan.sub_group, P_tr / n) * n
+    if plan.offload_params:
+        steady += w * P
+    out["steady"] = steady
+    out["peak"] = max(out["load"], steady)
     return out
 
 
-def plan_table(shape: Shape) -> list[dict]:
+# ---- calibration: measured rows against their estimates ---------------------------------------------
+
+MEASURED_PHASES = ("sampling", "reference_forward", "policy_forward", "backward", "optimizer_step")
+
+
+def plan_of_case(case: dict) -> Plan:
+    """The estimator's plan for a measured cell (``memory_cells.cell_case``)."""
+    attention = next((r.get("attention") for r in case.get("per_rank", [])), None) or "sdpa"
+    return Plan(lora=case["mode"] == "lora", zero_stage=case["zero"], gpus=case["ranks"],
+                bytes_per_weight=2 if case["dtype"] in ("bfloat16", "float16") else 4,
+                pairs=case["pairs"], prompt=case["prompt"], response=case["response"],
+                prompts=case["prompts"] if case["kl_coef"] > 0 else 0, k=case["k"],
+                online_prompt=case["online_prompt"], gen=case["gen"], device=case["device"],
+                attention="flash" if attention == "flash_attention_2" else "sdpa", first_step=True,
+                offload_optimizer=case.get("offload_optimizer", False), offload_params=case.get("offload_params", False))
+
+
+def measured_rows(results_dir=RESULTS_DIR) -> list[dict]:
+    """Measured cells, the latest row per (cell, malloc, device, machine), errors included."""
+    path = Path(results_dir) / "memory_8b.jsonl"
+    latest = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        row = json.loads(line)
+        if row.get("kind") == "measured":
+            latest[(row["cell"], row.get("malloc"), row["device"], row["machine"])] = row
+    return list(latest.values())
+
+
+def calibrate(rows: list[dict]) -> list[dict]:
+    """Each measured row beside its estimate: the peak and each phase's peak, measured / estimated."""
+    out = []
+    for row in rows:
+        shape = SHAPES[row["shape"]]
+        est = estimate(shape, plan_of_case(row))
+        entry = {k: row.get(k) for k in ("cell", "mode", "shape", "seq", "malloc", "device", "machine", "error")}
+        entry["params_b"] = shape.params() / 1e9
+        if "peak_mib" in row and not row.get("error"):
+            entry.update(measured_mib=row["peak_mib"], estimate_mib=est["peak"] / MIB,
+                         ratio=row["peak_mib"] * MIB / est["peak"], peak_phase=est["peak_phase"])
+            phase_peaks = max(row["per_rank"], key=lambda r: r["peak_mib"])["phase_peak_mib"]
+            totals = dict(est["totals"])
+            totals["backward"] = max(totals["backward"], totals.get("gradient_reduce", 0.0))  # one measured phase
+            entry["phase_ratios"] = {p: phase_peaks[p] * MIB / totals[p]
+                                     for p in MEASURED_PHASES if p in phase_peaks and p in totals}
+            entry["measured_phase"] = max((p for p in MEASURED_PHASES if p in phase_peaks), key=phase_peaks.get)
+        out.append(entry)
+    return out
+
+
+def calibration_band(calibrated: list[dict], mode: str) -> tuple[float, float] | None:
+    """The spread of measured/estimated over the calibration cells of one mode (mmap malloc), or None."""
+    ratios = [c["ratio"] for c in calibrated if c.get("ratio") and c["mode"] == mode and c["malloc"] != "default"]
+    return (min(ratios), max(ratios)) if ratios else None
+
+
+# ---- the 8B plan ---------------------------------------------------------------------------------
+
+# the step the 8B table is for: 1 pair and 1 online prompt × k = 2 per GPU, every sequence 2048 tokens
+PLAN_STEP = {"pairs": 1, "prompt": 512, "response": 1536, "prompts": 1, "k": 2, "online_prompt": 512, "gen": 1536}
+
+
+def plan_rows(shape: Shape, bands: dict[str, tuple[float, float] | None], step: dict = PLAN_STEP) -> list[dict]:
+    """The plan table: every mode × GPUs × ZeRO stage × offload, peaks with flash-attention and SDPA."""
     rows = []
     for lora in (True, False):
-        for gpus in (1, 2, 4, 8):
+        for gpus in (1, 8):
             for stage in (0, 1, 2, 3):
-                for offload in ((False, False), (True, False), (True, True)) if stage == 3 else ((False, False),):
-                    plan = Plan(lora=lora, zero_stage=stage, gpus=gpus, offload_optimizer=offload[0],
-                                offload_params=offload[1])
-                    est = estimate(shape, plan)
-                    rows.append({"shape": shape.name, "mode": "LoRA r=16" if lora else "full", "gpus": gpus,
-                                 "zero": stage, "offload": "opt+params" if offload[1] else "opt" if offload[0] else "-",
-                                 **{f"{k}_gb": v / GB for k, v in est.items()}})
+                offloads = [(False, False)] + ([(True, False)] if stage >= 1 else []) + ([(True, True)] if stage == 3 else [])
+                for opt, par in offloads:
+                    plan = Plan(lora=lora, zero_stage=stage, gpus=gpus, offload_optimizer=opt, offload_params=par, **step)
+                    est, sdpa = estimate(shape, plan), estimate(shape, replace(plan, attention="sdpa"))
+                    band = bands.get("lora" if lora else "full")
+                    peak = est["peak"] / GB
+                    rows.append({"kind": "plan", "shape": shape.name, "mode": "LoRA r=16" if lora else "full",
+                                 "gpus": gpus, "zero": stage, "offload": "opt+params" if par else "opt" if opt else "-",
+                                 "peak_gb": peak, "peak_sdpa_gb": sdpa["peak"] / GB, "peak_phase": est["peak_phase"],
+                                 "low_gb": peak * band[0] if band else None, "high_gb": peak * band[1] if band else None,
+                                 "device_gb": peak * max(1.0, band[1] if band else 1.0) + CUDA_CONTEXT / GB,
+                                 "host_gb": host_bytes(shape, plan)["peak"] / GB,
+                                 **{f"{k}_gb": v / GB for k, v in est["state"].items()},
+                                 **{f"{p}_gb": t / GB for p, t in est["totals"].items()}})
     return rows
 
 
-# ---- measurement: one training step of hypo_fast's trainer, peaks per phase ---------------------------
+# ---- a user's config -------------------------------------------------------------------------------
 
-ALPHABET = "abcdefghijklmnopqrstuvwxyz"
+def plan_of_config(path: str, overrides: list[str], gpus: int, attention: str = "flash") -> tuple[Shape, Plan]:
+    """The plan of a training config (model.config, or model.path's config.json) on ``gpus`` GPUs."""
+    from hypo_fast.train.config import load_config
 
-
-GEN_TOKENS = 32  # tokens drawn per online sample in a measured cell (decoding on 2 CPU cores is slow)
-MMAP_THRESHOLD = 65536  # glibc: every allocation ≥ 64 KiB its own mapping, unmapped when freed
-
-
-def cell_case(name: str, device: str = "cpu", malloc: str = "mmap") -> dict:
-    """A measured cell from its name, ``MODE-SHAPE-SEQ``.
-
-    ``lora``: a HyPO step (λ = 0.05, k = 2) with LoRA r = 16, one pair and one online prompt, one process.
-    ``full``: a DPO step (λ = 0, no sampling, no reference forward) with one pair per rank on two ranks
-    under ZeRO-3. Every sequence is ``SEQ`` tokens: a pair is half prompt, half response; an online
-    sample is a prompt of ``SEQ − 32`` tokens (its own prompt set) and 32 drawn tokens, so the KV cache
-    and the training forward see full-length sequences while decoding stays short.
-    ``malloc="mmap"`` runs with ``MALLOC_MMAP_THRESHOLD_=65536``: freed tensors leave the resident set,
-    so it tracks live tensors (what CUDA's allocator statistics report); ``"default"`` is glibc as shipped.
-    """
-    mode, rest = name.split("-", 1)
-    shape, seq = rest.rsplit("-", 1)
-    seq = int(seq)
-    if shape not in SHAPES or mode not in ("lora", "full"):
-        raise ValueError(f"unknown cell {name!r}: MODE-SHAPE-SEQ with MODE lora|full, SHAPE one of {sorted(SHAPES)}")
-    prompt = seq // 2
-    case = {"cell": name, "shape": shape, "mode": mode, "seq": seq, "prompt": prompt, "response": seq - prompt,
-            "pairs": 1, "dtype": "bfloat16", "device": device, "malloc": malloc}
-    if mode == "lora":
-        return {**case, "kl_coef": 0.05, "k": 2, "prompts": 1, "online_prompt": seq - GEN_TOKENS,
-                "gen": GEN_TOKENS, "ranks": 1, "zero": 0}
-    return {**case, "kl_coef": 0.0, "k": 2, "prompts": 1, "online_prompt": 0, "gen": 1, "ranks": 2, "zero": 3}
+    cfg = load_config(path, overrides)
+    m, d, s, a, z = cfg.model, cfg.data, cfg.sampling, cfg.algorithm, cfg.deepspeed
+    hf = dict(m.config) if m.config else json.loads((Path(m.path) / "config.json").read_text())
+    shape = Shape(Path(m.path).name if m.path else "config", hf["num_hidden_layers"], hf["hidden_size"],
+                  hf["intermediate_size"], hf["num_attention_heads"], hf.get("num_key_value_heads", hf["num_attention_heads"]),
+                  hf["vocab_size"], hf.get("tie_word_embeddings", False))
+    if m.attn_implementation not in ("auto", "flash_attention_2"):
+        attention = "sdpa"
+    prompt = min(d.max_prompt_length, d.max_length - 1)
+    plan = Plan(lora=m.lora is not None, lora_r=m.lora.r if m.lora else 16, zero_stage=z.zero_stage, gpus=gpus,
+                offload_optimizer=z.offload_optimizer, offload_params=z.offload_params,
+                reference_on_cpu=m.reference_device == "cpu", bytes_per_weight=2 if m.dtype != "float32" else 4,
+                pairs=cfg.optim.pairs_per_micro_batch, prompt=prompt, response=d.max_length - prompt,
+                prompts=s.prompts_per_step if a.kl_coef > 0 else 0, k=a.num_samples, online_prompt=prompt,
+                gen=s.max_new_tokens, device="cuda", attention=attention)
+    return shape, plan
 
 
-def run_config(case: dict, folder: Path) -> dict:
-    """The trainer config of a measured cell: a model built from the shape (random weights), one row of
-    random letters per rank (prompt, chosen, rejected of exactly the cell's token counts), one step."""
-    import random
-
-    from hypo_fast.examples.toy import char_tokenizer
-
-    shape = SHAPES[case["shape"]]
-    char_tokenizer(ALPHABET).save_pretrained(folder / "tok")
-    rng = random.Random(0)
-    text = lambda n: "".join(rng.choice(ALPHABET) for _ in range(n))  # noqa: E731
-    P, R = case["prompt"], case["response"]  # tokens: BOS + P−1 letters; R−1 letters + EOS
-    rows = [{"prompt": text(P - 1), "chosen": text(R - 1), "rejected": text(R - 1)}
-            for _ in range(case["ranks"] * case["pairs"])]
-    (folder / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    online = case["online_prompt"]
-    if online:  # the online prompts: their own set, so that samples can be long while decoding is short
-        prompts = [{"prompt": text(online - 1)} for _ in range(case["ranks"] * case["prompts"])]
-        (folder / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompts))
-    cfg = {"model": {"config": shape.hf_config(max_positions=max(P + R, online + case["gen"]) + 8),
-                     "tokenizer": str(folder / "tok"), "dtype": case["dtype"], "gradient_checkpointing": True,
-                     "attn_implementation": case.get("attn", "auto")},
-           "data": {"train_file": str(folder / "pairs.jsonl"), "max_prompt_length": max(P, online),
-                    "max_length": max(P + R, online + 1),
-                    "prompt_file": str(folder / "prompts.jsonl") if online else None},
-           "algorithm": {"kl_coef": case["kl_coef"], "num_samples": case["k"]},
-           "sampling": {"prompts_per_step": case["prompts"], "max_new_tokens": case["gen"], "stop_on_eos": False},
-           "optim": {"max_steps": 1, "pairs_per_micro_batch": case["pairs"]},
-           "deepspeed": {"zero_stage": case["zero"], "offload_optimizer": case.get("offload_optimizer", False),
-                         "offload_params": case.get("offload_params", False)},
-           "eval": {"every": 0, "kl_prompts": 0},
-           "output": {"dir": str(folder / "run"), "resume": "never", "tensorboard": False}}
-    if case["mode"] == "lora":
-        cfg["model"]["lora"] = {"r": case.get("lora_r", 16)}
-    return cfg
+def describe(shape: Shape, plan: Plan, band: tuple[float, float] | None) -> None:
+    est = estimate(shape, plan)
+    print(f"# {shape.name}: {shape.params() / 1e9:.2f}B parameters; {plan.gpus} GPU(s), ZeRO-{plan.zero_stage}"
+          f"{', optimizer offload' if plan.offload_optimizer else ''}{', parameter offload' if plan.offload_params else ''}"
+          f"; {'LoRA r=%d' % plan.lora_r if plan.lora else 'full fine-tuning'}; {plan.attention}")
+    print(f"# per micro-step: T = {est['tokens']['T']} tokens packed, N = {est['tokens']['N']} scored")
+    for name, value in est["state"].items():
+        print(f"  state  {name:<22} {value / GB:7.2f} GiB")
+    for phase, parts in est["phases"].items():
+        inner = ", ".join(f"{k} {v / GB:.2f}" for k, v in parts.items() if v)
+        print(f"  {phase:<18} {est['totals'][phase] / GB:7.2f} GiB  (state + {inner})")
+    line = f"peak {est['peak'] / GB:.1f} GiB in {est['peak_phase']}"
+    if band:
+        line += f"; calibration band {est['peak'] * band[0] / GB:.1f}–{est['peak'] * band[1] / GB:.1f} GiB"
+    if plan.device == "cuda":
+        line += f"; plus ~{CUDA_CONTEXT / GB:.1f} GiB CUDA context and the allocator's fragmentation"
+    print(line)
+    host = host_bytes(shape, plan)
+    print(f"host memory per node: {host['load'] / GB:.0f} GiB while every rank builds the model on the CPU, "
+          f"{host['steady'] / GB:.0f} GiB held (offloaded state, CPU reference), plus each process's runtime")
 
 
-class _PhasedEngine:
-    """The DeepSpeed engine, its forward, backward and step each run as a phase."""
+# ---- command line ----------------------------------------------------------------------------------
 
-    def __init__(self, engine, phases):
-        self._engine = engine
-        self._forward = phases.wrap("policy_forward", engine)
-        self.backward = phases.wrap("backward", engine.backward)
-        self.step = phases.wrap("optimizer_step", engine.step)
-
-    def __call__(self, *args, **kwargs):
-        return self._forward(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._engine, name)
-
-
-def _phase_the_head(head, phases) -> None:
-    """The fused head's forward (with grad) and its backward (from its output's gradient hook to its
-    input's) as phases ``head_forward`` / ``head_backward``."""
-    forward = head.forward
-
-    def phased(hidden, targets, positions, **kwargs):
-        if not torch.is_grad_enabled():  # the reference forward (LoRA shares the head): not this phase
-            return forward(hidden, targets, positions, **kwargs)
-        out = phases.wrap("head_forward", forward)(hidden, targets, positions, **kwargs)
-        logp = out[0] if isinstance(out, tuple) else out
-        if logp.requires_grad and hidden.requires_grad:
-            logp.register_hook(lambda grad: phases.enter("head_backward"))
-            hidden.register_hook(lambda grad: phases.exit("head_backward"))
-        return out
-
-    head.forward = phased
-
-
-def _bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-
-
-def _param_bytes(module) -> int:
-    """Bytes of a module's parameters held by this rank (its ZeRO-3 partition where partitioned)."""
-    return _bytes(getattr(p, "ds_tensor", p) for p in module.parameters())
-
-
-# where DeepSpeed keeps the fp32 master weights: ZeRO-3, ZeRO-1/2, and the bf16 optimizer of ZeRO-0
-_MASTER_ATTRIBUTES = ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition")
-
-
-def tensor_inventory(trainer) -> dict:
-    """Exact tensor bytes of what the estimator names, read from the objects (not from RSS)."""
-    engine = trainer.engine
-    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # DeepSpeed wraps torch's AdamW
-    masters = next((getattr(engine.optimizer, a) for a in _MASTER_ATTRIBUTES if hasattr(engine.optimizer, a)), [])
-    reference = trainer.policy.reference
-    own_reference = reference is not None and reference.model is not trainer.policy.model
-    return {
-        "model_param_bytes": _param_bytes(trainer.policy.model),
-        "trainable_params": sum(getattr(p, "ds_numel", p.numel()) for p in trainer.policy.model.parameters()
-                                if p.requires_grad),
-        "reference_param_bytes": _param_bytes(reference.model) if own_reference else 0,
-        "optimizer_state_bytes": _bytes(t for s in inner.state.values() for t in s.values()),
-        "master_weight_bytes": _bytes(masters),
-    }
-
-
-def measure_worker(case: dict, out_dir: Path) -> None:
-    """One rank of one measured cell: set-up and one training step, each phase's peak, to rankN.json."""
-    import os
-    import tempfile
-    import time
-
-    phases = PhasePeaks(case["device"])
-    phases.mark("python")
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed  # noqa: F401  (its import is part of the runtime's footprint)
-
-    import hypo_fast.train.trainer as tr
-    from hypo_fast.train.config import config_from_dict
-
-    phases.mark("imports")
-    tr.load_causal_lm = phases.wrap("load_model", tr.load_causal_lm)
-    tr.add_lora = phases.wrap("add_lora", tr.add_lora)
-    tr.FrozenReference.copy_of = phases.wrap("reference_copy", tr.FrozenReference.copy_of)
-    tr.build_engine = phases.wrap("engine_init", tr.build_engine)
-    tr.Trainer._reference_logps = phases.wrap("reference_cache", tr.Trainer._reference_logps)
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = config_from_dict(run_config(case, Path(tmp)))
-        start = time.perf_counter()
-        phases.enter("setup")
-        trainer = tr.Trainer(cfg)
-        phases.exit("setup")
-        setup_s = time.perf_counter() - start
-        trainer.engine = _PhasedEngine(trainer.engine, phases)
-        policy, sampler = trainer.policy, trainer.sampler
-        policy.reference_online_logprobs = phases.wrap("reference_forward", policy.reference_online_logprobs)
-        sampler.generate = phases.wrap("sampling", sampler.generate)
-        sampler.decoder = phases.wrap("prefill", sampler.decoder)
-        decode = sampler._decode
-        sampler._decode = lambda *a, **k: (out := decode(*a, **k), phases.mark("kv_cache_full"))[0]
-        _phase_the_head(policy.head, phases)
-        start = time.perf_counter()
-        phases.enter("step")
-        metrics = trainer.train_step()
-        phases.exit("step")
-        step_s = time.perf_counter() - start
-        phases.mark("end")
-    result = {"rank": trainer.rank, "world": trainer.world, "peaks": phases.peaks, "levels": phases.levels,
-              "process_peak": phases.process_peak, "reserved_peak": phases.reserved_peak, "seconds": phases.seconds,
-              "setup_s": setup_s, "step_s": step_s, "loss": float(metrics["loss"]),
-              **tensor_inventory(trainer)}
-    (out_dir / f"rank{trainer.rank}.json").write_text(json.dumps(result))
-
-
-def _descendants(root: int) -> list[int]:
-    """``root`` and every process below it (launchers may start their ranks in sessions of their own)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))  # fields[1]: the parent pid
-        except (OSError, IndexError, ValueError):
-            continue
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo += children.get(pid, [])
-    return found
-
-
-MIN_AVAILABLE = 1.5 * GB  # the guard also stops a cell when the machine (shared) runs this low
-
-
-def _available_bytes() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return 1 << 62
-
-
-def _tree_rss(pids: list[int]) -> int:
-    total = 0
-    for pid in pids:
-        try:
-            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * 4096
-        except (OSError, IndexError, ValueError):
-            continue
-    return total
-
-
-def run_cell(case: dict, cap_bytes: float, timeout: float) -> dict:
-    """Run one cell in fresh processes (torch.distributed.run for several ranks) under a memory guard:
-    every process of the cell is killed if their resident sets together pass ``cap_bytes``."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import tempfile
-    import time
-
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp)
-        (out / "case.json").write_text(json.dumps(case))
-        script = [str(Path(__file__).resolve()), "--worker-case", str(out / "case.json"), "--worker-out", str(out)]
-        if case["ranks"] > 1:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(case["ranks"]),
-                   "--master-port", str(_free_port()), *script]
-        else:
-            cmd = [sys.executable, *script]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-        if case.get("malloc") == "mmap":
-            env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
-        log = (out / "log.txt").open("w")
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-        start, seen, stopped = time.monotonic(), 0, None
-        while proc.poll() is None:
-            pids = _descendants(proc.pid)
-            rss = _tree_rss(pids)
-            seen = max(seen, rss)
-            if rss > cap_bytes:
-                stopped = f"stopped by the memory guard: {rss / GB:.1f} GiB > {cap_bytes / GB:.1f} GiB"
-            elif _available_bytes() < MIN_AVAILABLE:
-                stopped = f"stopped by the memory guard: the machine has under {MIN_AVAILABLE / GB:.0f} GiB available"
-            elif time.monotonic() - start > timeout:
-                stopped = f"stopped after the {timeout:.0f} s time limit"
-            if stopped:
-                for pid in pids:  # the processes this cell started, by id
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                proc.wait()
-                break
-            time.sleep(0.5)
-        log.close()
-        ranks = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
-        row = {"wall_s": time.monotonic() - start, "guard_max_total_rss": seen}
-        if stopped or proc.returncode != 0 or len(ranks) != case["ranks"]:
-            tail = (out / "log.txt").read_text().strip().splitlines()[-3:]
-            row["error"] = stopped or (" | ".join(tail))[-400:]
-        row["per_rank"] = ranks
-        return row
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-MIB = 2**20
-
-
-def measured_row(case: dict, result: dict, env: dict) -> dict:
-    """A results row: the cell, the machine, and per rank its phase peaks, levels and tensor inventory (MiB)."""
-    per_rank = []
-    for r in result["per_rank"]:
-        per_rank.append({"rank": r["rank"], "peak_mib": r["process_peak"] / MIB,
-                         "phase_peak_mib": {k: v / MIB for k, v in r["peaks"].items()},
-                         "level_mib": {k: v / MIB for k, v in r["levels"].items()},
-                         "seconds": r["seconds"], "setup_s": r["setup_s"], "step_s": r["step_s"],
-                         "reserved_peak_mib": r["reserved_peak"] / MIB,
-                         **{k: (v / MIB if k.endswith("_bytes") else v) for k, v in r.items()
-                            if k.endswith("_bytes") or k == "trainable_params"}})
-    row = {**env, "kind": "measured", **case, "wall_s": result["wall_s"],
-           "guard_max_total_rss_mib": result["guard_max_total_rss"] / MIB, "per_rank": per_rank}
-    if per_rank:
-        row["peak_mib"] = max(r["peak_mib"] for r in per_rank)
-    if "error" in result:
-        row["error"] = result["error"]
-    return row
+CAL_COLUMNS = [("cell", "cell", "s"), ("params_b", "params B", ".2f"), ("malloc", "malloc", "s"),
+               ("measured_mib", "measured MiB", ".0f"), ("estimate_mib", "estimate MiB", ".0f"),
+               ("ratio", "measured/est", ".2f"), ("measured_phase", "measured peak in", "s"),
+               ("peak_phase", "estimated peak in", "s"), ("error", "error", "s")]
+PLAN_COLUMNS = [("mode", "mode", "s"), ("gpus", "GPUs", "d"), ("zero", "ZeRO", "d"), ("offload", "offload", "s"),
+                ("weights_gb", "weights", ".1f"), ("reference_gb", "ref", ".1f"), ("master_weights_gb", "master", ".1f"),
+                ("optimizer_state_gb", "AdamW", ".1f"), ("grad_buffers_gb", "grad buf", ".1f"),
+                ("init_gb", "init", ".1f"), ("sampling_gb", "sampling", ".1f"), ("policy_forward_gb", "forward", ".1f"),
+                ("backward_gb", "backward", ".1f"), ("optimizer_step_gb", "opt step", ".1f"),
+                ("peak_gb", "peak", ".1f"), ("low_gb", "band lo", ".1f"), ("high_gb", "band hi", ".1f"),
+                ("peak_sdpa_gb", "peak SDPA", ".1f"), ("peak_phase", "peak in", "s"), ("host_gb", "host/node", ".0f")]
 
 
 def main() -> None:
     parser = bench_arguments(__doc__)
-    parser.add_argument("--measure", nargs="*", default=[], help="cells to measure, MODE-SHAPE-SEQ (see cell_case)")
-    parser.add_argument("--malloc", default="mmap", choices=["mmap", "default"], help="CPU: glibc's mode for the cells")
+    parser.add_argument("--measure", nargs="*", default=[], help="cells MODE-SHAPE-SEQ (memory_cells.cell_case)")
+    parser.add_argument("--malloc", default="mmap", choices=["mmap", "default"], help="CPU cells: glibc's mode")
     parser.add_argument("--max-rss-gib", type=float, default=12.5, help="memory guard: all processes of a cell")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per cell")
-    parser.add_argument("--worker-case", help=argparse.SUPPRESS)
-    parser.add_argument("--worker-out", help=argparse.SUPPRESS)
+    parser.add_argument("--config", help="estimate this training config's peak instead of the 8B table")
+    parser.add_argument("--gpus", type=int, default=1, help="with --config: GPUs (ranks)")
+    parser.add_argument("--attention", default="flash", choices=["flash", "sdpa"],
+                        help="with --config: flash-attention-2 installed on the GPU, or SDPA")
+    parser.add_argument("overrides", nargs="*", help="with --config: dotted key=value overrides")
     args = parser.parse_args()
-    if args.worker_case:
-        measure_worker(json.loads(Path(args.worker_case).read_text()), Path(args.worker_out))
+    calibrated = calibrate([r for r in measured_rows(args.results_dir)])
+    bands = {mode: calibration_band(calibrated, mode) for mode in ("lora", "full")}
+    if args.config:
+        shape, plan = plan_of_config(args.config, args.overrides, args.gpus, args.attention)
+        describe(shape, plan, bands["lora" if plan.lora else "full"])
         return
     env = start_run(args)
-    if not args.measure:
-        print_table(plan_table(LLAMA3_8B), [("mode", "mode", "s"), ("gpus", "GPUs", "d"), ("zero", "ZeRO", "d"),
-                                            ("offload", "offload", "s"), ("total_gb", "total", ".1f")])
-    for spec in args.measure:
-        case = json.loads(spec) if spec.startswith("{") else cell_case(spec, args.device, args.malloc)
-        row = measured_row(case, run_cell(case, args.max_rss_gib * GB, args.timeout), env)
-        print(f"{case.get('cell', spec)} [{case.get('malloc')}]: peak {row.get('peak_mib', float('nan')):.0f} MiB per rank, "
-              f"{row['wall_s']:.0f} s" + (f" — {row['error']}" if "error" in row else ""), flush=True)
-        if not args.no_save:
-            append_rows("memory_8b", [row], args.results_dir)
+    if args.measure:
+        from memory_cells import cell_case, measured_row, run_cell
+
+        for spec in args.measure:
+            case = cell_case(spec, args.device, args.malloc)
+            row = measured_row(case, run_cell(case, args.max_rss_gib * GB, args.timeout), env)
+            est = estimate(SHAPES[case["shape"]], plan_of_case(case))
+            row["estimate_mib"] = est["peak"] / MIB
+            print(f"{spec} [{case['malloc']}]: peak {row.get('peak_mib', float('nan')):.0f} MiB per rank, "
+                  f"estimate {row['estimate_mib']:.0f} MiB, {row['wall_s']:.0f} s"
+                  + (f" — {row['error']}" if "error" in row else ""), flush=True)
+            if not args.no_save:
+                append_rows("memory_8b", [row], args.results_dir)
+        return
+    print("\n## Calibration: measured peak per rank (hypo_fast's trainer, one step) against the estimate")
+    print_table(calibrated, CAL_COLUMNS)
+    for mode in ("lora", "full"):
+        band = bands[mode]
+        print(f"{mode}: measured/estimated spans {band[0]:.2f}–{band[1]:.2f}" if band else f"{mode}: no measured cell")
+    print(f"\n## Estimated peak GiB per GPU, one HyPO step on {LLAMA3_8B.name} ({LLAMA3_8B.params() / 1e9:.2f}B), "
+          "bf16, gradient checkpointing, 1 pair + 1 prompt × k=2 per GPU, every sequence 2048 tokens (512 prompt), "
+          f"steady state; band = peak × the calibration spread; add ~{CUDA_CONTEXT / GB:.1f} GiB CUDA context")
+    table = plan_rows(LLAMA3_8B, bands)
+    print_table(table, PLAN_COLUMNS)
+    if not args.no_save:
+        append_rows("memory_8b", [{**env, **r} for r in table], args.results_dir)
 
 
 if __name__ == "__main__":
