@@ -129,7 +129,8 @@ class Plan:
     sub_group: int = 1_000_000_000  # DeepSpeed ZeRO-3 sub_group_size (elements)
 
 
-CPU_RUNTIME = 560 * MIB  # measured: a rank's resident set after set-up, less its tensors (see calibrate())
+CPU_RUNTIME = 580 * MIB  # measured: a rank's resident set after set-up less its tensors, 550–680 MiB (the
+# library pages mapped vary with what the page cache holds): Python, torch, transformers, DeepSpeed, gloo
 CUDA_CONTEXT = 0.5 * GB  # not measured here: CUDA context and kernels, outside the allocator's statistics
 HEAD_CHUNK = 4 * 1024 * 1024  # the CPU head's logits block (hypo_fast.ops.chunked.DEFAULT_CHUNK_ELEMENTS)
 SAMPLE_TILE = 2048  # the CPU sampling head's vocabulary tile (hypo_fast.native.SAMPLE_TILE)
@@ -337,10 +338,18 @@ def calibrate(rows: list[dict]) -> list[dict]:
     return out
 
 
-def calibration_band(calibrated: list[dict], mode: str) -> tuple[float, float] | None:
-    """The spread of measured/estimated over the calibration cells of one mode (mmap malloc), or None."""
-    ratios = [c["ratio"] for c in calibrated if c.get("ratio") and c["mode"] == mode and c["malloc"] != "default"]
+def calibration_band(calibrated: list[dict], mode: str, device: str = "cpu") -> tuple[float, float] | None:
+    """min and max of measured/estimated over the cells of one mode measured on ``device`` (CPU cells:
+    with the mmap malloc, whose resident set tracks live tensors), or None."""
+    ratios = [c["ratio"] for c in calibrated
+              if c.get("ratio") and c["mode"] == mode and c["device"] == device and c["malloc"] != "default"]
     return (min(ratios), max(ratios)) if ratios else None
+
+
+def plan_bands(calibrated: list[dict]) -> dict[str, tuple[float, float] | None]:
+    """The band carried into the GPU plan: from GPU cells when there are any, else from the CPU cells."""
+    return {mode: calibration_band(calibrated, mode, "cuda") or calibration_band(calibrated, mode, "cpu")
+            for mode in ("lora", "full")}
 
 
 # ---- the 8B plan ---------------------------------------------------------------------------------
@@ -437,7 +446,8 @@ def main() -> None:
     parser = bench_arguments(__doc__)
     parser.add_argument("--measure", nargs="*", default=[], help="cells MODE-SHAPE-SEQ (memory_cells.cell_case)")
     parser.add_argument("--malloc", default="mmap", choices=["mmap", "default"], help="CPU cells: glibc's mode")
-    parser.add_argument("--max-rss-gib", type=float, default=12.5, help="memory guard: all processes of a cell")
+    parser.add_argument("--max-rss-gib", type=float, help="memory guard on all processes of a cell (default: 12.5 "
+                        "GiB on CPU, 80%% of the host's memory with --device cuda)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per cell")
     parser.add_argument("--config", help="estimate this training config's peak instead of the 8B table")
     parser.add_argument("--gpus", type=int, default=1, help="with --config: GPUs (ranks)")
@@ -445,19 +455,21 @@ def main() -> None:
                         help="with --config: flash-attention-2 installed on the GPU, or SDPA")
     parser.add_argument("overrides", nargs="*", help="with --config: dotted key=value overrides")
     args = parser.parse_args()
-    calibrated = calibrate([r for r in measured_rows(args.results_dir)])
-    bands = {mode: calibration_band(calibrated, mode) for mode in ("lora", "full")}
+    folders = {Path(RESULTS_DIR).resolve(), Path(args.results_dir).resolve()}  # the repository's rows and this run's
+    calibrated = calibrate([r for folder in sorted(folders) for r in measured_rows(folder)])
+    bands = plan_bands(calibrated)
     if args.config:
         shape, plan = plan_of_config(args.config, args.overrides, args.gpus, args.attention)
         describe(shape, plan, bands["lora" if plan.lora else "full"])
         return
     env = start_run(args)
     if args.measure:
-        from memory_cells import cell_case, measured_row, run_cell
+        from memory_cells import cell_case, default_cap, measured_row, run_cell
 
+        cap = args.max_rss_gib * GB if args.max_rss_gib else default_cap(args.device)
         for spec in args.measure:
             case = cell_case(spec, args.device, args.malloc)
-            row = measured_row(case, run_cell(case, args.max_rss_gib * GB, args.timeout), env)
+            row = measured_row(case, run_cell(case, cap, args.timeout), env)
             est = estimate(SHAPES[case["shape"]], plan_of_case(case))
             row["estimate_mib"] = est["peak"] / MIB
             print(f"{spec} [{case['malloc']}]: peak {row.get('peak_mib', float('nan')):.0f} MiB per rank, "
@@ -469,8 +481,10 @@ def main() -> None:
     print("\n## Calibration: measured peak per rank (hypo_fast's trainer, one step) against the estimate")
     print_table(calibrated, CAL_COLUMNS)
     for mode in ("lora", "full"):
-        band = bands[mode]
-        print(f"{mode}: measured/estimated spans {band[0]:.2f}–{band[1]:.2f}" if band else f"{mode}: no measured cell")
+        for device in ("cpu", "cuda"):
+            band = calibration_band(calibrated, mode, device)
+            if band:
+                print(f"{mode} on {device}: measured/estimated spans {band[0]:.2f}–{band[1]:.2f}")
     print(f"\n## Estimated peak GiB per GPU, one HyPO step on {LLAMA3_8B.name} ({LLAMA3_8B.params() / 1e9:.2f}B), "
           "bf16, gradient checkpointing, 1 pair + 1 prompt × k=2 per GPU, every sequence 2048 tokens (512 prompt), "
           f"steady state; band = peak × the calibration spread; add ~{CUDA_CONTEXT / GB:.1f} GiB CUDA context")

@@ -164,6 +164,30 @@ def tensor_inventory(trainer) -> dict:
     }
 
 
+# set-up steps timed as phases, by the module-level name the trainer calls them through
+SETUP_PHASES = {"load_causal_lm": "load_model", "add_lora": "add_lora", "build_engine": "engine_init"}
+
+
+def _phase_the_setup(trainer_module, phases) -> None:
+    """Wrap the trainer's set-up calls wherever it looks them up (its own module, or a ``build`` helper
+    module beside it), the reference copy and the offline reference cache."""
+    import importlib
+
+    modules = [trainer_module]
+    try:
+        modules.append(importlib.import_module("hypo_fast.train.build"))
+    except ImportError:
+        pass
+    for module in modules:
+        for name, phase in SETUP_PHASES.items():
+            if hasattr(module, name):
+                setattr(module, name, phases.wrap(phase, getattr(module, name)))
+    from hypo_fast.models import FrozenReference
+
+    FrozenReference.copy_of = phases.wrap("reference_copy", FrozenReference.copy_of)
+    trainer_module.Trainer._reference_logps = phases.wrap("reference_cache", trainer_module.Trainer._reference_logps)
+
+
 def measure_worker(case: dict, out_dir: Path) -> None:
     """One rank of one measured cell: set-up and one training step, each phase's peak, to rankN.json."""
     phases = PhasePeaks(case["device"])
@@ -176,11 +200,7 @@ def measure_worker(case: dict, out_dir: Path) -> None:
     from hypo_fast.train.config import config_from_dict
 
     phases.mark("imports")
-    tr.load_causal_lm = phases.wrap("load_model", tr.load_causal_lm)
-    tr.add_lora = phases.wrap("add_lora", tr.add_lora)
-    tr.FrozenReference.copy_of = phases.wrap("reference_copy", tr.FrozenReference.copy_of)
-    tr.build_engine = phases.wrap("engine_init", tr.build_engine)
-    tr.Trainer._reference_logps = phases.wrap("reference_cache", tr.Trainer._reference_logps)
+    _phase_the_setup(tr, phases)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = config_from_dict(run_config(case, Path(tmp)))
         start = time.perf_counter()
@@ -207,6 +227,10 @@ def measure_worker(case: dict, out_dir: Path) -> None:
               "setup_s": setup_s, "step_s": step_s, "loss": float(metrics["loss"]),
               "attention": getattr(policy.model.config, "_attn_implementation", None),
               **tensor_inventory(trainer)}
+    if case["device"] == "cuda":  # what the driver sees: allocator reservations + the CUDA context
+        free, total = torch.cuda.mem_get_info()
+        result["device_used_end"] = total - free
+        result["reserved_end"] = torch.cuda.memory_reserved()
     (out_dir / f"rank{trainer.rank}.json").write_text(json.dumps(result))
 
 
@@ -245,6 +269,17 @@ def _tree_rss(pids: list[int]) -> int:
         except (OSError, IndexError, ValueError):
             continue
     return total
+
+
+def default_cap(device: str) -> float:
+    """The memory guard's cap on a cell's resident sets: 12.5 GiB on the shared CPU machine; on a GPU
+    machine (the model is built on the host first) 80% of its memory."""
+    if device == "cpu":
+        return 12.5 * GB
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return 0.8 * int(line.split()[1]) * 1024
+    return 12.5 * GB
 
 
 def run_cell(case: dict, cap_bytes: float, timeout: float) -> dict:
@@ -314,6 +349,7 @@ def measured_row(case: dict, result: dict, env: dict) -> dict:
                          "level_mib": {k: v / MIB for k, v in r["levels"].items()},
                          "seconds": r["seconds"], "setup_s": r["setup_s"], "step_s": r["step_s"],
                          "reserved_peak_mib": r["reserved_peak"] / MIB, "attention": r.get("attention"),
+                         **{f"{k}_mib": r[k] / MIB for k in ("device_used_end", "reserved_end") if k in r},
                          **{k: (v / MIB if k.endswith("_bytes") else v) for k, v in r.items()
                             if k.endswith("_bytes") or k == "trainable_params"}})
     row = {**env, "kind": "measured", **case, "wall_s": result["wall_s"],
