@@ -159,10 +159,18 @@ def layer_saved_bytes(shape: Shape, plan: Plan) -> float:
 
 
 def layer_forward_bytes(shape: Shape, plan: Plan) -> float:
-    """Bytes per token in flight in one layer's forward when nothing is saved (checkpointed or no-grad)."""
+    """Bytes per token in flight in one layer's forward when nothing is saved (checkpointed or no-grad):
+    SwiGLU's gate, up, silu(gate) and their product, with the residual stream and q/k/v."""
     w, D, F = plan.bytes_per_weight, shape.hidden, shape.ffn
     kv = 2 * w * D if _attention_expands(plan) else 2 * w * shape.kv_heads * shape.head_dim
-    return w * (3 * F + 4 * D) + kv
+    return w * (4 * F + 4 * D) + kv
+
+
+def layer_grad_bytes(shape: Shape, plan: Plan) -> float:
+    """Bytes per token of gradients in flight in one layer's backward: SwiGLU's three F-wide gradients,
+    the residual stream's, and RMSNorm's fp32 input gradients."""
+    w, D, F = plan.bytes_per_weight, shape.hidden, shape.ffn
+    return w * (3 * D + 3 * F) + 8 * D
 
 
 def mask_bytes(plan: Plan, rows: int, length: int) -> float:
@@ -218,27 +226,30 @@ def estimate(shape: Shape, plan: Plan) -> dict:
             "sample_head": 2 * 4 * SAMPLE_TILE * D if cpu else 0.0,
         }
         on_gpu = cpu or plan.lora or not plan.reference_on_cpu
+        # the body's layers, then the head: one after the other, over the final hidden states
+        head = tok["N_on"] * D * (w + 4) + (cpu_head_workspace(shape, tok["N_on"]) if cpu else 0.0)
         phases["reference_forward"] = {
-            "activations": (tok["T_on"] * (layer_forward_bytes(shape, plan) + w * D) + mask_bytes(plan, 1, tok["T_on"]))
-            if on_gpu else 0.0,
-            "head": (tok["N_on"] * D * (w + 4) + (cpu_head_workspace(shape, tok["N_on"]) if cpu else 0.0))
-            if on_gpu else 0.0,
+            "hidden_and_mask": tok["T_on"] * w * D + mask_bytes(plan, 1, tok["T_on"]) if on_gpu else 0.0,
+            "layer_or_head": max(tok["T_on"] * layer_forward_bytes(shape, plan), head) if on_gpu else 0.0,
         }
+    head = N * D * w + (4 * N * D + cpu_head_workspace(shape, N) if cpu else 0.0)
+    layer = T * layer_forward_bytes(shape, plan) + gathered_layer
     phases["policy_forward"] = {
-        "checkpoints": checkpoints + hidden_out,
-        "activations": T * layer_forward_bytes(shape, plan) + mask_bytes(plan, 1, T),
-        "zero3_gathered": gathered_layer + gathered_head,
-        "head": N * D * w + (4 * N * D + cpu_head_workspace(shape, N) if cpu else 0.0),
+        "checkpoints": checkpoints + hidden_out + mask_bytes(plan, 1, T),
+        "layer_or_head": max(layer, head + gathered_head),
     }
     head_trains = not plan.lora
     head_backward = (4 * N * D + T * D * w + (4 * V * D + w * V * D if head_trains else 0.0)
                      + (cpu_head_workspace(shape, N) + 4 * N * D if cpu else 0.0))
-    recompute = T * (layer_saved_bytes(shape, plan) + w * (2 * D + 2 * shape.ffn))
+    recompute = T * (layer_saved_bytes(shape, plan) + layer_grad_bytes(shape, plan))
     phases["backward"] = {
         "checkpoints": checkpoints + hidden_out,
         "activations": max(head_backward, recompute + gathered_layer) + mask_bytes(plan, 1, T),
         "zero3_gathered": gathered_head if head_backward >= recompute else 0.0,
     }
+    parts = {"head_forward": head, "head_backward": head_backward,
+             "recomputed_layer": recompute,  # what the forward leaves for the backward:
+             "kept_for_backward": checkpoints + hidden_out + mask_bytes(plan, 1, T) + N * D * w}
     phases["optimizer_step"] = {}
     content = w * min(plan.reduce_bucket, P_tr)  # gradients in the reduce bucket when it is reduced
     if z >= 2:
@@ -270,7 +281,7 @@ def estimate(shape: Shape, plan: Plan) -> dict:
     totals["init"] = state["runtime"] + sum(init.values())
     peak_phase = max(totals, key=totals.get)
     return {"state": state, "phases": phases, "totals": totals, "peak": totals[peak_phase], "peak_phase": peak_phase,
-            "tokens": tok}
+            "tokens": tok, "parts": parts}
 
 
 def host_bytes(shape: Shape, plan: Plan) -> dict[str, float]:
@@ -280,8 +291,8 @@ def host_bytes(shape: Shape, plan: Plan) -> dict[str, float]:
     P_tr = shape.lora_params(plan.lora_r) if plan.lora else P
     out = {"load": n * w * P}  # transient, at start: every rank at once
     steady = n * w * P if plan.reference_on_cpu and not plan.lora else 0.0
-    if plan.offload_optimizer:  # fp32 master + AdamW + the gradient partition + one fp32 gradient sub-group
-        steady += (4 + 8 + w) * P_tr + 4 * min(plan.sub_group, P_tr / n) * n
+    if plan.offload_optimizer:  # fp32 master + AdamW + an fp32 gradient per sub-group + the bf16 gradient partition
+        steady += (4 + 8 + 4 + w) * P_tr
     if plan.offload_params:
         steady += w * P
     out["steady"] = steady
@@ -336,6 +347,54 @@ def calibrate(rows: list[dict]) -> list[dict]:
             entry["measured_phase"] = max((p for p in MEASURED_PHASES if p in phase_peaks), key=phase_peaks.get)
         out.append(entry)
     return out
+
+
+# the measured breakdown: what each number is, read off one rank's phase boundaries (RSS or allocator)
+BREAKDOWN = {  # the measured side of each component, read off one rank's phase boundaries
+    "weights": "RSS growth while the model is built (the trainer's load_causal_lm)",
+    "reference": "RSS growth while the frozen reference is deep-copied (full fine-tuning)",
+    "optimizer_state": "RSS growth across the first optimizer step (AdamW creates its state there)",
+    "kv_cache": "RSS after the last decode step (cache alive, prefill freed) less RSS when sampling starts",
+    "sampling": "peak while sampling (prefill, decode, KV cache) above its start",
+    "reference_forward": "peak of the online reference forward above its start",
+    "forward": "peak of the policy forward above its start (checkpointed inputs, one layer, the head)",
+    "kept_for_backward": "RSS after the policy forward less RSS before it (checkpoints, mask, final norm, head rows)",
+    "head_forward": "peak of the fused head's forward above its start",
+    "head_backward": "peak of the fused head's backward (output-gradient hook to input-gradient hook) above its start",
+    "backward": "peak of the backward above its start (recomputed layer, head, gradients, their reduce)",
+}
+
+
+def breakdown(row: dict) -> dict[str, tuple[float, float]]:
+    """Component → (measured MiB, estimated MiB) for one measured row (its rank with the highest peak);
+    see ``BREAKDOWN`` for how each measured number is obtained."""
+    r = max(row["per_rank"], key=lambda x: x["peak_mib"])
+    lv, pk = r["level_mib"], r["phase_peak_mib"]
+    shape, plan = SHAPES[row["shape"]], plan_of_case(row)
+    est = estimate(shape, plan)
+    base, t, parts = sum(est["state"].values()), est["totals"], est["parts"]
+
+    def grew(name):
+        return lv[f"{name}:end"] - lv[f"{name}:start"] if f"{name}:end" in lv else None
+
+    def above(name):
+        return pk[name] - lv[f"{name}:start"] if name in pk else None
+
+    backward = max(t["backward"], t.get("gradient_reduce", 0.0)) - base - parts["kept_for_backward"]
+    out = {"weights": (grew("load_model"), plan.bytes_per_weight * shape.params() / MIB),
+           "reference": (grew("reference_copy"), est["state"]["reference"] / MIB),
+           "optimizer_state": (grew("optimizer_step"), est["phases"]["optimizer_step"].get("optimizer_state", 0) / MIB),
+           "forward": (above("policy_forward"), (t["policy_forward"] - base) / MIB),
+           "kept_for_backward": (grew("policy_forward"), parts["kept_for_backward"] / MIB),
+           "head_forward": (above("head_forward"), parts["head_forward"] / MIB),
+           "head_backward": (above("head_backward"), parts["head_backward"] / MIB),
+           "backward": (above("backward"), backward / MIB)}
+    if "sampling" in est["phases"]:
+        out["kv_cache"] = (lv["kv_cache_full"] - lv["sampling:start"] if "kv_cache_full" in lv else None,
+                           est["phases"]["sampling"]["kv_cache"] / MIB)
+        out["sampling"] = (above("sampling"), (t["sampling"] - base) / MIB)
+        out["reference_forward"] = (above("reference_forward"), (t["reference_forward"] - base) / MIB)
+    return {k: v for k, v in out.items() if v[0] is not None}
 
 
 def calibration_band(calibrated: list[dict], mode: str, device: str = "cpu") -> tuple[float, float] | None:
