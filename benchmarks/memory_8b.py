@@ -124,7 +124,7 @@ class Plan:
     gen: int = 1536  # tokens drawn per sample
     device: str = "cuda"  # "cpu": the CPU terms of the module docstring
     attention: str = "flash"  # "flash" (flash-attention-2: packed rows by position ids) | "sdpa" (T×T mask)
-    first_step: bool = False  # AdamW's state does not exist before the first optimizer step
+    first_step: bool = False  # the first step: under ZeRO-3, AdamW's state is created in its optimizer step
     reduce_bucket: int = 500_000_000  # DeepSpeed reduce_bucket_size (elements)
     sub_group: int = 1_000_000_000  # DeepSpeed ZeRO-3 sub_group_size (elements)
 
@@ -208,7 +208,8 @@ def estimate(shape: Shape, plan: Plan) -> dict:
         grads_buffers = (0.0 if plan.offload_optimizer else w * P_tr / n) + (0.0 if cpu else bucket)
     state["grad_buffers"] = grads_buffers
     adam = 0.0 if plan.offload_optimizer else 8 * P_tr / opt_shard
-    state["optimizer_state"] = 0.0 if plan.first_step else adam
+    # measured: DeepSpeed's bf16 optimizer of ZeRO-0 creates AdamW's state at set-up, ZeRO-3 in the first step
+    state["optimizer_state"] = 0.0 if plan.first_step and z == 3 else adam
 
     gathered_layer = w * shape.layer_params() if z == 3 and (n > 1 or plan.offload_params) else 0.0
     gathered_head = w * V * D if z == 3 and (n > 1 or plan.offload_params) else 0.0
@@ -397,6 +398,18 @@ def breakdown(row: dict) -> dict[str, tuple[float, float]]:
     return {k: v for k, v in out.items() if v[0] is not None}
 
 
+def breakdown_rows(rows: list[dict]) -> list[dict]:
+    """One row per measured cell: each component as "measured / estimated" MiB."""
+    out = []
+    for row in rows:
+        if row.get("error") or not row.get("per_rank"):
+            continue
+        parts = breakdown(row)
+        out.append({"cell": row["cell"], "malloc": row.get("malloc"),
+                    **{k: f"{m:.0f} / {e:.0f}" for k, (m, e) in parts.items()}})
+    return out
+
+
 def calibration_band(calibrated: list[dict], mode: str, device: str = "cpu") -> tuple[float, float] | None:
     """min and max of measured/estimated over the cells of one mode measured on ``device`` (CPU cells:
     with the mmap malloc, whose resident set tracks live tensors), or None."""
@@ -472,9 +485,11 @@ def describe(shape: Shape, plan: Plan, band: tuple[float, float] | None) -> None
     print(f"# per micro-step: T = {est['tokens']['T']} tokens packed, N = {est['tokens']['N']} scored")
     for name, value in est["state"].items():
         print(f"  state  {name:<22} {value / GB:7.2f} GiB")
+    print(f"  {'set-up':<18} {est['totals']['init'] / GB:7.2f} GiB  (the model on the GPU, its reference copy"
+          f"{', ZeRO-3 partitions' if plan.zero_stage == 3 else ''})")
     for phase, parts in est["phases"].items():
         inner = ", ".join(f"{k} {v / GB:.2f}" for k, v in parts.items() if v)
-        print(f"  {phase:<18} {est['totals'][phase] / GB:7.2f} GiB  (state + {inner})")
+        print(f"  {phase:<18} {est['totals'][phase] / GB:7.2f} GiB  (state{' + ' + inner if inner else ''})")
     line = f"peak {est['peak'] / GB:.1f} GiB in {est['peak_phase']}"
     if band:
         line += f"; calibration band {est['peak'] * band[0] / GB:.1f}–{est['peak'] * band[1] / GB:.1f} GiB"
@@ -544,6 +559,9 @@ def main() -> None:
             band = calibration_band(calibrated, mode, device)
             if band:
                 print(f"{mode} on {device}: measured/estimated spans {band[0]:.2f}–{band[1]:.2f}")
+    print("\n## Breakdown, MiB measured / estimated (how each is measured: BREAKDOWN in memory_8b.py)")
+    print_table(breakdown_rows([r for folder in sorted(folders) for r in measured_rows(folder)]),
+                [("cell", "cell", "s"), ("malloc", "malloc", "s")] + [(k, k, "s") for k in BREAKDOWN])
     print(f"\n## Estimated peak GiB per GPU, one HyPO step on {LLAMA3_8B.name} ({LLAMA3_8B.params() / 1e9:.2f}B), "
           "bf16, gradient checkpointing, 1 pair + 1 prompt × k=2 per GPU, every sequence 2048 tokens (512 prompt), "
           f"steady state; band = peak × the calibration spread; add ~{CUDA_CONTEXT / GB:.1f} GiB CUDA context")
