@@ -354,7 +354,8 @@ def calibrate(rows: list[dict]) -> list[dict]:
 BREAKDOWN = {  # the measured side of each component, read off one rank's phase boundaries
     "weights": "RSS growth while the model is built (the trainer's load_causal_lm)",
     "reference": "RSS growth while the frozen reference is deep-copied (full fine-tuning)",
-    "optimizer_state": "RSS growth across the first optimizer step (AdamW creates its state there)",
+    "optimizer_state": "RSS growth across the first optimizer step (ZeRO-3 creates AdamW's state there; "
+                       "ZeRO-0's bf16 optimizer does at set-up)",
     "kv_cache": "RSS after the last decode step (cache alive, prefill freed) less RSS when sampling starts",
     "sampling": "peak while sampling (prefill, decode, KV cache) above its start",
     "reference_forward": "peak of the online reference forward above its start",
@@ -364,6 +365,32 @@ BREAKDOWN = {  # the measured side of each component, read off one rank's phase 
     "head_backward": "peak of the fused head's backward (output-gradient hook to input-gradient hook) above its start",
     "backward": "peak of the backward above its start (recomputed layer, head, gradients, their reduce)",
 }
+
+
+# what the CPU cells check, and what only a GPU can (bash benchmarks/gpu_suite.sh OUT memory)
+CHECKED_ON_CPU = [
+    "weights, the full-fine-tuning reference (a full copy per rank under ZeRO-3), AdamW's state, fp32 masters, "
+    "ZeRO-3's partitions and gradient partition buffer (per rank, 2 ranks)",
+    "every layer's checkpointed input, the final RMSNorm, SDPA's T×T boolean mask over the packed row",
+    "the recomputed layer: its saved tensors (fp32 RMSNorm inputs, K/V expanded to every head by SDPA with a "
+    "mask) and gradients in flight",
+    "the fused head: its saved rows, fp32 dh, and in full fine-tuning the fp32 weight gradient 4·V·D and its cast",
+    "the KV cache (dynamic), the prefill, the reference forward, ZeRO-3's reduce bucket as written and its scatter",
+    "the optimizer step under ZeRO-3: the fp32 gradient of a sub-group, its bf16 flat copy, AdamW's temporary",
+]
+UNTESTED_ON_GPU = [
+    "the CUDA context (~0.5 GiB, taken as a constant) and the caching allocator's fragmentation (reserved − "
+    "allocated; not estimated)",
+    "flash-attention-2: packed rows read from position ids, no mask, K/V saved at GQA size (the estimate "
+    "assumes it; 'peak SDPA' assumes PyTorch's memory-efficient kernel with a T×T mask, no score matrix)",
+    "Liger's RMSNorm/RoPE/SwiGLU kernels, applied on CUDA when installed, save less than the HF modules "
+    "estimated here (the estimate is then high)",
+    "the Triton head (its tiles stay on chip: no CPU chunk workspace), the static KV cache",
+    "DeepSpeed's 5e8-element reduce bucket allocated whole at start; NCCL's reduce-scatter (one copy; gloo's "
+    "fallback takes two)",
+    "ZeRO-1/2 (never measured), optimizer/parameter offload (never measured), more than 2 ranks, the set-up "
+    "peak of ZeRO-3 on one GPU",
+]
 
 
 def breakdown(row: dict) -> dict[str, tuple[float, float]]:
@@ -559,9 +586,15 @@ def main() -> None:
             band = calibration_band(calibrated, mode, device)
             if band:
                 print(f"{mode} on {device}: measured/estimated spans {band[0]:.2f}–{band[1]:.2f}")
+    default = [c["ratio"] for c in calibrated if c.get("ratio") and c["malloc"] == "default"]
+    if default:
+        print(f"glibc's default malloc: {min(default):.2f}–{max(default):.2f} — the resident set keeps freed memory "
+              "(arenas, fragmentation); the estimate counts live tensors and misses that term")
     print("\n## Breakdown, MiB measured / estimated (how each is measured: BREAKDOWN in memory_8b.py)")
     print_table(breakdown_rows([r for folder in sorted(folders) for r in measured_rows(folder)]),
                 [("cell", "cell", "s"), ("malloc", "malloc", "s")] + [(k, k, "s") for k in BREAKDOWN])
+    print("\nChecked on CPU:\n" + "\n".join(f"  - {x}" for x in CHECKED_ON_CPU))
+    print("Untested on GPU:\n" + "\n".join(f"  - {x}" for x in UNTESTED_ON_GPU))
     print(f"\n## Estimated peak GiB per GPU, one HyPO step on {LLAMA3_8B.name} ({LLAMA3_8B.params() / 1e9:.2f}B), "
           "bf16, gradient checkpointing, 1 pair + 1 prompt × k=2 per GPU, every sequence 2048 tokens (512 prompt), "
           f"steady state; band = peak × the calibration spread; add ~{CUDA_CONTEXT / GB:.1f} GiB CUDA context")

@@ -91,6 +91,12 @@ def _plot(name: str, title: str, rows: list[dict], keys: tuple[str, ...], machin
     return file
 
 
+def SHAPE_ORDER(row: dict) -> float:  # noqa: N802  (a sort key)
+    import memory_8b
+
+    return memory_8b.SHAPES[row["shape"]].params()
+
+
 def memory_sections() -> list[str]:
     """The memory plan: every measured cell beside the current estimator, and the latest 8B plan table."""
     import memory_8b
@@ -116,6 +122,29 @@ def memory_sections() -> list[str]:
             lines.append("| " + " | ".join(_fmt(c.get(k), f) if c.get(k) is not None else
                                           (c.get("error") or "–") if k == "measured_mib" else "–"
                                           for k, _, f in columns) + " |")
+        lines.append("")
+        for mode in ("lora", "full"):
+            band = memory_8b.calibration_band(rows, mode, rows[0]["device"])
+            if band:
+                lines.append(f"- {mode}: measured / estimated spans {band[0]:.2f}–{band[1]:.2f} (malloc `mmap`)")
+        default = [c["ratio"] for c in rows if c.get("ratio") and c["malloc"] == "default"]
+        if default:
+            lines.append(f"- glibc's default malloc: measured / estimated {min(default):.2f}–{max(default):.2f}: the "
+                         "resident set keeps freed memory (arenas, fragmentation) that the estimate, which counts live "
+                         "tensors, leaves out")
+        measured = [r for r in memory_8b.measured_rows(RESULTS) if r["machine"] == machine]
+        parts = memory_8b.breakdown_rows(sorted(measured, key=lambda r: (r["mode"], SHAPE_ORDER(r), r["seq"])))
+        keys = [k for k in memory_8b.BREAKDOWN if any(k in p for p in parts)]
+        lines += ["", "Breakdown, MiB measured / estimated, of the rank with the highest peak:", "",
+                  "| cell | malloc | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 2)]
+        for p in parts:
+            lines.append(f"| {p['cell']} | {p['malloc']} | " + " | ".join(p.get(k, "–") for k in keys) + " |")
+        lines += ["", "How each measured number is obtained (phase boundaries are the trainer's own calls, wrapped "
+                  "in the measuring process; RSS high-water marks are reset at each boundary):", ""]
+        lines += [f"- {k}: {memory_8b.BREAKDOWN[k]}" for k in keys]
+        lines += ["", "What these cells check in the estimator:", ""] + [f"- {x}" for x in memory_8b.CHECKED_ON_CPU]
+        lines += ["", "What they cannot (only a GPU can: `bash benchmarks/gpu_suite.sh OUT memory`):", ""]
+        lines += [f"- {x}" for x in memory_8b.UNTESTED_ON_GPU]
         lines.append("")
     plans = [json.loads(line) for line in path.read_text().splitlines()]
     plans = [r for r in plans if r.get("kind") == "plan"]
