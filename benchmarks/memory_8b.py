@@ -9,9 +9,12 @@ The estimator (:func:`estimate`) adds up, per GPU (per rank on CPU), what is ali
 step and reports the largest: the peak. Persistent state — weights (``w·P``, ``/n`` under ZeRO-3, 0
 with parameters offloaded), the frozen reference of full fine-tuning (a full copy on *every* rank: it is
 not partitioned, ``model.reference_device: cpu`` moves it off the GPU), fp32 master weights ``4·P`` and
-AdamW state ``8·P`` (``/n`` from ZeRO-1, 0 offloaded; AdamW creates its state in the first step),
-DeepSpeed's gradient buffers (ZeRO-3: a partition buffer ``w·P/n`` and the 5e8-element reduce bucket) —
-plus what each phase adds:
+AdamW state ``8·P`` (``/n`` from ZeRO-1, 0 offloaded; ZeRO-3 creates it in the first optimizer step,
+ZeRO-0's bf16 optimizer at set-up), DeepSpeed's gradient buffers (ZeRO-3: a partition buffer ``w·P/n``
+and the 5e8-element reduce bucket) — plus what each phase adds:
+
+* set-up: the trainer moves the whole model to the GPU, deep-copies it there for the reference (also when
+  the copy then goes to the CPU), and ZeRO-3 copies out its partitions before the original is freed;
 
 * sampling: the KV cache ``2·L·KV·hd·S·M·w`` (``M = prompts·k`` rows of ``S`` tokens), one layer's
   prefill, and under ZeRO-3 the whole model gathered for the generation phase;
@@ -40,7 +43,10 @@ caching allocator's fragmentation (``reserved − allocated``) come on top of th
 
 Calibration: ``--measure`` runs cells of hypo_fast's own trainer (``memory_cells.py``) and appends their
 per-phase peaks to benchmarks/results/memory_8b.jsonl; the default run compares every measured row with
-its estimate and carries the spread of measured/estimated into each row of the 8B table.
+its estimate (peak, phases, and a breakdown by component) and carries the spread of measured/estimated
+into each row of the 8B table. The estimate counts live tensors: CPU cells run with glibc returning freed
+memory (``MALLOC_MMAP_THRESHOLD_=65536``); with glibc's defaults the resident set also keeps freed memory,
+a term the estimate leaves out (measured: 1.2–1.4× the estimate).
 """
 
 from __future__ import annotations
@@ -315,7 +321,8 @@ def plan_of_case(case: dict) -> Plan:
                 prompts=case["prompts"] if case["kl_coef"] > 0 else 0, k=case["k"],
                 online_prompt=case["online_prompt"], gen=case["gen"], device=case["device"],
                 attention="flash" if attention == "flash_attention_2" else "sdpa", first_step=True,
-                offload_optimizer=case.get("offload_optimizer", False), offload_params=case.get("offload_params", False))
+                offload_optimizer=case.get("offload_optimizer", False),
+                offload_params=case.get("offload_params", False))
 
 
 def measured_rows(results_dir=RESULTS_DIR) -> list[dict]:
@@ -463,16 +470,19 @@ def plan_rows(shape: Shape, bands: dict[str, tuple[float, float] | None], step: 
     for lora in (True, False):
         for gpus in (1, 8):
             for stage in (0, 1, 2, 3):
-                offloads = [(False, False)] + ([(True, False)] if stage >= 1 else []) + ([(True, True)] if stage == 3 else [])
+                offloads = [(False, False)] + ([(True, False)] if stage >= 1 else [])
+                offloads += [(True, True)] if stage == 3 else []
                 for opt, par in offloads:
-                    plan = Plan(lora=lora, zero_stage=stage, gpus=gpus, offload_optimizer=opt, offload_params=par, **step)
+                    plan = Plan(lora=lora, zero_stage=stage, gpus=gpus, offload_optimizer=opt, offload_params=par,
+                                **step)
                     est, sdpa = estimate(shape, plan), estimate(shape, replace(plan, attention="sdpa"))
                     band = bands.get("lora" if lora else "full")
                     peak = est["peak"] / GB
                     rows.append({"kind": "plan", "shape": shape.name, "mode": "LoRA r=16" if lora else "full",
                                  "gpus": gpus, "zero": stage, "offload": "opt+params" if par else "opt" if opt else "-",
                                  "peak_gb": peak, "peak_sdpa_gb": sdpa["peak"] / GB, "peak_phase": est["peak_phase"],
-                                 "low_gb": peak * band[0] if band else None, "high_gb": peak * band[1] if band else None,
+                                 "low_gb": peak * band[0] if band else None,
+                                 "high_gb": peak * band[1] if band else None,
                                  "device_gb": peak * max(1.0, band[1] if band else 1.0) + CUDA_CONTEXT / GB,
                                  "host_gb": host_bytes(shape, plan)["peak"] / GB,
                                  **{f"{k}_gb": v / GB for k, v in est["state"].items()},
@@ -490,7 +500,8 @@ def plan_of_config(path: str, overrides: list[str], gpus: int, attention: str = 
     m, d, s, a, z = cfg.model, cfg.data, cfg.sampling, cfg.algorithm, cfg.deepspeed
     hf = dict(m.config) if m.config else json.loads((Path(m.path) / "config.json").read_text())
     shape = Shape(Path(m.path).name if m.path else "config", hf["num_hidden_layers"], hf["hidden_size"],
-                  hf["intermediate_size"], hf["num_attention_heads"], hf.get("num_key_value_heads", hf["num_attention_heads"]),
+                  hf["intermediate_size"], hf["num_attention_heads"],
+                  hf.get("num_key_value_heads", hf["num_attention_heads"]),
                   hf["vocab_size"], hf.get("tie_word_embeddings", False))
     if m.attn_implementation not in ("auto", "flash_attention_2"):
         attention = "sdpa"
@@ -506,8 +517,9 @@ def plan_of_config(path: str, overrides: list[str], gpus: int, attention: str = 
 
 def describe(shape: Shape, plan: Plan, band: tuple[float, float] | None) -> None:
     est = estimate(shape, plan)
-    print(f"# {shape.name}: {shape.params() / 1e9:.2f}B parameters; {plan.gpus} GPU(s), ZeRO-{plan.zero_stage}"
-          f"{', optimizer offload' if plan.offload_optimizer else ''}{', parameter offload' if plan.offload_params else ''}"
+    offload = ", optimizer offload" if plan.offload_optimizer else ""
+    offload += ", parameter offload" if plan.offload_params else ""
+    print(f"# {shape.name}: {shape.params() / 1e9:.2f}B parameters; {plan.gpus} GPU(s), ZeRO-{plan.zero_stage}{offload}"
           f"; {'LoRA r=%d' % plan.lora_r if plan.lora else 'full fine-tuning'}; {plan.attention}")
     print(f"# per micro-step: T = {est['tokens']['T']} tokens packed, N = {est['tokens']['N']} scored")
     for name, value in est["state"].items():
@@ -535,7 +547,8 @@ CAL_COLUMNS = [("cell", "cell", "s"), ("params_b", "params B", ".2f"), ("malloc"
                ("ratio", "measured/est", ".2f"), ("measured_phase", "measured peak in", "s"),
                ("peak_phase", "estimated peak in", "s"), ("error", "error", "s")]
 PLAN_COLUMNS = [("mode", "mode", "s"), ("gpus", "GPUs", "d"), ("zero", "ZeRO", "d"), ("offload", "offload", "s"),
-                ("weights_gb", "weights", ".1f"), ("reference_gb", "ref", ".1f"), ("master_weights_gb", "master", ".1f"),
+                ("weights_gb", "weights", ".1f"), ("reference_gb", "ref", ".1f"),
+                ("master_weights_gb", "master", ".1f"),
                 ("optimizer_state_gb", "AdamW", ".1f"), ("grad_buffers_gb", "grad buf", ".1f"),
                 ("init_gb", "init", ".1f"), ("sampling_gb", "sampling", ".1f"), ("policy_forward_gb", "forward", ".1f"),
                 ("backward_gb", "backward", ".1f"), ("optimizer_step_gb", "opt step", ".1f"),
@@ -588,7 +601,8 @@ def main() -> None:
                 print(f"{mode} on {device}: measured/estimated spans {band[0]:.2f}–{band[1]:.2f}")
     default = [c["ratio"] for c in calibrated if c.get("ratio") and c["malloc"] == "default"]
     if default:
-        print(f"glibc's default malloc: {min(default):.2f}–{max(default):.2f} — the resident set keeps freed memory "
+        print(f"glibc's default malloc: {min(default):.2f}–{max(default):.2f} — the resident set keeps freed "
+              "memory "
               "(arenas, fragmentation); the estimate counts live tensors and misses that term")
     print("\n## Breakdown, MiB measured / estimated (how each is measured: BREAKDOWN in memory_8b.py)")
     print_table(breakdown_rows([r for folder in sorted(folders) for r in measured_rows(folder)]),

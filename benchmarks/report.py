@@ -117,7 +117,8 @@ def memory_sections() -> list[str]:
                   f"{machine}; hypo_fast's trainer, one step of each cell (`python benchmarks/memory_8b.py "
                   "--measure CELL`), the estimate of the current `memory_8b.py`; CPU peaks are the resident set's "
                   "high-water mark (malloc `mmap`: glibc returns freed tensors, so it tracks live memory; `default`: "
-                  "glibc as shipped)", "", "| " + " | ".join(h for _, h, _ in columns) + " |", "|" + "---|" * len(columns)]
+                  "glibc as shipped)", "",
+                  "| " + " | ".join(h for _, h, _ in columns) + " |", "|" + "---|" * len(columns)]
         for c in rows:
             lines.append("| " + " | ".join(_fmt(c.get(k), f) if c.get(k) is not None else
                                           (c.get("error") or "–") if k == "measured_mib" else "–"
