@@ -130,6 +130,7 @@ class Plan:
     gen: int = 1536  # tokens drawn per sample
     device: str = "cuda"  # "cpu": the CPU terms of the module docstring
     attention: str = "flash"  # "flash" (flash-attention-2: packed rows by position ids) | "sdpa" (T×T mask)
+    liger: bool = False  # Liger's RMSNorm/RoPE/SwiGLU (applied on CUDA when liger-kernel is installed)
     first_step: bool = False  # the first step: under ZeRO-3, AdamW's state is created in its optimizer step
     reduce_bucket: int = 500_000_000  # DeepSpeed reduce_bucket_size (elements)
     sub_group: int = 1_000_000_000  # DeepSpeed ZeRO-3 sub_group_size (elements)
@@ -157,26 +158,31 @@ def _attention_expands(plan: Plan) -> bool:
 
 
 def layer_saved_bytes(shape: Shape, plan: Plan) -> float:
-    """Bytes per token one decoder layer saves for its backward (the recomputed layer), see the docstring."""
+    """Bytes per token one decoder layer saves for its backward (the recomputed layer), see the docstring.
+    With Liger's kernels (``plan.liger``) RMSNorm keeps its bf16 input and a per-row rstd instead of an fp32
+    copy, and SwiGLU keeps gate and up only (it recomputes silu in its backward)."""
     w, D, F, H = plan.bytes_per_weight, shape.hidden, shape.ffn, shape.heads
     kv = shape.kv_heads * shape.head_dim
     attention = 3 * w * D if _attention_expands(plan) else w * D + 2 * w * kv
-    return 8 * D + 4 * w * D + attention + w * D + 4 * w * F + 4 * H
+    norms = 2 * (2 * w * D + 4) if plan.liger else 8 * D + 4 * w * D
+    mlp = 3 * w * F if plan.liger else 4 * w * F
+    return norms + attention + w * D + mlp + 4 * H
 
 
 def layer_forward_bytes(shape: Shape, plan: Plan) -> float:
     """Bytes per token in flight in one layer's forward when nothing is saved (checkpointed or no-grad):
-    SwiGLU's gate, up, silu(gate) and their product, with the residual stream and q/k/v."""
+    SwiGLU's gate, up, silu(gate) (not with Liger's fused kernel) and their product, the residual stream and
+    q/k/v."""
     w, D, F = plan.bytes_per_weight, shape.hidden, shape.ffn
     kv = 2 * w * D if _attention_expands(plan) else 2 * w * shape.kv_heads * shape.head_dim
-    return w * (4 * F + 4 * D) + kv
+    return w * ((3 if plan.liger else 4) * F + 4 * D) + kv
 
 
 def layer_grad_bytes(shape: Shape, plan: Plan) -> float:
     """Bytes per token of gradients in flight in one layer's backward: SwiGLU's three F-wide gradients,
-    the residual stream's, and RMSNorm's fp32 input gradients."""
+    the residual stream's, and (HF's RMSNorm) fp32 input gradients."""
     w, D, F = plan.bytes_per_weight, shape.hidden, shape.ffn
-    return w * (3 * D + 3 * F) + 8 * D
+    return w * (3 * D + 3 * F) + (0 if plan.liger else 8 * D)
 
 
 def mask_bytes(plan: Plan, rows: int, length: int) -> float:
@@ -315,12 +321,13 @@ MEASURED_PHASES = ("sampling", "reference_forward", "policy_forward", "backward"
 def plan_of_case(case: dict) -> Plan:
     """The estimator's plan for a measured cell (``memory_cells.cell_case``)."""
     attention = next((r.get("attention") for r in case.get("per_rank", [])), None) or "sdpa"
+    liger = any(r.get("liger") for r in case.get("per_rank", []))
     return Plan(lora=case["mode"] == "lora", zero_stage=case["zero"], gpus=case["ranks"],
                 bytes_per_weight=2 if case["dtype"] in ("bfloat16", "float16") else 4,
                 pairs=case["pairs"], prompt=case["prompt"], response=case["response"],
                 prompts=case["prompts"] if case["kl_coef"] > 0 else 0, k=case["k"],
                 online_prompt=case["online_prompt"], gen=case["gen"], device=case["device"],
-                attention="flash" if attention == "flash_attention_2" else "sdpa", first_step=True,
+                attention="flash" if attention == "flash_attention_2" else "sdpa", liger=liger, first_step=True,
                 offload_optimizer=case.get("offload_optimizer", False),
                 offload_params=case.get("offload_params", False))
 
@@ -492,7 +499,8 @@ def plan_rows(shape: Shape, bands: dict[str, tuple[float, float] | None], step: 
 
 # ---- a user's config -------------------------------------------------------------------------------
 
-def plan_of_config(path: str, overrides: list[str], gpus: int, attention: str = "flash") -> tuple[Shape, Plan]:
+def plan_of_config(path: str, overrides: list[str], gpus: int, attention: str = "flash",
+                   liger: bool = False) -> tuple[Shape, Plan]:
     """The plan of a training config (model.config, or model.path's config.json) on ``gpus`` GPUs."""
     from hypo_fast.train.config import load_config
 
@@ -511,7 +519,7 @@ def plan_of_config(path: str, overrides: list[str], gpus: int, attention: str = 
                 reference_on_cpu=m.reference_device == "cpu", bytes_per_weight=2 if m.dtype != "float32" else 4,
                 pairs=cfg.optim.pairs_per_micro_batch, prompt=prompt, response=d.max_length - prompt,
                 prompts=s.prompts_per_step if a.kl_coef > 0 else 0, k=a.num_samples, online_prompt=prompt,
-                gen=s.max_new_tokens, device="cuda", attention=attention)
+                gen=s.max_new_tokens, device="cuda", attention=attention, liger=liger)
     return shape, plan
 
 
@@ -567,13 +575,14 @@ def main() -> None:
     parser.add_argument("--gpus", type=int, default=1, help="with --config: GPUs (ranks)")
     parser.add_argument("--attention", default="flash", choices=["flash", "sdpa"],
                         help="with --config: flash-attention-2 installed on the GPU, or SDPA")
+    parser.add_argument("--liger", action="store_true", help="with --config: liger-kernel installed on the GPU")
     parser.add_argument("overrides", nargs="*", help="with --config: dotted key=value overrides")
     args = parser.parse_args()
     folders = {Path(RESULTS_DIR).resolve(), Path(args.results_dir).resolve()}  # the repository's rows and this run's
     calibrated = calibrate([r for folder in sorted(folders) for r in measured_rows(folder)])
     bands = plan_bands(calibrated)
     if args.config:
-        shape, plan = plan_of_config(args.config, args.overrides, args.gpus, args.attention)
+        shape, plan = plan_of_config(args.config, args.overrides, args.gpus, args.attention, args.liger)
         describe(shape, plan, bands["lora" if plan.lora else "full"])
         return
     env = start_run(args)

@@ -188,6 +188,17 @@ def _phase_the_setup(trainer_module, phases) -> None:
     trainer_module.Trainer._reference_logps = phases.wrap("reference_cache", trainer_module.Trainer._reference_logps)
 
 
+def _liger_patched(model) -> bool:
+    """Whether Liger's kernels replaced a module's forward (hypo_fast applies them on CUDA when installed):
+    Liger binds its forward onto each instance, or swaps in its own module classes."""
+    for module in model.modules():
+        forward = module.__dict__.get("forward")
+        name = getattr(getattr(forward, "__func__", forward), "__qualname__", "") or ""
+        if name.startswith("Liger") or type(module).__name__.startswith("Liger"):
+            return True
+    return False
+
+
 def measure_worker(case: dict, out_dir: Path) -> None:
     """One rank of one measured cell: set-up and one training step, each phase's peak, to rankN.json."""
     phases = PhasePeaks(case["device"])
@@ -226,6 +237,7 @@ def measure_worker(case: dict, out_dir: Path) -> None:
               "process_peak": phases.process_peak, "reserved_peak": phases.reserved_peak, "seconds": phases.seconds,
               "setup_s": setup_s, "step_s": step_s, "loss": float(metrics["loss"]),
               "attention": getattr(policy.model.config, "_attn_implementation", None),
+              "liger": _liger_patched(policy.model),
               **tensor_inventory(trainer)}
     if case["device"] == "cuda":  # what the driver sees: allocator reservations + the CUDA context
         free, total = torch.cuda.mem_get_info()
@@ -349,6 +361,7 @@ def measured_row(case: dict, result: dict, env: dict) -> dict:
                          "level_mib": {k: v / MIB for k, v in r["levels"].items()},
                          "seconds": r["seconds"], "setup_s": r["setup_s"], "step_s": r["step_s"],
                          "reserved_peak_mib": r["reserved_peak"] / MIB, "attention": r.get("attention"),
+                         "liger": r.get("liger"),
                          **{f"{k}_mib": r[k] / MIB for k in ("device_used_end", "reserved_end") if k in r},
                          **{k: (v / MIB if k.endswith("_bytes") else v) for k, v in r.items()
                             if k.endswith("_bytes") or k == "trainable_params"}})
