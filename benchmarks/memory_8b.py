@@ -397,8 +397,8 @@ UNTESTED_ON_GPU = [
     "allocated; not estimated)",
     "flash-attention-2: packed rows read from position ids, no mask, K/V saved at GQA size (the estimate "
     "assumes it; 'peak SDPA' assumes PyTorch's memory-efficient kernel with a T×T mask, no score matrix)",
-    "Liger's RMSNorm/RoPE/SwiGLU kernels, applied on CUDA when installed, save less than the HF modules "
-    "estimated here (the estimate is then high)",
+    "Liger's RMSNorm/RoPE/SwiGLU kernels, applied on CUDA when installed: modelled from what they save "
+    "(bf16 input + rstd; gate and up), never measured; the 8B table assumes the HF modules (higher)",
     "the Triton head (its tiles stay on chip: no CPU chunk workspace), the static KV cache",
     "DeepSpeed's 5e8-element reduce bucket allocated whole at start; NCCL's reduce-scatter (one copy; gloo's "
     "fallback takes two)",
