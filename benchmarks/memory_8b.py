@@ -291,7 +291,7 @@ def estimate(shape: Shape, plan: Plan) -> dict:
     if z == 3:
         init["partitions"] = ((0.0 if plan.offload_params else w * (P + P_lora) / n)
                               + (0.0 if plan.offload_optimizer else (4 + w) * P_tr / n))
-    totals["init"] = state["runtime"] + sum(init.values())
+    totals["set-up"] = state["runtime"] + sum(init.values())
     peak_phase = max(totals, key=totals.get)
     return {"state": state, "phases": phases, "totals": totals, "peak": totals[peak_phase], "peak_phase": peak_phase,
             "tokens": tok, "parts": parts}
@@ -532,7 +532,7 @@ def describe(shape: Shape, plan: Plan, band: tuple[float, float] | None) -> None
     print(f"# per micro-step: T = {est['tokens']['T']} tokens packed, N = {est['tokens']['N']} scored")
     for name, value in est["state"].items():
         print(f"  state  {name:<22} {value / GB:7.2f} GiB")
-    print(f"  {'set-up':<18} {est['totals']['init'] / GB:7.2f} GiB  (the model on the GPU, its reference copy"
+    print(f"  {'set-up':<18} {est['totals']['set-up'] / GB:7.2f} GiB  (the model on the GPU, its reference copy"
           f"{', ZeRO-3 partitions' if plan.zero_stage == 3 else ''})")
     for phase, parts in est["phases"].items():
         inner = ", ".join(f"{k} {v / GB:.2f}" for k, v in parts.items() if v)
@@ -558,7 +558,8 @@ PLAN_COLUMNS = [("mode", "mode", "s"), ("gpus", "GPUs", "d"), ("zero", "ZeRO", "
                 ("weights_gb", "weights", ".1f"), ("reference_gb", "ref", ".1f"),
                 ("master_weights_gb", "master", ".1f"),
                 ("optimizer_state_gb", "AdamW", ".1f"), ("grad_buffers_gb", "grad buf", ".1f"),
-                ("init_gb", "init", ".1f"), ("sampling_gb", "sampling", ".1f"), ("policy_forward_gb", "forward", ".1f"),
+                ("set-up_gb", "set-up", ".1f"), ("sampling_gb", "sampling", ".1f"),
+                ("policy_forward_gb", "forward", ".1f"),
                 ("backward_gb", "backward", ".1f"), ("optimizer_step_gb", "opt step", ".1f"),
                 ("peak_gb", "peak", ".1f"), ("low_gb", "band lo", ".1f"), ("high_gb", "band hi", ".1f"),
                 ("peak_sdpa_gb", "peak SDPA", ".1f"), ("peak_phase", "peak in", "s"), ("host_gb", "host/node", ".0f")]
