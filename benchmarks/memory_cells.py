@@ -93,7 +93,7 @@ def run_config(case: dict, folder: Path) -> dict:
            "deepspeed": {"zero_stage": case["zero"], "offload_optimizer": case.get("offload_optimizer", False),
                          "offload_params": case.get("offload_params", False)},
            "eval": {"every": 0, "kl_prompts": 0},
-           "output": {"dir": str(folder / "run"), "resume": "never", "tensorboard": False}}
+           "output": {"dir": str(folder / "run"), "resume": "never"}}  # train_step() only: no logs written
     if case["mode"] == "lora":
         cfg["model"]["lora"] = {"r": case.get("lora_r", 16)}
     return cfg
