@@ -107,7 +107,7 @@ setup(
     description="Fused Triton kernels and a DeepSpeed trainer for HyPO (hybrid DPO + online KL)",
     python_requires=">=3.11",
     packages=["hypo_fast", "hypo_fast.ops", "hypo_fast.kernels", "hypo_fast.models", "hypo_fast.examples",
-              "hypo_fast.train"],
+              "hypo_fast.train", "hypo_fast.integrations"],
     package_dir={"hypo_fast": "hypo_fast", "hypo_fast.kernels": "kernels"},
     package_data={"hypo_fast.examples": ["*.yaml"]},
     ext_modules=[Extension("hypo_fast._C", sources=[])],
@@ -130,6 +130,9 @@ setup(
     entry_points={"console_scripts": ["hypo-fast = hypo_fast.cli:main"]},
     extras_require={
         "flash": ["flash-attn"],
+        "trl": ["trl==1.16.*"],  # hypo_fast.integrations.trl and the TRL parity tests
+        "loggers": ["wandb", "mlflow-skinny"],  # output.report_to: wandb, mlflow
         "test": ["pytest", "scipy"],
+        "trl": ["trl==1.16.*"],
     },
 )

@@ -157,7 +157,7 @@ def run_hypo_fast(case, folder, tokenizer_dir, data, kl_coef):
         "sampling": {"prompts_per_step": case["pairs"], "max_new_tokens": case["response_chars"] + 1},
         "optim": {"lr": LR, "max_steps": STEPS, "pairs_per_micro_batch": case["pairs"], "scheduler": "constant",
                   "max_grad_norm": 0.0},
-        "output": {"dir": str(folder / f"hypo-{kl_coef}"), "resume": "never", "tensorboard": False},
+        "output": {"dir": str(folder / f"hypo-{kl_coef}"), "resume": "never", "report_to": []},
     })
     trainer = Trainer(cfg)
     rows, memory = [], PeakMemory(case["device"])

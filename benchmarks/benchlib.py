@@ -183,7 +183,7 @@ def resolved_impl(method: str, device) -> str | None:
     """Which backend a hypo_fast method actually ran (recorded in its row); None for baselines."""
     if method not in HYPO_FAST_IMPLS:
         return None
-    from hypo_fast.ops.linear_logprobs import resolve_impl
+    from hypo_fast.ops.backends import resolve_impl
 
     return resolve_impl(HYPO_FAST_IMPLS[method], torch.device(device))
 

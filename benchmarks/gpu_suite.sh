@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One GPU session's worth of checks: the CUDA tests (compiled Triton), the benchmarks, and the memory
-# plan's GPU cells. Results (test log, JSONL rows, tables) land in the folder given as argument.
+# One GPU session's worth of checks: the CUDA tests (compiled Triton), the compile gate
+# (kernel_resources.py), the benchmarks, and the memory plan's GPU cells. Results (test log, JSONL rows,
+# tables) land in the folder given as argument.
 #
-#   bash benchmarks/gpu_suite.sh "$OUT"               # tests + benchmarks, under 9 minutes
+#   bash benchmarks/gpu_suite.sh "$OUT"               # tests, compile gate, benchmarks: under 9 minutes
 #   bash benchmarks/gpu_suite.sh "$OUT" memory        # the memory cells alone, about 5 minutes (7 at most)
 #   bash benchmarks/gpu_suite.sh "$OUT" "tests bench memory"   # all three: more than one 10-minute command
 #
@@ -34,13 +35,19 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | 
 
 if [[ $parts == *" tests "* ]]; then
   echo "== CUDA tests"
-  timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/kernels tests/ops tests/test_fused_losses.py 2>&1 \
+  timeout 150 python3 -m pytest -q -x -p no:cacheprovider -k "not compile_gate" tests/kernels tests/ops \
+    tests/test_fused_losses.py 2>&1 \
     | tee "$out/tests.log" | tail -15
+
+  echo "== compile gate: every launched kernel variant compiled for sm_80/sm_90a/sm_100a with this image's triton"
+  # predicted (registers, spills, MMA kind) beside the measured times below; its rows carry this triton's version
+  timeout 120 python3 benchmarks/kernel_resources.py --results-dir "$out" -j "$(nproc)" 2>&1 \
+    | tee "$out/kernel_resources.txt" | tail -12
 fi
 
 if [[ $parts == *" bench "* ]]; then
-  echo "== benchmarks (each capped so that tests + benchmarks stay under 9 minutes)"
-  for bench in bench_linear_logprobs:70 bench_sample_head:40 bench_dpo_loss:60 bench_generate:60 bench_step:60 memory_8b:60; do
+  echo "== benchmarks (each capped so that tests, compile gate and benchmarks stay under 9 minutes)"
+  for bench in bench_linear_logprobs:70 bench_sample_head:50 bench_dpo_loss:60 bench_generate:50 bench_step:60 memory_8b:40; do
     name=${bench%%:*}
     timeout "${bench##*:}" python3 "benchmarks/$name.py" --device cuda --results-dir "$out" 2>&1 | tee "$out/$name.txt"
   done

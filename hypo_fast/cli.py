@@ -8,6 +8,7 @@ on CPU-only machines ``deepspeed --num_accelerators 2 --module ...`` or ``torchr
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 
@@ -20,17 +21,26 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("overrides", nargs="*", help="e.g. algorithm.kl_coef=0.05 optim.lr=1e-6")
     args = parser.parse_args(argv)
 
-    from hypo_fast.train.config import ConfigError, load_config
-    from hypo_fast.train.data import DataError
+    from hypo_fast.train.config import load_config
+    from hypo_fast.train.distributed import CollectiveTimeout
+    from hypo_fast.train.errors import UserError
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr, force=True)
     try:
         cfg = load_config(args.config, args.overrides)
         from hypo_fast.train.trainer import run
 
         run(cfg)
-    except (ConfigError, DataError) as err:
+    except UserError as err:  # bad config, data, run folder or checkpoint: one line naming it
         print(f"hypo-fast: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C: the first one asks for a clean stop after the step
+        print("hypo-fast: interrupted; the last saved checkpoint is intact", file=sys.stderr)
+        return 130
+    except CollectiveTimeout as err:  # a frozen or dead peer
+        print(f"hypo-fast: error: {err}", file=sys.stderr)
+        return 3
     return 0
 
 

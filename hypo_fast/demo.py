@@ -56,9 +56,10 @@ def demo_config(out: Path, data: Path, tokenizer: Path, kl_coef: float, steps: i
         "algorithm": {"beta": 0.1, "kl_coef": kl_coef, "num_samples": 4},
         "sampling": {"prompts_per_step": 4, "max_new_tokens": 8},
         "optim": {"lr": 1e-3, "max_steps": steps, "pairs_per_micro_batch": 8, "warmup_steps": 5,
-                  "scheduler": "constant", "seed": 0},
+                  "scheduler": "constant_with_warmup", "seed": 0},
         "eval": {"every": max(1, steps // 6), "kl_prompts": 32, "kl_samples": 4, "reward": "hypo_fast.demo:gold_reward"},
-        "output": {"dir": str(out), "save_every": 0, "keep_last": 1, "resume": "never", "tensorboard": False},
+        "output": {"dir": str(out), "save_every": 0, "keep_last": 1, "resume": "never", "overwrite": True,
+                   "report_to": []},
     }
 
 

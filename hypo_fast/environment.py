@@ -22,8 +22,8 @@ def _version(package: str) -> str:
 
 def describe() -> dict:
     """The facts ``info()`` prints, as a dict (benchmarks record it with their rows)."""
-    from hypo_fast import native
-    from hypo_fast.ops.linear_logprobs import resolve_impl
+    from hypo_fast.ops import native
+    from hypo_fast.ops.backends import resolve_impl
 
     import hypo_fast
 

@@ -11,12 +11,13 @@ whose parameters include the head (the ZeRO hooks gather it), or within
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import math
+from typing import NamedTuple, Sequence
 
 import torch
 
 from hypo_fast.losses import sequence_logps
-from hypo_fast.objective import HyPOObjective, OnlineLogps, PreferenceAux, StepLogps
+from hypo_fast.objective import DPOAux, HyPOObjective, OnlineLogps, StepLogps
 from hypo_fast.ops import linear_logprobs
 
 _DEFAULT = HyPOObjective  # keyword defaults below are read from the objective's fields: one default each
@@ -37,7 +38,7 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class ScoredPairs(NamedTuple):
-    chosen: torch.Tensor  # [B] policy sequence log-probs (with grad)
+    chosen: torch.Tensor  # [B] policy sequence log-probs (with grad): sums, or means with average_log_prob
     rejected: torch.Tensor  # [B]
     ref_chosen: torch.Tensor  # [B]
     ref_rejected: torch.Tensor  # [B]
@@ -45,6 +46,12 @@ class ScoredPairs(NamedTuple):
     rejected_logits_mean: torch.Tensor  # scalar
     chosen_nll: torch.Tensor  # scalar mean NLL of chosen tokens (with grad)
     online_logps: torch.Tensor | None  # [M, T'] policy token log-probs of online samples at τ (with grad)
+    chosen_tokens: torch.Tensor  # [B] scored tokens per sequence (1 each with average_log_prob: already means)
+    rejected_tokens: torch.Tensor  # [B]
+
+    def step_logps(self, online: OnlineLogps | None = None) -> StepLogps:
+        return StepLogps(self.chosen, self.rejected, self.ref_chosen, self.ref_rejected, online,
+                         self.chosen_logits_mean, self.rejected_logits_mean, self.chosen_tokens, self.rejected_tokens)
 
 
 class PairScorer:
@@ -98,6 +105,9 @@ class PairScorer:
             if ref_input is None or ref_input.shape[:2] != target.shape:
                 raise ValueError("use_ref_model=True needs ref_input shaped like _input "
                                  "(or ref_chosen_logps and ref_rejected_logps)")
+            if ref_input.shape[-1] != ref_weight.shape[-1]:
+                raise ValueError(f"ref_input's hidden size {ref_input.shape[-1]} must equal ref_weight's "
+                                 f"D={ref_weight.shape[-1]}")
             offline_ref.append((ref_input.detach(), target))
         online_ref = online[3] if online else None
         live_online_ref = [(online[2].detach(), online[1])] if online is not None and online_ref is None else None
@@ -110,11 +120,12 @@ class PairScorer:
         ref_chosen, ref_rejected = self._pair_reference(n_pairs, seq, mask, [lp for lp, in ref_pairs], ref_chosen,
                                                         ref_rejected)
 
+        counts = torch.ones_like(seq) if self.average_log_prob else mask.sum(-1).to(seq.dtype)
         scored_pairs = ScoredPairs(
             seq[:n_pairs], seq[n_pairs:], ref_chosen, ref_rejected,
             _masked_mean(logit_means[:n_pairs], mask[:n_pairs]), _masked_mean(logit_means[n_pairs:], mask[n_pairs:]),
             -_masked_mean(token_logps[:n_pairs], mask[:n_pairs]),
-            samples[0][0] if online else None)
+            samples[0][0] if online else None, counts[:n_pairs], counts[n_pairs:])
         return scored_pairs, online_ref
 
     def _pair_reference(self, n_pairs, seq, mask, ref_scored, ref_chosen, ref_rejected):
@@ -134,36 +145,85 @@ class PairScorer:
 class FusedLinearDPOLoss(torch.nn.Module):
     """DPO from hidden states: a drop-in for Liger's ``LigerFusedLinearDPOLoss`` without ``[N, V]`` logits.
 
-    ``forward(lin_weight, _input, target, bias=None, ref_input=None, ref_weight=None, ref_bias=None, *,
-    ref_chosen_logps=None, ref_rejected_logps=None) -> (loss, PreferenceAux)``
+    Swapping from Liger 0.8.5 is one import line: the constructor takes Liger's arguments in Liger's
+    positional order, then hypo_fast's extras keyword-only; ``forward`` takes Liger's call
+    ``(lin_weight, _input, target, bias=None, ref_input=None, ref_weight=None, ref_bias=None)``, plus the
+    keywords ``ref_chosen_logps``/``ref_rejected_logps`` (``[B]`` precomputed reference log-probs, which
+    Liger's path cannot take), and returns ``(loss, DPOAux)``: Liger's seven aux elements in its order.
 
     ``_input`` is ``[2B, T, D]``: B chosen rows, then their B rejected rows; ``target`` ``[2B, T]`` is
     already aligned with ``_input`` (row t predicts token t+1 of the text) and ``ignore_index`` marks
-    non-response tokens. The reference comes from precomputed ``ref_chosen_logps``/``ref_rejected_logps``
-    (``[B]``; what Liger's path cannot take), else from ``ref_input`` with ``ref_weight`` (default: the
-    policy head) when ``use_ref_model``, else it is 0. ``loss_type="ipo"`` length-averages the log-probs,
-    as TRL does. ``logits/*`` are means over scored tokens only (TRL's definition; Liger also averages
-    over ignored positions). Loss = mean over pairs of ℓ_dpo (+ ``alpha`` · chosen NLL).
+    non-response tokens. The reference comes from the precomputed log-probs, else from ``ref_input`` with
+    ``ref_weight`` (default: the policy head) when ``use_ref_model``, else it is 0 (reference-free).
+    Loss = ``Σ_k w_k · mean_pairs ℓ_k`` (+ ``alpha`` · mean NLL of the chosen tokens with
+    ``compute_nll_loss``).
+
+    Args (Liger's, in its order):
+        ignore_index: target value of unscored positions.
+        beta: β.
+        alpha: weight of the chosen NLL when ``compute_nll_loss``.
+        compute_nll_loss: add ``alpha`` · NLL (RPO; the same as adding ``"sft"`` with weight ``alpha``).
+        compiled: accepted for Liger compatibility (a bool). Liger compiles its per-chunk step with
+            ``torch.compile``; hypo_fast's log-prob kernel is already fused, so the value changes nothing.
+        use_ref_model: score the reference from ``ref_input``; ``False`` is reference-free (log π_ref = 0).
+        average_log_prob: Liger's meaning: every sequence log-prob (policy and reference) is the mean over
+            its scored tokens instead of the sum, for every loss type; length-normalising types then see
+            each sequence as one unit (no second division). Rewards are β·(mean log-ratio) then, as in Liger.
+        chunk_size: accepted for Liger compatibility (an int ≥ 1). Liger processes that many pairs per
+            chunk to bound its ``[chunk, T, V]`` logits; hypo_fast never builds logits (its memory is
+            ``O(N + V·D)`` beyond inputs and gradients), so the value changes nothing.
+        loss_type: any of :data:`hypo_fast.dpo_losses.LOSS_TYPES` (a superset of Liger's ten, which lacks
+            ``ipo``, ``aot``, ``aot_unpaired``, ``sft``, ``sigmoid_norm`` and ``cdpo``), or a list of them.
+        label_smoothing: ε of ``robust``, ``exo_pair`` (> 0), ``cdpo``, ``aot``, ``aot_unpaired``; unused by
+            ``sigmoid`` (as in Liger and TRL 1.16). Must be in [0, 0.5) for every type (Liger checks that for
+            ``robust`` only).
+        discopop_tau: τ of ``discopop``.
+
+    Keyword-only extras:
+        loss_weights: one weight per ``loss_type`` entry (TRL's ``loss_weights``; default 1.0 each).
+        impl: ``"auto" | "triton" | "torch"``, the log-prob kernel.
+
+    Aux differences from Liger: ``chosen_logits_mean``/``rejected_logits_mean`` (elements 2, 3) average the
+    logits over the vocabulary and the *scored* tokens only (TRL's ``logits/*`` definition); Liger divides
+    the sum over every position of the rows, prompt and padding included, by ``B·T·V``.
     """
 
     def __init__(self, ignore_index: int = -100, beta: float = _DEFAULT.beta, alpha: float = 1.0,
-                 compute_nll_loss: bool = False, use_ref_model: bool = True, average_log_prob: bool = False,
-                 loss_type: str = _DEFAULT.loss_type, label_smoothing: float = _DEFAULT.label_smoothing,
-                 impl: str = "auto"):
+                 compute_nll_loss: bool = False, compiled: bool = True, use_ref_model: bool = True,
+                 average_log_prob: bool = False, chunk_size: int = 1,
+                 loss_type: str | Sequence[str] = _DEFAULT.loss_type, label_smoothing: float = _DEFAULT.label_smoothing,
+                 discopop_tau: float = _DEFAULT.discopop_tau, *,
+                 loss_weights: Sequence[float] | None = None, impl: str = "auto"):
         super().__init__()
-        self.objective = HyPOObjective(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, kl_coef=0.0)
+        if not isinstance(compiled, bool):
+            raise ValueError(f"compiled must be True or False, got {compiled!r}")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be an integer ≥ 1 (pairs per Liger chunk), got {chunk_size!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+        self.objective = HyPOObjective(beta=beta, loss_type=loss_type, loss_weights=loss_weights,
+                                       label_smoothing=label_smoothing, discopop_tau=discopop_tau, kl_coef=0.0)
         self.alpha, self.compute_nll_loss = alpha, compute_nll_loss
-        self.scorer = PairScorer(ignore_index, average_log_prob or self.objective.length_normalised, use_ref_model,
-                                 impl)
+        self.compiled, self.chunk_size = compiled, chunk_size  # recorded only (see the docstring)
+        self.scorer = PairScorer(ignore_index, average_log_prob, use_ref_model, impl)
+
+    # Liger's attribute names, read-only here: the objective is validated once and frozen
+    ignore_index = property(lambda self: self.scorer.ignore_index)
+    use_ref_model = property(lambda self: self.scorer.use_ref_model)
+    average_log_prob = property(lambda self: self.scorer.average_log_prob)
+    beta = property(lambda self: self.objective.beta)
+    loss_type = property(lambda self: self.objective.loss_type)
+    loss_weights = property(lambda self: self.objective.loss_weights)
+    label_smoothing = property(lambda self: self.objective.label_smoothing)
+    discopop_tau = property(lambda self: self.objective.discopop_tau)
 
     def forward(self, lin_weight, _input, target, bias=None, ref_input=None, ref_weight=None, ref_bias=None, *,
-                ref_chosen_logps=None, ref_rejected_logps=None):
+                ref_chosen_logps=None, ref_rejected_logps=None) -> tuple[torch.Tensor, DPOAux]:
         s, _ = self.scorer.score(lin_weight, _input, target, bias, ref_input, ref_weight, ref_bias,
                                  ref_chosen_logps, ref_rejected_logps)
         nll = s.chosen_nll if self.compute_nll_loss else None
-        loss, aux = self.objective(StepLogps(s.chosen, s.rejected, s.ref_chosen, s.ref_rejected, None,
-                                             s.chosen_logits_mean, s.rejected_logits_mean), nll)
-        return (loss if nll is None else loss + self.alpha * nll), aux
+        loss, aux = self.objective(s.step_logps(), nll)
+        return (loss if nll is None else loss + self.alpha * nll), DPOAux(*aux[:len(DPOAux._fields)])
 
 
 class FusedLinearHyPOLoss(torch.nn.Module):
@@ -179,22 +239,25 @@ class FusedLinearHyPOLoss(torch.nn.Module):
     ``online_ref_logps`` (token-level ``[M, T']``, at ``temperature``) or from ``ref_online_input``
     (+ ``ref_weight``). ``temperature`` is the τ the samples were drawn at: online samples are scored
     under π_τ and π_ref,τ (the objective is then KL(π_τ ‖ π_ref,τ); see :mod:`hypo_fast.objective`), pairs
-    at τ = 1. ``kl_coef = 0`` skips the online term (plain DPO).
+    at τ = 1. ``kl_coef = 0`` skips the online term (plain DPO). The DPO term takes the same ``loss_type``
+    (a name or a list, with keyword-only ``loss_weights`` and ``discopop_tau``) and ``average_log_prob`` as
+    :class:`FusedLinearDPOLoss`.
     """
 
     def __init__(self, beta: float = _DEFAULT.beta, kl_coef: float = _DEFAULT.kl_coef,
                  num_samples: int = _DEFAULT.num_samples, ignore_index: int = -100,
-                 loss_type: str = _DEFAULT.loss_type, label_smoothing: float = _DEFAULT.label_smoothing,
+                 loss_type: str | Sequence[str] = _DEFAULT.loss_type, label_smoothing: float = _DEFAULT.label_smoothing,
                  average_log_prob: bool = False, use_ref_model: bool = True, kl_loss: str = _DEFAULT.kl_loss,
-                 temperature: float = 1.0, impl: str = "auto"):
+                 temperature: float = 1.0, impl: str = "auto", *, loss_weights: Sequence[float] | None = None,
+                 discopop_tau: float = _DEFAULT.discopop_tau):
         super().__init__()
-        self.objective = HyPOObjective(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+        self.objective = HyPOObjective(beta=beta, loss_type=loss_type, loss_weights=loss_weights,
+                                       label_smoothing=label_smoothing, discopop_tau=discopop_tau,
                                        kl_coef=kl_coef, num_samples=num_samples, kl_loss=kl_loss)
         if not (isinstance(temperature, (int, float)) and temperature > 0):
             raise ValueError(f"temperature must be positive, got {temperature!r}")
         self.ignore_index = ignore_index
-        self.scorer = PairScorer(ignore_index, average_log_prob or self.objective.length_normalised, use_ref_model,
-                                 impl, float(temperature))
+        self.scorer = PairScorer(ignore_index, average_log_prob, use_ref_model, impl, float(temperature))
 
     def forward(self, lin_weight, _input, target, bias=None, ref_input=None, ref_weight=None, ref_bias=None, *,
                 online_input=None, online_target=None, ref_online_input=None, online_ref_logps=None,
@@ -210,8 +273,7 @@ class FusedLinearHyPOLoss(torch.nn.Module):
         online_logps = None
         if online is not None:
             online_logps = OnlineLogps(s.online_logps, online_ref, online_target != self.ignore_index)
-        return self.objective(StepLogps(s.chosen, s.rejected, s.ref_chosen, s.ref_rejected, online_logps,
-                                        s.chosen_logits_mean, s.rejected_logits_mean), s.chosen_nll)
+        return self.objective(s.step_logps(online_logps), s.chosen_nll)
 
     def _check_online(self, online_input, online_target, ref_online_input, online_ref_logps, need_reference):
         if online_input is None or online_target is None:

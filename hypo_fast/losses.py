@@ -7,19 +7,24 @@ NeurIPS 2024) minimises
     ℓ_dpo = −log σ(β·[(log π(y+|x) − log π_ref(y+|x)) − (log π(y−|x) − log π_ref(y−|x))])   (DPO)
 
 with the reverse KL estimated on fresh samples y ~ π_θ(·|x) (Algorithm 1), here by REINFORCE with a
-leave-one-out baseline over the k samples of a prompt. Everything takes per-sequence (or per-token)
+leave-one-out baseline over the k samples of a prompt. ℓ_dpo may be any of TRL's pairwise losses, or a
+weighted list of them (:mod:`hypo_fast.dpo_losses`). Everything takes per-sequence (or per-token)
 log-probabilities, so it composes with any way of computing them; the fused modules in
 ``hypo_fast.fused_losses`` feed them from hidden states without logits.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import math
+from typing import NamedTuple, Sequence
 
 import torch
-import torch.nn.functional as F
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+from hypo_fast.dpo_losses import LOSS_TYPES, check_dpo_options, dpo_loss
+
+__all__ = ["LOSS_TYPES", "check_dpo_options", "dpo_loss", "sequence_logps", "sampled_kl", "rloo_kl_loss",
+           "k3_kl_loss", "hypo_loss", "HyPOLoss", "RLOOKL"]
+
 KL_ESTIMATORS = ("k1", "k2", "k3")
 ONLINE_KL_LOSSES = ("rloo", "k3")
 
@@ -37,7 +42,8 @@ def sequence_logps(
         mask_or_segment_ids: a bool/float ``[B, T]`` mask of scored tokens, or an integer ``[N]`` tensor
             giving each packed token's sequence index (negative = not scored).
         average: divide by the number of scored tokens (length-normalised log-prob).
-        num_segments: number of sequences for segment ids (default ``max id + 1``, one host sync).
+        num_segments: number of sequences for segment ids (default ``max id + 1``, one host sync). Ids
+            must be below it: checked on CPU; on a GPU the check would cost a host sync, so it is skipped.
 
     Returns:
         ``[B]`` or ``[num_segments]``.
@@ -54,65 +60,13 @@ def sequence_logps(
             raise ValueError("segment ids need packed [N] token_logps; pass a bool mask for [B, T]")
         scored = ids >= 0
         n = int(ids.max()) + 1 if num_segments is None else num_segments
+        if num_segments is not None and ids.device.type == "cpu" and ids.numel() and int(ids.max()) >= n:
+            raise ValueError(f"segment id {int(ids.max())} is out of range for num_segments={n}")
         index = torch.where(scored, ids, 0).long()
         weight = scored.to(token_logps.dtype)
         sums = token_logps.new_zeros(n).index_add(0, index, token_logps * weight)
         counts = token_logps.new_zeros(n).index_add(0, index, weight)
     return sums / counts.clamp_min(1) if average else sums
-
-
-def check_dpo_options(beta: float, loss_type: str, label_smoothing: float) -> None:
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    if beta <= 0:
-        raise ValueError(f"beta must be positive, got {beta}")
-
-
-def dpo_loss(
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
-    *,
-    beta: float = 0.1,
-    loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-pair DPO losses and implicit rewards, with TRL's ``DPOTrainer`` formulas.
-
-    With ``h = (log π(y+) − log π_ref(y+)) − (log π(y−) − log π_ref(y−))`` and ε = ``label_smoothing``:
-
-    * ``sigmoid``: ``−(1−ε)·log σ(βh) − ε·log σ(−βh)``  (DPO, Rafailov et al. Eq. 7; ε>0 is cDPO)
-    * ``robust``:  ``(−(1−ε)·log σ(βh) + ε·log σ(−βh)) / (1 − 2ε)``  (Chowdhury et al., 2024)
-    * ``hinge``:   ``relu(1 − βh)``  (SLiC)
-    * ``ipo``:     ``(h − 1/(2β))²``  (Azar et al., 2023; TRL feeds it length-averaged log-probs)
-
-    Args: four ``[B]`` tensors of sequence log-probs.
-
-    Returns:
-        ``(losses [B], chosen_rewards [B], rejected_rewards [B])``; rewards are ``β·(log π − log π_ref)``,
-        detached.
-    """
-    check_dpo_options(beta, loss_type, label_smoothing)
-    shapes = {t.shape for t in (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)}
-    if len(shapes) != 1:
-        raise ValueError(f"policy/ref chosen/rejected log-probs must share one shape, got {sorted(shapes)}")
-
-    chosen_logratios = policy_chosen_logps - ref_chosen_logps
-    rejected_logratios = policy_rejected_logps - ref_rejected_logps
-    h = chosen_logratios - rejected_logratios
-    eps = label_smoothing
-    if loss_type == "sigmoid":
-        losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
-    elif loss_type == "robust":
-        losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
-    elif loss_type == "hinge":
-        losses = torch.relu(1 - beta * h)
-    else:  # ipo
-        losses = (h - 1 / (2 * beta)) ** 2
-    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
 
 def sampled_kl(
@@ -213,14 +167,21 @@ def hypo_loss(
     kl_coef: float,
     num_samples: int,
     beta: float = 0.1,
-    loss_type: str = "sigmoid",
+    loss_type: str | Sequence[str] = "sigmoid",
     label_smoothing: float = 0.0,
     kl_loss: str = "rloo",
+    discopop_tau: float = 0.05,
+    loss_weights: Sequence[float] | None = None,
+    chosen_tokens: torch.Tensor | None = None,
+    rejected_tokens: torch.Tensor | None = None,
 ) -> HyPOLoss:
     """``L = mean(ℓ_dpo) + λ·ℓ_kl`` (HyPO). ``kl_coef = 0`` or no online samples is plain DPO.
 
     Args:
-        policy_*/ref_*: ``[B]`` sequence log-probs of the offline pairs.
+        policy_*/ref_*: ``[B]`` summed sequence log-probs of the offline pairs.
+        loss_type, loss_weights, label_smoothing, discopop_tau, chosen_tokens, rejected_tokens: the DPO
+            term, as in :func:`hypo_fast.dpo_losses.dpo_loss` (``[B]`` response token counts normalise
+            ``ipo``, ``sigmoid_norm`` and ``sft``).
         online_token_logps, online_ref_token_logps, online_mask: ``[M, T]`` token log-probs of the
             k·prompts online samples (a prompt's samples consecutive) under π_θ (with grad) and π_ref,
             and their mask; or packed ``[N]`` log-probs with int segment ids ``[N]`` and ``num_online``.
@@ -231,11 +192,12 @@ def hypo_loss(
     """
     if kl_loss not in ONLINE_KL_LOSSES:
         raise ValueError(f"kl_loss must be one of {ONLINE_KL_LOSSES}, got {kl_loss!r}")
-    if kl_coef < 0:
-        raise ValueError(f"kl_coef must be ≥ 0, got {kl_coef}")
+    if not (isinstance(kl_coef, (int, float)) and 0 <= kl_coef < math.inf):
+        raise ValueError(f"kl_coef must be a finite number ≥ 0, got {kl_coef!r}")
     dpo_losses, chosen_rewards, rejected_rewards = dpo_loss(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-        beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
+        beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, discopop_tau=discopop_tau,
+        loss_weights=loss_weights, chosen_tokens=chosen_tokens, rejected_tokens=rejected_tokens)
     loss = dpo_losses.mean()
     zero = loss.new_zeros(())
     if online_token_logps is None or kl_coef == 0:

@@ -7,6 +7,10 @@ assembled in exactly one place (:func:`hypo_fast.losses.hypo_loss` does the math
 
     L = mean_pairs ℓ_dpo + λ · ℓ_kl        (Song et al. 2024, §5 and Algorithm 1)
 
+ℓ_dpo is any of TRL 1.16's pairwise losses, or a weighted list of them (:mod:`hypo_fast.dpo_losses`);
+:class:`StepLogps` carries summed log-probs with the response token counts beside them, and each loss
+type decides its own length normalisation.
+
 **Temperature.** The paper samples from the policy itself (τ = 1). With a sampling temperature τ ≠ 1
 the online samples come from π_τ = softmax(z/τ); hypo_fast then regularises KL(π_τ ‖ π_ref,τ), the KL
 between the two models' *sampling* distributions (both heads at τ, as TRL's online trainers do), and
@@ -17,20 +21,18 @@ it is estimated without bias because the training forward scores the online samp
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
-from hypo_fast.losses import LOSS_TYPES, ONLINE_KL_LOSSES, hypo_loss, sampled_kl
+from hypo_fast.dpo_losses import (NEEDS_TOKEN_COUNTS, USES_LABEL_SMOOTHING, OptionError, check_dpo_options,
+                                  loss_types_of)
+from hypo_fast.losses import ONLINE_KL_LOSSES, hypo_loss, sampled_kl
 
-
-class OptionError(ValueError):
-    """A bad objective setting; ``option`` names it (the config layer prefixes its section)."""
-
-    def __init__(self, option: str, message: str):
-        super().__init__(f"{option}: {message}")
-        self.option, self.detail = option, message
+__all__ = ["HyPOObjective", "StepLogps", "OnlineLogps", "PreferenceAux", "DPOAux", "OptionError"]
 
 
 class OnlineLogps(NamedTuple):
@@ -50,13 +52,15 @@ class OnlineLogps(NamedTuple):
 class StepLogps(NamedTuple):
     """What the objective reads from one step, by named segment (however the log-probs were computed)."""
 
-    chosen: torch.Tensor  # [B] log π(y+|x) at τ = 1, with grad (length-averaged for ipo)
+    chosen: torch.Tensor  # [B] log π(y+|x) at τ = 1 summed over the response, with grad
     rejected: torch.Tensor  # [B] log π(y−|x)
     ref_chosen: torch.Tensor  # [B] log π_ref(y+|x)
     ref_rejected: torch.Tensor  # [B] log π_ref(y−|x)
     online: OnlineLogps | None = None  # None: no online samples this step
     chosen_logits_mean: torch.Tensor | None = None  # scalar metric (mean logit over vocabulary and tokens)
     rejected_logits_mean: torch.Tensor | None = None
+    chosen_tokens: torch.Tensor | None = None  # [B] response token counts (ipo, sigmoid_norm and sft need them)
+    rejected_tokens: torch.Tensor | None = None  # [B]
 
 
 class PreferenceAux(NamedTuple):
@@ -98,6 +102,23 @@ class PreferenceAux(NamedTuple):
         return {prefix + k: float(v) for k, v in out.items() if v is not None}
 
 
+class DPOAux(NamedTuple):
+    """Liger's ``LigerFusedLinearDPOLoss`` aux tuple, element for element (seven, in its order), returned
+    by :class:`hypo_fast.FusedLinearDPOLoss` so that code unpacking Liger's tuple runs unchanged."""
+
+    chosen_logps: torch.Tensor  # [B]
+    rejected_logps: torch.Tensor  # [B]
+    chosen_logits_mean: torch.Tensor  # scalar: mean logit over the vocabulary and the scored chosen tokens
+    rejected_logits_mean: torch.Tensor  # scalar
+    nll_loss: torch.Tensor  # scalar: mean NLL of chosen tokens (0 unless computed)
+    chosen_rewards: torch.Tensor  # [B] β·(log π − log π_ref), detached
+    rejected_rewards: torch.Tensor  # [B]
+
+    def metrics(self, prefix: str = "") -> dict[str, float]:
+        """As :meth:`PreferenceAux.metrics` (TRL's names)."""
+        return PreferenceAux(*self).metrics(prefix)
+
+
 @dataclass(frozen=True)
 class HyPOObjective:
     """HyPO's settings, validated once, and the objective itself (call it on :class:`StepLogps`).
@@ -107,46 +128,68 @@ class HyPOObjective:
     """
 
     beta: float = 0.1  # β of the DPO term
-    loss_type: str = "sigmoid"  # sigmoid | ipo | hinge | robust (TRL's formulas)
-    label_smoothing: float = 0.0
+    # one of hypo_fast.dpo_losses.LOSS_TYPES (TRL 1.16's names and formulas, plus cdpo), or a list of them
+    loss_type: str | tuple[str, ...] = "sigmoid"
+    loss_weights: tuple[float, ...] | None = None  # one per loss_type (TRL: None = 1.0 each)
+    label_smoothing: float = 0.0  # ε of cdpo, robust, exo_pair (> 0), aot, aot_unpaired; in [0, 0.5)
     kl_coef: float = 0.0  # λ. 0 is DPO and never samples; the paper tunes λ per task (no universal value)
     num_samples: int = 2  # k online samples per prompt (the RLOO baseline needs k ≥ 2)
     kl_loss: str = "rloo"  # rloo (the paper) | k3 (not from the paper: per-token k3 as a direct loss)
+    discopop_tau: float = 0.05  # τ of discopop (TRL's default)
 
     def __post_init__(self):
         def check(ok: bool, option: str, message: str):
             if not ok:
                 raise OptionError(option, message)
 
-        check(self.loss_type in LOSS_TYPES, "loss_type", f"must be one of {LOSS_TYPES}, got {self.loss_type!r}")
-        check(self.beta > 0, "beta", f"must be positive, got {self.beta}")
-        check(0.0 <= self.label_smoothing < 0.5, "label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
-        check(self.kl_coef >= 0, "kl_coef", f"must be ≥ 0, got {self.kl_coef}")
+        if isinstance(self.loss_type, list):  # frozen and hashable: lists become tuples
+            object.__setattr__(self, "loss_type", tuple(self.loss_type))
+        if isinstance(self.loss_weights, list):
+            object.__setattr__(self, "loss_weights", tuple(self.loss_weights))
+        check_dpo_options(self.beta, self.loss_type, self.label_smoothing, self.discopop_tau, self.loss_weights)
+        check(isinstance(self.kl_coef, (int, float)) and 0 <= self.kl_coef < math.inf, "kl_coef",
+              f"must be a finite number ≥ 0, got {self.kl_coef!r}")
         check(isinstance(self.num_samples, int) and self.num_samples >= 1, "num_samples",
               f"must be an integer ≥ 1, got {self.num_samples!r}")
         check(self.kl_loss in ONLINE_KL_LOSSES, "kl_loss", f"must be one of {ONLINE_KL_LOSSES}, got {self.kl_loss!r}")
+        types = set(self.loss_types)
+        if self.label_smoothing > 0 and "sigmoid" in types and not USES_LABEL_SMOOTHING & types:
+            # earlier hypo_fast and TRL releases read it as conservative DPO: say where that went
+            warnings.warn(f"label_smoothing={self.label_smoothing} is unused by loss_type {self.loss_type!r}: "
+                          "'sigmoid' is plain DPO, as in TRL 1.16 and Liger; conservative DPO is loss_type 'cdpo'",
+                          stacklevel=3)
+
+    @property
+    def loss_types(self) -> tuple[str, ...]:
+        """``loss_type`` as a tuple of names."""
+        return loss_types_of(self.loss_type)
+
+    @property
+    def needs_token_counts(self) -> bool:
+        """Whether a loss type normalises by response length (``StepLogps`` must then carry token counts)."""
+        return bool(NEEDS_TOKEN_COUNTS & set(self.loss_types))
 
     @property
     def samples_online(self) -> bool:
         """Whether a step draws online samples (λ > 0)."""
         return self.kl_coef > 0
 
-    @property
-    def length_normalised(self) -> bool:
-        """ipo compares length-averaged log-probs (TRL's convention); the others compare sums."""
-        return self.loss_type == "ipo"
-
     def __call__(self, logps: StepLogps, nll_loss: torch.Tensor | None = None) -> tuple[torch.Tensor, PreferenceAux]:
         """``(loss, aux)``: ``loss = mean ℓ_dpo + λ·ℓ_kl``; ``aux`` carries every metric.
 
         ``logps.online`` is ignored when λ = 0 (the DPO baseline); ``nll_loss`` is only reported.
         """
+        if self.needs_token_counts and (logps.chosen_tokens is None or logps.rejected_tokens is None):
+            raise ValueError(f"loss_type {self.loss_type!r} divides by response lengths: StepLogps needs "
+                             "chosen_tokens and rejected_tokens (and summed, not averaged, log-probs)")
         online = logps.online if self.samples_online else None
         online_args = (None, None, None) if online is None else online[:3]
         result = hypo_loss(logps.chosen, logps.rejected, logps.ref_chosen, logps.ref_rejected, *online_args,
                            num_online=None if online is None else online.num_sequences,
                            beta=self.beta, kl_coef=self.kl_coef, num_samples=self.num_samples,
-                           loss_type=self.loss_type, label_smoothing=self.label_smoothing, kl_loss=self.kl_loss)
+                           loss_type=self.loss_type, label_smoothing=self.label_smoothing, kl_loss=self.kl_loss,
+                           discopop_tau=self.discopop_tau, loss_weights=self.loss_weights,
+                           chosen_tokens=logps.chosen_tokens, rejected_tokens=logps.rejected_tokens)
         zero = result.loss.new_zeros(()).detach()
         aux = PreferenceAux(
             logps.chosen.detach(), logps.rejected.detach(),

@@ -11,109 +11,30 @@ The per-split partials (``[S, N]`` fp32, S small) are merged by the launcher; on
 the backward.
 
 Backward: programs are (token tile × vocabulary tile); each recomputes its logits tile, forms
-``dz = g·(onehot − p) [− g_H·p·(log p + H)]`` in fp32, and atomically accumulates ``dh = dz·W/τ`` and
-``dW = dzᵀ·h/τ`` into fp32 buffers (``dW`` optionally in the weight dtype).
+``dz = g·(onehot − p) [− g_H·p·(log p + H)]`` in fp32, and accumulates ``dh = dz·W/τ`` and
+``dW = dzᵀ·h/τ`` with relaxed atomic adds (no fences: the sums need no ordering) into fp32 buffers
+(``dW`` in the weight dtype where the arch adds it natively, see ``launch.weight_grad_dtype``).
 
 Token tiles walk the rows in an order that puts ignored rows last, so tiles made only of ignored rows
-exit before any vocabulary work. Under ``TRITON_INTERPRET=1`` (CPU tensors) half-precision ``tl.dot``
-operands are cast to fp32: the interpreter mis-computes bf16 dots (triton-lang/triton#11584).
+exit before any vocabulary work. Tile configs come from ``launch.TILES`` (per arch); ``fwd_launch`` and
+``bwd_launch`` plan a launch without running it (the compile gate, ``benchmarks/kernel_resources.py``,
+compiles exactly those). fp32 inputs use exact fp32 (FMA) dots unless ``allow_tf32``. Under
+``TRITON_INTERPRET=1`` (CPU tensors) half-precision ``tl.dot`` operands are cast to fp32: the
+interpreter mis-computes bf16 dots (triton-lang/triton#11584).
 
 Layer 0: imports torch and triton only.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import triton
 import triton.language as tl
 
-_HALF_DTYPES = (torch.float16, torch.bfloat16)
-_SUPPORTED_DTYPES = (torch.float32, *_HALF_DTYPES)
-
-
-@dataclass(frozen=True)
-class TileConfig:
-    block_n: int
-    block_v: int
-    block_d: int
-    num_warps: int
-    num_stages: int
-    group_n: int = 8
-
-
-# Interpreted runs are simulated on numpy: big tiles mean fewer (slow) program instances.
-_INTERPRET_CONFIG = TileConfig(block_n=32, block_v=64, block_d=32, num_warps=1, num_stages=1)
-
-
-def _gpu_config(dtype: torch.dtype, backward: bool) -> TileConfig:
-    if dtype == torch.float32:  # ieee fp32 dots: smaller tiles keep register pressure sane
-        return TileConfig(block_n=64, block_v=64, block_d=32, num_warps=4, num_stages=3)
-    if backward:
-        return TileConfig(block_n=128, block_v=128, block_d=64, num_warps=8, num_stages=3)
-    return TileConfig(block_n=128, block_v=128, block_d=64, num_warps=8, num_stages=4)
-
-
-def _config(device: torch.device, dtype: torch.dtype, backward: bool) -> TileConfig:
-    return _INTERPRET_CONFIG if device.type == "cpu" else _gpu_config(dtype, backward)
-
-
-@triton.jit
-def _load_logits_tile(
-    h_ptr, w_ptr, b_ptr, rows, row_ok, offs_v, v_ok, D, stride_hn, stride_wv, inv_temp,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """z tile [BLOCK_N, BLOCK_V] in fp32; out-of-range vocabulary columns are -inf."""
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    h_rows = h_ptr + rows[:, None] * stride_hn  # int64 row offsets: N·D may pass 2³¹
-    w_rows = w_ptr + offs_v[:, None].to(tl.int64) * stride_wv
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        d_ok = offs_d < D
-        h = tl.load(h_rows + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        w = tl.load(w_rows + offs_d[None, :], mask=v_ok[:, None] & d_ok[None, :], other=0.0)
-        if DOT_IN_FP32:
-            h = h.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_v, mask=v_ok, other=0.0).to(tl.float32)[None, :]
-    return tl.where(v_ok[None, :], acc * inv_temp, float("-inf"))
-
-
-@triton.jit
-def _online_softmax_update(m, s, t, z, z_finite, HAS_ENTROPY: tl.constexpr):
-    """Fold a logits tile into the running (max m, Σ e^(z−m), Σ e^(z−m)·(m − z)); returns them and e^(z−m)."""
-    m_new = tl.maximum(m, tl.max(z, axis=1))
-    alpha = tl.exp(m - m_new)
-    e = tl.exp(z - m_new[:, None])  # 0 at padded columns
-    if HAS_ENTROPY:  # non-negative terms, no lse − Σpz cancellation
-        shift = tl.where(s > 0, m_new - m, 0.0)
-        t = alpha * (t + shift * s) + tl.sum(e * (m_new[:, None] - z_finite), axis=1)
-    return m_new, s * alpha + tl.sum(e, axis=1), t, e
-
-
-@triton.jit
-def _token_tile(pid, num_pid_n, num_pid_other, GROUP_N: tl.constexpr):
-    """Grouped launch order: GROUP_N token tiles run together so their h rows stay in L2."""
-    per_group = GROUP_N * num_pid_other
-    first_n = (pid // per_group) * GROUP_N
-    group_size = tl.minimum(num_pid_n - first_n, GROUP_N)
-    pid_n = first_n + (pid % per_group) % group_size
-    pid_other = (pid % per_group) // group_size
-    return pid_n, pid_other
-
-
-@triton.jit
-def _rows_of_tile(order_ptr, tgt_ptr, pid_n, N, ignore_index, BLOCK_N: tl.constexpr):
-    offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    in_range = offs < N
-    rows = tl.load(order_ptr + offs, mask=in_range, other=0).to(tl.int64)
-    tgt = tl.load(tgt_ptr + rows, mask=in_range, other=ignore_index).to(tl.int64)
-    return rows, tgt, in_range & (tgt != ignore_index)
+from .launch import Launch, check_inputs, device_arch, dot_flags, num_splits, tile_config, weight_grad_dtype
+from .tiles import grouped_tile, logits_tile, online_softmax_update, rows_of_tile
 
 
 @triton.jit
@@ -133,8 +54,8 @@ def _linear_logprobs_fwd_kernel(
     DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
 ):
-    pid_n, split = _token_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), num_splits, GROUP_N)
-    rows, tgt, row_ok = _rows_of_tile(order_ptr, tgt_ptr, pid_n, N, ignore_index, BLOCK_N)
+    pid_n, split = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), num_splits, GROUP_N)
+    rows, tgt, row_ok = rows_of_tile(order_ptr, tgt_ptr, pid_n, N, ignore_index, BLOCK_N)
     if tl.max(row_ok.to(tl.int32), axis=0) == 0:
         return  # every row ignored: no vocabulary FLOPs; the launcher zeroes these outputs
 
@@ -148,10 +69,10 @@ def _linear_logprobs_fwd_kernel(
     for v0 in range(v_begin, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         v_ok = offs_v < v_end
-        z = _load_logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, offs_v, v_ok, D, stride_hn, stride_wv,
+        z = logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, offs_v, v_ok, D, stride_hn, stride_wv,
                               inv_temp, BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, DOT_IN_FP32, DOT_PRECISION)
         z_finite = tl.where(v_ok[None, :], z, 0.0)
-        m, s, t, _ = _online_softmax_update(m, s, t, z, z_finite, HAS_ENTROPY)
+        m, s, t, _ = online_softmax_update(m, s, t, z, z_finite, HAS_ENTROPY)
         z_tgt += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z_finite, 0.0), axis=1)
         if HAS_LOGIT_SUM:
             zsum += tl.sum(z_finite, axis=1)
@@ -186,14 +107,14 @@ def _linear_logprobs_bwd_kernel(
     DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
 ):
-    pid_n, pid_v = _token_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP_N)
-    rows, tgt, row_ok = _rows_of_tile(order_ptr, tgt_ptr, pid_n, N, ignore_index, BLOCK_N)
+    pid_n, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP_N)
+    rows, tgt, row_ok = rows_of_tile(order_ptr, tgt_ptr, pid_n, N, ignore_index, BLOCK_N)
     if tl.max(row_ok.to(tl.int32), axis=0) == 0:
         return
 
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     v_ok = offs_v < V
-    z = _load_logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, offs_v, v_ok, D, stride_hn, stride_wv,
+    z = logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, offs_v, v_ok, D, stride_hn, stride_wv,
                           inv_temp, BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, DOT_IN_FP32, DOT_PRECISION)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
@@ -208,8 +129,10 @@ def _linear_logprobs_bwd_kernel(
         dz -= g_ent[:, None] * p * (log_p + ent[:, None])  # ∂H/∂z_v = −p_v·(log p_v + H)
     dz = tl.where(row_ok[:, None] & v_ok[None, :], dz * inv_temp, 0.0)
 
+    # relaxed atomics: the sums need no ordering with other memory traffic (acq_rel, Triton's default,
+    # puts GPU-wide fences and L1 invalidations around every one of them)
     if HAS_BIAS and B_GRAD:
-        tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=v_ok)
+        tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=v_ok, sem="relaxed")
     dz_op = dz.to(h_ptr.dtype.element_ty)
     if DOT_IN_FP32:
         dz_op = dz
@@ -225,35 +148,14 @@ def _linear_logprobs_bwd_kernel(
             if DOT_IN_FP32:
                 w = w.to(tl.float32)
             dh = tl.dot(dz_op, w, input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_D]
-            tl.atomic_add(dh_rows + offs_d[None, :], dh, mask=row_ok[:, None] & d_ok[None, :])
+            tl.atomic_add(dh_rows + offs_d[None, :], dh, mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
         if W_GRAD:
             h = tl.load(h_rows + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             if DOT_IN_FP32:
                 h = h.to(tl.float32)
             dw = tl.dot(tl.trans(dz_op), h, input_precision=DOT_PRECISION)  # [BLOCK_V, BLOCK_D]
             tl.atomic_add(dw_rows + offs_d[None, :], dw.to(dw_ptr.dtype.element_ty),
-                          mask=v_ok[:, None] & d_ok[None, :])
-
-
-def _dot_flags(hidden: torch.Tensor) -> tuple[bool, str]:
-    interpreted = hidden.device.type == "cpu"
-    dot_in_fp32 = interpreted and hidden.dtype in _HALF_DTYPES
-    precision = "ieee" if hidden.dtype == torch.float32 or interpreted else "tf32"
-    return dot_in_fp32, precision
-
-
-def _check(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None):
-    if hidden.dim() != 2 or weight.dim() != 2 or targets.dim() != 1:
-        raise ValueError("kernel launchers take hidden [N, D], weight [V, D], targets [N]")
-    if hidden.shape[1] != weight.shape[1] or hidden.shape[0] != targets.shape[0]:
-        raise ValueError(f"shape mismatch: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, "
-                         f"targets {tuple(targets.shape)}")
-    if hidden.dtype not in _SUPPORTED_DTYPES or weight.dtype != hidden.dtype:
-        raise ValueError(f"hidden/weight dtypes must match and be one of {_SUPPORTED_DTYPES}")
-    if bias is not None and (bias.shape != (weight.shape[0],) or not bias.is_contiguous()):
-        raise ValueError(f"bias must be contiguous [V={weight.shape[0]}], got {tuple(bias.shape)}")
-    if hidden.stride(1) != 1 or weight.stride(1) != 1:
-        raise ValueError("hidden and weight need a unit stride on D")
+                          mask=v_ok[:, None] & d_ok[None, :], sem="relaxed")
 
 
 def row_order(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -261,11 +163,48 @@ def row_order(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
     return torch.argsort((targets == ignore_index).to(torch.int8), stable=True)
 
 
-def _num_splits(n_tiles: int, v_tiles: int, device: torch.device) -> int:
-    if device.type == "cpu":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(v_tiles, math.ceil(2 * sms / n_tiles)))
+def fwd_launch(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    arch: int | None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    return_logit_mean: bool = False,
+    allow_tf32: bool = False,
+    order: torch.Tensor | None = None,
+    splits: int | None = None,
+) -> tuple[Launch, SimpleNamespace]:
+    """Plan the forward launch on ``arch`` (None: interpreter): the Launch and its ``[S, N]`` partial outputs."""
+    check_inputs(hidden, weight, bias, targets)
+    (N, D), V = hidden.shape, weight.shape[0]
+    device = hidden.device
+    cfg = tile_config("linear_logprobs_fwd", hidden.dtype, arch, allow_tf32)
+    n_tiles, v_tiles = triton.cdiv(N, cfg.block_n), triton.cdiv(V, cfg.block_v)
+    splits = splits or num_splits(n_tiles, v_tiles, device, arch)
+    v_per_split = triton.cdiv(v_tiles, splits) * cfg.block_v
+    splits = triton.cdiv(V, v_per_split)  # every split holds at least one column
+    if order is None:
+        order = row_order(targets, ignore_index)
+    partial = lambda: torch.empty((splits, N), device=device, dtype=torch.float32)  # noqa: E731
+    out = SimpleNamespace(m=partial(), s=partial(), z_tgt=partial())
+    out.t = partial() if return_entropy else out.m
+    out.zsum = partial() if return_logit_mean else out.m
+    dot_in_fp32, dot_precision = dot_flags(hidden.dtype, arch, allow_tf32)
+    launch = Launch(
+        _linear_logprobs_fwd_kernel, (n_tiles * splits,),
+        (hidden, weight, bias if bias is not None else weight, targets, order,
+         out.m, out.s, out.z_tgt, out.t, out.zsum,
+         N, V, D, hidden.stride(0), weight.stride(0), 1.0 / temperature, ignore_index, v_per_split, splits),
+        dict(HAS_BIAS=bias is not None, HAS_ENTROPY=return_entropy, HAS_LOGIT_SUM=return_logit_mean,
+             DOT_IN_FP32=dot_in_fp32, DOT_PRECISION=dot_precision,
+             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_N=cfg.group_n,
+             num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+    )
+    return launch, out
 
 
 def linear_logprobs_fwd(
@@ -278,53 +217,87 @@ def linear_logprobs_fwd(
     ignore_index: int = -100,
     return_entropy: bool = False,
     return_logit_mean: bool = False,
+    allow_tf32: bool = False,
     order: torch.Tensor | None = None,
     num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Fused forward. Returns ``(logp [N], lse [N], entropy [N] | None, logit_mean [N] | None)``, fp32.
 
     Ignored rows get 0 in every output. ``order`` (from :func:`row_order`) may be passed to reuse it.
+    ``allow_tf32`` lets fp32 inputs use TF32 tensor cores (default: exact fp32 dots).
     """
-    _check(hidden, weight, targets, bias)
-    (N, D), V = hidden.shape, weight.shape[0]
-    device = hidden.device
-    cfg = _config(device, hidden.dtype, backward=False)
-    n_tiles, v_tiles = triton.cdiv(N, cfg.block_n), triton.cdiv(V, cfg.block_v)
-    splits = num_splits or _num_splits(n_tiles, v_tiles, device)
-    v_per_split = triton.cdiv(v_tiles, splits) * cfg.block_v
-    splits = triton.cdiv(V, v_per_split)  # every split holds at least one column
-    if order is None:
-        order = row_order(targets, ignore_index)
-
-    partial = lambda: torch.empty((splits, N), device=device, dtype=torch.float32)  # noqa: E731
-    m, s, z_tgt = partial(), partial(), partial()
-    t = partial() if return_entropy else m
-    zsum = partial() if return_logit_mean else m
-    dot_in_fp32, precision = _dot_flags(hidden)
-    _linear_logprobs_fwd_kernel[(n_tiles * splits,)](
-        hidden, weight, bias if bias is not None else weight, targets, order,
-        m, s, z_tgt, t, zsum,
-        N, V, D, hidden.stride(0), weight.stride(0), 1.0 / temperature, ignore_index, v_per_split, splits,
-        HAS_BIAS=bias is not None, HAS_ENTROPY=return_entropy, HAS_LOGIT_SUM=return_logit_mean,
-        DOT_IN_FP32=dot_in_fp32, DOT_PRECISION=precision,
-        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_N=cfg.group_n,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    launch, out = fwd_launch(
+        hidden, weight, targets, bias, arch=device_arch(hidden.device), temperature=temperature,
+        ignore_index=ignore_index, return_entropy=return_entropy, return_logit_mean=return_logit_mean,
+        allow_tf32=allow_tf32, order=order, splits=num_splits)
+    launch()
 
     # merge the splits: lse = M + log Σ_s s_s·exp(m_s − M)
     valid = targets != ignore_index
-    m_max = m.amax(dim=0)
-    scale = torch.exp(m - m_max)  # [S, N]
-    sum_exp = (s * scale).sum(dim=0)
+    m_max = out.m.amax(dim=0)
+    scale = torch.exp(out.m - m_max)  # [S, N]
+    sum_exp = (out.s * scale).sum(dim=0)
     lse = torch.where(valid, m_max + torch.log(sum_exp), 0.0)
-    logp = torch.where(valid, z_tgt.sum(dim=0) - lse, 0.0)
+    logp = torch.where(valid, out.z_tgt.sum(dim=0) - lse, 0.0)
     entropy = logit_mean = None
     if return_entropy:  # H = Σ p·(lse − z) = T/S + log S, with T re-centred on the global max
-        t_total = (scale * (t + (m_max - m) * s)).sum(dim=0)
+        t_total = (scale * (out.t + (m_max - out.m) * out.s)).sum(dim=0)
         entropy = torch.where(valid, t_total / sum_exp + torch.log(sum_exp), 0.0)
     if return_logit_mean:
-        logit_mean = torch.where(valid, zsum.sum(dim=0) / V, 0.0)
+        logit_mean = torch.where(valid, out.zsum.sum(dim=0) / weight.shape[0], 0.0)
     return logp, lse, entropy, logit_mean
+
+
+def bwd_launch(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    lse: torch.Tensor,
+    grad_logp: torch.Tensor,
+    *,
+    arch: int | None,
+    entropy: torch.Tensor | None = None,
+    grad_entropy: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    needs_grad: tuple[bool, bool, bool] = (True, True, True),
+    fp32_weight_grad: bool = True,
+    allow_tf32: bool = False,
+    order: torch.Tensor | None = None,
+) -> tuple[Launch, SimpleNamespace]:
+    """Plan the backward launch on ``arch``: the Launch and its (zeroed) fp32/low-precision accumulators."""
+    check_inputs(hidden, weight, bias, targets)
+    (N, D), V = hidden.shape, weight.shape[0]
+    device = hidden.device
+    cfg = tile_config("linear_logprobs_bwd", hidden.dtype, arch, allow_tf32)
+    if order is None:
+        order = row_order(targets, ignore_index)
+    want_h, want_w, want_b = needs_grad
+    want_b = want_b and bias is not None
+    dw_dtype = weight_grad_dtype(weight.dtype, arch, fp32_weight_grad)
+    out = SimpleNamespace(
+        dh=torch.zeros((N, D), device=device, dtype=torch.float32) if want_h else lse,
+        dw=torch.zeros((V, D), device=device, dtype=dw_dtype) if want_w else lse,
+        db=torch.zeros((V,), device=device, dtype=torch.float32) if want_b else lse,
+    )
+    has_entropy_grad = grad_entropy is not None
+    dot_in_fp32, dot_precision = dot_flags(hidden.dtype, arch, allow_tf32)
+    launch = Launch(
+        _linear_logprobs_bwd_kernel, (triton.cdiv(N, cfg.block_n) * triton.cdiv(V, cfg.block_v),),
+        (hidden, weight, bias if bias is not None else weight, targets, order, lse,
+         grad_logp.float().contiguous(),
+         entropy if has_entropy_grad else lse,
+         grad_entropy.float().contiguous() if has_entropy_grad else lse,
+         out.dh, out.dw, out.db,
+         N, V, D, hidden.stride(0), weight.stride(0), 1.0 / temperature, ignore_index),
+        dict(HAS_BIAS=bias is not None, HAS_ENTROPY_GRAD=has_entropy_grad,
+             H_GRAD=want_h, W_GRAD=want_w, B_GRAD=want_b,
+             DOT_IN_FP32=dot_in_fp32, DOT_PRECISION=dot_precision,
+             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_N=cfg.group_n,
+             num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+    )
+    return launch, out
 
 
 def linear_logprobs_bwd(
@@ -341,45 +314,23 @@ def linear_logprobs_bwd(
     ignore_index: int = -100,
     needs_grad: tuple[bool, bool, bool] = (True, True, True),
     fp32_weight_grad: bool = True,
+    allow_tf32: bool = False,
     order: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Fused backward by tile recomputation. Returns ``(d_hidden, d_weight, d_bias)`` in input dtypes.
 
     ``needs_grad`` selects (hidden, weight, bias); ``fp32_weight_grad=False`` accumulates ``d_weight``
-    in the weight dtype (halves its buffer; bf16 atomics need Triton ≥ 3.4 and, interpreted, fall back
-    to fp32).
+    in the weight dtype where the arch has native atomics for it (see ``launch.weight_grad_dtype``).
     """
-    _check(hidden, weight, targets, bias)
-    (N, D), V = hidden.shape, weight.shape[0]
-    device = hidden.device
-    cfg = _config(device, hidden.dtype, backward=True)
-    if order is None:
-        order = row_order(targets, ignore_index)
+    launch, out = bwd_launch(
+        hidden, weight, targets, bias, lse, grad_logp, arch=device_arch(hidden.device), entropy=entropy,
+        grad_entropy=grad_entropy, temperature=temperature, ignore_index=ignore_index, needs_grad=needs_grad,
+        fp32_weight_grad=fp32_weight_grad, allow_tf32=allow_tf32, order=order)
+    launch()
     want_h, want_w, want_b = needs_grad
     want_b = want_b and bias is not None
-    interpreted_bf16 = device.type == "cpu" and weight.dtype == torch.bfloat16
-    dw_dtype = torch.float32 if fp32_weight_grad or interpreted_bf16 else weight.dtype
-    dh = torch.zeros((N, D), device=device, dtype=torch.float32) if want_h else lse
-    dw = torch.zeros((V, D), device=device, dtype=dw_dtype) if want_w else lse
-    db = torch.zeros((V,), device=device, dtype=torch.float32) if want_b else lse
-    has_entropy_grad = grad_entropy is not None
-    dot_in_fp32, precision = _dot_flags(hidden)
-    grid = (triton.cdiv(N, cfg.block_n) * triton.cdiv(V, cfg.block_v),)
-    _linear_logprobs_bwd_kernel[grid](
-        hidden, weight, bias if bias is not None else weight, targets, order, lse,
-        grad_logp.float().contiguous(),
-        entropy if has_entropy_grad else lse,
-        grad_entropy.float().contiguous() if has_entropy_grad else lse,
-        dh, dw, db,
-        N, V, D, hidden.stride(0), weight.stride(0), 1.0 / temperature, ignore_index,
-        HAS_BIAS=bias is not None, HAS_ENTROPY_GRAD=has_entropy_grad,
-        H_GRAD=want_h, W_GRAD=want_w, B_GRAD=want_b,
-        DOT_IN_FP32=dot_in_fp32, DOT_PRECISION=precision,
-        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_N=cfg.group_n,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
     return (
-        dh.to(hidden.dtype) if want_h else None,
-        dw.to(weight.dtype) if want_w else None,
-        db.to(bias.dtype) if want_b else None,
+        out.dh.to(hidden.dtype) if want_h else None,
+        out.dw.to(weight.dtype) if want_w else None,
+        out.db.to(bias.dtype) if want_b else None,
     )

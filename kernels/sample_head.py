@@ -1,78 +1,205 @@
 """Triton fused sampling head (DESIGN.md §3, ``sample_head``): next token and its log-probability.
 
-For each row of hidden states ``h [B, D]`` and LM head ``W [V, D]``, with ``z = (h Wᵀ + b)/τ``:
+For each row of hidden states ``h [B, D]`` and LM head ``W [V, D]``, with ``z = (h Wᵀ + b)/τ``, draws
+``token ~ softmax(z)`` and returns ``logp = z_token − logsumexp_v z_v`` (and optionally the entropy) in
+one streaming pass over ``W``: no ``[B, V]`` logits.
 
-    token  = argmax_v (z_v + G_v),   G_v = −log(−log U_v) i.i.d. Gumbel  ⇒  token ~ softmax(z)
-    logp   = z_token − logsumexp_v z_v      (and optionally the entropy of softmax(z))
+Sampling, per row, over vocabulary tiles of ``BLOCK_V`` columns (as the native CPU op does):
+  * within a tile, one candidate by inverse CDF of the tile's softmax (one uniform);
+  * across tiles, a Gumbel-max race on the tiles' log-masses ``m_t + log s_t + G_t`` (one uniform),
+    which picks a tile with probability (tile mass)/(total mass).
+The token is the winning tile's candidate, so it is exactly softmax-distributed, with two random numbers
+per row and tile instead of one per logit. Uniforms come from Triton's counter-based Philox generator
+keyed by ``(seed, row, tile)``: a step is reproducible from its seed (for a given ``BLOCK_V``, which is
+fixed per arch in ``launch.TILES``). Greedy decoding races the tiles' maxima.
 
-in one streaming pass over vocabulary tiles: no ``[B, V]`` logits. The uniforms come from Triton's
-counter-based Philox generator keyed by ``(seed, row·V + v)``, so a step is reproducible from its seed.
-Greedy decoding drops the noise. Programs are (row tile × vocabulary split); the launcher merges the
-splits' partial (max, sum-exp, entropy sum, best score, best token, best logit).
+Decode-shaped launch: a step has few rows (B = prompts × samples, typically 8–256) and is bound by
+reading ``W``. Each program computes a transposed tile ``zᵀ [BLOCK_V, BLOCK_B]`` (the vocabulary on the
+MMA's M side), the row tile ``BLOCK_B`` follows B (``launch.head_tile``), and the vocabulary is split
+over enough programs to fill the GPU, so a step reads ``W`` once per row tile — once in total for
+B ≤ BLOCK_B. A second small kernel merges the per-split partials (max, sum-exp, entropy term, race
+winner) exactly.
 """
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import torch
 import triton
 import triton.language as tl
 
-from .linear_logprobs import _check, _config, _dot_flags, _load_logits_tile, _num_splits, _online_softmax_update
+from .launch import Launch, check_inputs, device_arch, dot_flags, head_tile, num_splits
+from .tiles import logits_tile, logits_tile_t, merge_softmax_stats
 
 
 @triton.jit
 def _sample_head_kernel(
-    h_ptr,  # [B, D] fp32/fp16/bf16
-    w_ptr,  # [V, D] same dtype
-    b_ptr,  # [V] or dummy
-    m_ptr,  # [S, B] fp32 out: max logit
+    h_ptr,  # [B, D] fp32/fp16/bf16, row stride stride_hb
+    w_ptr,  # [V, D] same dtype, row stride stride_wv
+    b_ptr,  # [V] same dtype (HAS_BIAS) or dummy
+    m_ptr,  # [S, B] fp32 out: max logit in the split
     s_ptr,  # [S, B] fp32 out: Σ exp(z − m)
-    t_ptr,  # [S, B] fp32 out: Σ exp(z − m)·(m − z)        (HAS_ENTROPY)
-    best_ptr,  # [S, B] fp32 out: best z + G in the split
+    t_ptr,  # [S, B] fp32 out: Σ exp(z − m)·(m − z)          (HAS_ENTROPY)
+    key_ptr,  # [S, B] fp32 out: the split's winning race key
     tok_ptr,  # [S, B] int32 out: its token
-    zbest_ptr,  # [S, B] fp32 out: its logit z
-    B, V, D, stride_hb, stride_wv, inv_temp, seed, v_per_split,
-    HAS_BIAS: tl.constexpr, HAS_ENTROPY: tl.constexpr, GREEDY: tl.constexpr,
+    zc_ptr,  # [S, B] fp32 out: its logit z
+    B, V, D, stride_hb, stride_wv, inv_temp, seed, v_per_split, v_tiles,
+    HAS_BIAS: tl.constexpr, HAS_ENTROPY: tl.constexpr, GREEDY: tl.constexpr, VOCAB_MAJOR: tl.constexpr,
     DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_b, split = tl.program_id(0), tl.program_id(1)
-    rows = (pid_b * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    pid_b, split = tl.program_id(0), tl.program_id(1)  # row tiles of one split run side by side (L2)
+    rows = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     row_ok = rows < B
-    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    t = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    best = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-    tok = tl.zeros((BLOCK_N,), dtype=tl.int32)
-    z_best = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    cols = tl.arange(0, BLOCK_V)
+    m = tl.full((BLOCK_B,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    t = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    best = tl.full((BLOCK_B,), float("-inf"), dtype=tl.float32)
+    tok = tl.zeros((BLOCK_B,), dtype=tl.int32)
+    z_tok = tl.zeros((BLOCK_B,), dtype=tl.float32)
     v_begin = split * v_per_split
     v_end = tl.minimum(v_begin + v_per_split, V)
     for v0 in range(v_begin, v_end, BLOCK_V):
-        offs_v = v0 + tl.arange(0, BLOCK_V)
+        offs_v = v0 + cols
         v_ok = offs_v < v_end
-        z = _load_logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, offs_v, v_ok, D, stride_hb, stride_wv,
-                              inv_temp, BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, DOT_IN_FP32, DOT_PRECISION)
-        m, s, t, _ = _online_softmax_update(m, s, t, z, tl.where(v_ok[None, :], z, 0.0), HAS_ENTROPY)
-        score = z
-        if not GREEDY:
-            u = tl.rand(seed, (rows[:, None] * V + offs_v[None, :]).to(tl.int32))  # [BLOCK_N, BLOCK_V]
-            score = z - tl.log(-tl.log(u))  # Gumbel: −log(−log U); U = 0 gives −inf, never chosen
-        tile_best = tl.max(score, axis=1)
-        tile_arg = tl.argmax(score, axis=1)
-        take = tile_best > best
-        best = tl.where(take, tile_best, best)
-        tok = tl.where(take, (v0 + tile_arg).to(tl.int32), tok)
-        z_at = tl.sum(tl.where(offs_v[None, :] == (v0 + tile_arg)[:, None], z, 0.0), axis=1)
-        z_best = tl.where(take, z_at, z_best)
+        if VOCAB_MAJOR:  # zᵀ on the MMA (vocabulary on its M side), used as [BLOCK_B, BLOCK_V]
+            z = tl.trans(logits_tile_t(h_ptr, w_ptr, b_ptr, rows, row_ok, offs_v, v_ok, D, stride_hb, stride_wv,
+                                       inv_temp, BLOCK_B, BLOCK_V, BLOCK_D, HAS_BIAS, DOT_IN_FP32, DOT_PRECISION))
+        else:
+            z = logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, offs_v, v_ok, D, stride_hb, stride_wv, inv_temp,
+                            BLOCK_B, BLOCK_V, BLOCK_D, HAS_BIAS, DOT_IN_FP32, DOT_PRECISION)
+        z_fin = tl.where(v_ok[None, :], z, 0.0)
+        m_t = tl.max(z, axis=1)
+        e = tl.exp(z - tl.where(m_t == float("-inf"), 0.0, m_t)[:, None])  # 0 at padded (−inf) columns
+        s_t = tl.sum(e, axis=1)
+        t_t = s_t
+        if HAS_ENTROPY:
+            t_t = tl.sum(e * (m_t[:, None] - z_fin), axis=1)
+        m, s, t = merge_softmax_stats(m, s, t, m_t, s_t, t_t, HAS_ENTROPY)
+        if GREEDY:
+            key = m_t
+            pick = tl.argmax(z, axis=1)
+        else:
+            counter = (rows * v_tiles + v0 // BLOCK_V).to(tl.int32)  # one Philox counter per (row, tile)
+            u_pick, u_race, _, _ = tl.rand4x(seed, counter)
+            cdf = tl.cumsum(e, axis=1)
+            target = (1.0 - u_pick) * s_t  # in (0, s_t]: the first column whose cdf reaches it has e > 0
+            pick = tl.sum((cdf < target[:, None]).to(tl.int32), axis=1)
+            last = tl.max(tl.where(e > 0, cols[None, :], 0), axis=1)  # rounding may leave cdf[-1] < s_t
+            pick = tl.minimum(pick, last)
+            key = m_t + tl.log(s_t) - tl.log(-tl.log(u_race))  # Gumbel race on the tile's log-mass
+        take = key > best
+        best = tl.where(take, key, best)
+        tok = tl.where(take, v0 + pick, tok)
+        if GREEDY:
+            z_tok = tl.where(take, m_t, z_tok)
+        else:
+            z_tok = tl.where(take, tl.sum(tl.where(cols[None, :] == pick[:, None], z_fin, 0.0), axis=1), z_tok)
 
     out = split.to(tl.int64) * B + rows
     tl.store(m_ptr + out, m, mask=row_ok)
     tl.store(s_ptr + out, s, mask=row_ok)
     if HAS_ENTROPY:
         tl.store(t_ptr + out, t, mask=row_ok)
-    tl.store(best_ptr + out, best, mask=row_ok)
+    tl.store(key_ptr + out, best, mask=row_ok)
     tl.store(tok_ptr + out, tok, mask=row_ok)
-    tl.store(zbest_ptr + out, z_best, mask=row_ok)
+    tl.store(zc_ptr + out, z_tok, mask=row_ok)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    m_ptr,  # [S, B] fp32: per-split max logit
+    s_ptr,  # [S, B] fp32: per-split Σ exp(z − m)
+    t_ptr,  # [S, B] fp32: per-split entropy term          (HAS_ENTROPY)
+    key_ptr,  # [S, B] fp32: per-split race key
+    tok_ptr,  # [S, B] int32: per-split token
+    zc_ptr,  # [S, B] fp32: per-split token logit
+    tokens_ptr,  # [B] int64 out
+    logp_ptr,  # [B] fp32 out: z_token − lse
+    ent_ptr,  # [B] fp32 out: entropy                   (HAS_ENTROPY)
+    B, S,
+    HAS_ENTROPY: tl.constexpr, BLOCK: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = rows < B
+    m = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK,), dtype=tl.float32)
+    t = tl.zeros((BLOCK,), dtype=tl.float32)
+    best = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
+    tok = tl.zeros((BLOCK,), dtype=tl.int32)
+    z_tok = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k in range(0, S):
+        at = k * B + rows
+        m_k = tl.load(m_ptr + at, mask=ok, other=float("-inf"))
+        s_k = tl.load(s_ptr + at, mask=ok, other=0.0)
+        t_k = s_k
+        if HAS_ENTROPY:
+            t_k = tl.load(t_ptr + at, mask=ok, other=0.0)
+        m, s, t = merge_softmax_stats(m, s, t, m_k, s_k, t_k, HAS_ENTROPY)
+        key = tl.load(key_ptr + at, mask=ok, other=float("-inf"))
+        take = key > best  # ties keep the earlier split, as argmax would
+        best = tl.where(take, key, best)
+        tok = tl.where(take, tl.load(tok_ptr + at, mask=ok, other=0), tok)
+        z_tok = tl.where(take, tl.load(zc_ptr + at, mask=ok, other=0.0), z_tok)
+    log_s = tl.log(s)
+    tl.store(tokens_ptr + rows, tok.to(tl.int64), mask=ok)
+    tl.store(logp_ptr + rows, z_tok - (m + log_s), mask=ok)
+    if HAS_ENTROPY:
+        tl.store(ent_ptr + rows, t / s + log_s, mask=ok)
+
+
+def sample_head_launch(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    arch: int | None,
+    temperature: float = 1.0,
+    seed: int = 0,
+    greedy: bool = False,
+    return_entropy: bool = False,
+    allow_tf32: bool = False,
+    splits: int | None = None,
+) -> tuple[Launch, Launch, SimpleNamespace]:
+    """Plan the sampling head on ``arch`` (None: interpreter): the tile launch, the merge launch, and
+    ``out`` with the ``[S, B]`` partials, the results (``tokens``, ``logp``, ``entropy``) and the row tiles."""
+    check_inputs(hidden, weight, bias)
+    (B, D), V = hidden.shape, weight.shape[0]
+    device = hidden.device
+    cfg = head_tile(hidden.dtype, arch, B, allow_tf32)
+    b_tiles, v_tiles = triton.cdiv(B, cfg.block_n), triton.cdiv(V, cfg.block_v)
+    if B * v_tiles >= 2**31:
+        raise ValueError(f"hidden: B·V/BLOCK_V = {B * v_tiles} must stay below 2³¹ (int32 Philox counters)")
+    splits = splits or num_splits(b_tiles, v_tiles, device, arch)
+    v_per_split = triton.cdiv(v_tiles, splits) * cfg.block_v
+    splits = triton.cdiv(V, v_per_split)  # every split holds at least one column
+    part = lambda dtype=torch.float32: torch.empty((splits, B), device=device, dtype=dtype)  # noqa: E731
+    out = SimpleNamespace(m=part(), s=part(), key=part(), zc=part(), tok=part(torch.int32), row_tiles=b_tiles)
+    out.t = part() if return_entropy else out.m
+    out.tokens = torch.empty(B, device=device, dtype=torch.int64)
+    out.logp = torch.empty(B, device=device, dtype=torch.float32)
+    out.entropy = torch.empty(B, device=device, dtype=torch.float32) if return_entropy else None
+    dot_in_fp32, dot_precision = dot_flags(hidden.dtype, arch, allow_tf32)
+    tiles = Launch(
+        _sample_head_kernel, (b_tiles, splits),
+        (hidden, weight, bias if bias is not None else weight, out.m, out.s, out.t, out.key, out.tok, out.zc,
+         B, V, D, hidden.stride(0), weight.stride(0), 1.0 if greedy else 1.0 / temperature, seed, v_per_split,
+         v_tiles),
+        dict(HAS_BIAS=bias is not None, HAS_ENTROPY=return_entropy, GREEDY=greedy,
+             VOCAB_MAJOR=cfg.vocab_major, DOT_IN_FP32=dot_in_fp32, DOT_PRECISION=dot_precision,
+             BLOCK_B=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+             num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+    )
+    merge_block = 128 if arch is not None else 32
+    merge = Launch(
+        _merge_splits_kernel, (triton.cdiv(B, merge_block),),
+        (out.m, out.s, out.t, out.key, out.tok, out.zc, out.tokens, out.logp,
+         out.entropy if return_entropy else out.logp, B, splits),
+        dict(HAS_ENTROPY=return_entropy, BLOCK=merge_block, num_warps=4 if arch is not None else 1),
+    )
+    return tiles, merge, out
 
 
 def sample_head(
@@ -84,44 +211,17 @@ def sample_head(
     seed: int = 0,
     greedy: bool = False,
     return_entropy: bool = False,
+    allow_tf32: bool = False,
     num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Draw one token per row. Returns ``(tokens [B] int64, logp [B] fp32, entropy [B] fp32 | None)``.
 
     ``logp`` and ``entropy`` are those of ``softmax(z)`` with ``z = (hWᵀ + b)/τ`` (``τ = 1`` when greedy).
+    ``allow_tf32`` lets fp32 inputs use TF32 tensor cores (default: exact fp32 dots).
     """
-    B, V = hidden.shape[0], weight.shape[0]
-    _check(hidden, weight, torch.empty(B, device=hidden.device, dtype=torch.long), bias)
-    if B * V >= 2**31:
-        raise ValueError(f"B·V = {B * V} must stay below 2³¹ (Philox offsets are int32)")
-    device = hidden.device
-    cfg = _config(device, hidden.dtype, backward=False)
-    b_tiles, v_tiles = triton.cdiv(B, cfg.block_n), triton.cdiv(V, cfg.block_v)
-    splits = num_splits or _num_splits(b_tiles, v_tiles, device)
-    v_per_split = triton.cdiv(v_tiles, splits) * cfg.block_v
-    splits = triton.cdiv(V, v_per_split)
-    part = lambda dtype=torch.float32: torch.empty((splits, B), device=device, dtype=dtype)  # noqa: E731
-    m, s, best, z_best = part(), part(), part(), part()
-    t = part() if return_entropy else m
-    tok = part(torch.int32)
-    dot_in_fp32, precision = _dot_flags(hidden)
-    inv_temp = 1.0 if greedy else 1.0 / temperature
-    _sample_head_kernel[(b_tiles, splits)](
-        hidden, weight, bias if bias is not None else weight, m, s, t, best, tok, z_best,
-        B, V, hidden.shape[1], hidden.stride(0), weight.stride(0), inv_temp, seed, v_per_split,
-        HAS_BIAS=bias is not None, HAS_ENTROPY=return_entropy, GREEDY=greedy,
-        DOT_IN_FP32=dot_in_fp32, DOT_PRECISION=precision,
-        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    m_max = m.amax(0)
-    scale = torch.exp(m - m_max)  # [S, B]
-    sum_exp = (s * scale).sum(0)
-    lse = m_max + torch.log(sum_exp)
-    winner = best.argmax(0, keepdim=True)  # [1, B]: the split holding the overall best score
-    tokens = tok.gather(0, winner).squeeze(0).long()
-    logp = z_best.gather(0, winner).squeeze(0) - lse
-    entropy = None
-    if return_entropy:
-        entropy = (scale * (t + (m_max - m) * s)).sum(0) / sum_exp + torch.log(sum_exp)
-    return tokens, logp, entropy
+    tiles, merge, out = sample_head_launch(
+        hidden, weight, bias, arch=device_arch(hidden.device), temperature=temperature, seed=seed, greedy=greedy,
+        return_entropy=return_entropy, allow_tf32=allow_tf32, splits=num_splits)
+    tiles()
+    merge()
+    return out.tokens, out.logp, out.entropy

@@ -1,8 +1,13 @@
 """Test setup: interpreted Triton on CPU-only machines, poisoned allocations everywhere."""
 
 import os
+import tempfile
 
-import torch
+# tokenized-data caches of the tests go to a scratch folder, never the user's `datasets` cache (set before
+# anything imports `datasets`, which reads it once)
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="hypo-fast-datasets-"))
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     # must precede the first `import triton`: kernels then run on CPU tensors, interpreted

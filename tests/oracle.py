@@ -39,7 +39,7 @@ def impl_param(impl, *values):
     """``pytest.param(impl, *values)``, skipped for impl="native" when hypo_fast._C was not built."""
     import pytest
 
-    from hypo_fast import native
+    from hypo_fast.ops import native
 
     skip = pytest.mark.skipif(impl == "native" and not native.available(), reason="hypo_fast._C not built")
     return pytest.param(impl, *values, marks=skip)

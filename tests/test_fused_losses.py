@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
 from hypo_fast import FusedLinearDPOLoss, FusedLinearHyPOLoss
-from hypo_fast.losses import dpo_loss, rloo_kl_loss
+from hypo_fast.dpo_losses import USES_LABEL_SMOOTHING
+from hypo_fast.losses import LOSS_TYPES, dpo_loss, rloo_kl_loss
 
 B, T, D, V = 3, 11, 24, 97
 IGNORE = -100
@@ -37,34 +40,53 @@ def naive_token_logps(hidden, weight, bias, target, dtype=torch.float64):
 
 
 def naive_dpo(weight, hidden, target, bias, ref_hidden, ref_weight, *, beta, loss_type, ls, average,
-              dtype=torch.float64):
+              loss_weights=None, tau=0.05, dtype=torch.float64):
     mask = target != IGNORE
     logp, logits = naive_token_logps(hidden, weight, bias, target, dtype)
     ref_logp, _ = naive_token_logps(ref_hidden, ref_weight, None, target, dtype)
-    seq, ref_seq = logp.sum(-1), ref_logp.sum(-1)
-    if average:
-        seq, ref_seq = seq / mask.sum(-1), ref_seq / mask.sum(-1)
+    seq, ref_seq, counts = logp.sum(-1), ref_logp.sum(-1), mask.sum(-1).to(dtype)
+    if average:  # Liger's average_log_prob: per-token means, each sequence then one unit
+        seq, ref_seq, counts = seq / counts, ref_seq / counts, torch.ones_like(counts)
     n = target.shape[0] // 2
     losses, cr, rr = dpo_loss(seq[:n], seq[n:], ref_seq[:n], ref_seq[n:], beta=beta, loss_type=loss_type,
-                              label_smoothing=ls)
+                              label_smoothing=ls, loss_weights=loss_weights, discopop_tau=tau,
+                              chosen_tokens=counts[:n], rejected_tokens=counts[n:])
     logit_means = [logits[sl].mean(-1)[mask[sl]].mean() for sl in (slice(0, n), slice(n, None))]
     return losses.mean(), (seq[:n], seq[n:], *logit_means, cr, rr)
 
 
-@pytest.mark.parametrize("loss_type,ls", [("sigmoid", 0.0), ("sigmoid", 0.1), ("robust", 0.2), ("hinge", 0.0),
-                                          ("ipo", 0.0)])
-@pytest.mark.parametrize("impl", ["torch", "triton"])
-def test_dpo_module_matches_naive_float64(loss_type, ls, impl, seed):
+MPO = ("sigmoid", "bco_pair", "sft"), 0.0, (0.8, 0.2, 1.0)  # TRL's MPO example: types, ε, weights
+
+
+def _case(impl, loss_type, ls=None, loss_weights=None, average=False):
+    if ls is None:
+        ls = 0.1 if {loss_type} & USES_LABEL_SMOOTHING or isinstance(loss_type, tuple) else 0.0
+    name = "+".join(loss_type) if isinstance(loss_type, tuple) else loss_type
+    return pytest.param(impl, loss_type, ls, loss_weights, average, id=f"{impl}-{name}{'-avg' * average}")
+
+
+NAIVE_CASES = ([_case("torch", t) for t in LOSS_TYPES]
+               + [_case("torch", *MPO), _case("torch", "sigmoid", 0.0), _case("torch", "ipo", average=True),
+                  _case("torch", ("aot", "sigmoid_norm", "sft"), average=True)]
+               + [_case("triton", t, ls) for t, ls in (("sigmoid", 0.0), ("cdpo", 0.1), ("robust", 0.2), ("hinge", 0.0),
+                                                       ("ipo", 0.0), ("aot", 0.1))]
+               + [_case("triton", *MPO)])
+
+
+@pytest.mark.parametrize("impl,loss_type,ls,loss_weights,average", NAIVE_CASES)
+def test_dpo_module_matches_naive_float64(impl, loss_type, ls, loss_weights, average, seed):
     hidden, target, weight, bias = _on_device(impl, *_batch(2 * B, T), *_head())
     ref_hidden, ref_weight = hidden + 0.1 * torch.randn_like(hidden), weight + 0.05 * torch.randn_like(weight)
     leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
-    fn = FusedLinearDPOLoss(beta=0.2, loss_type=loss_type, label_smoothing=ls, impl=impl)
+    fn = FusedLinearDPOLoss(beta=0.2, loss_type=loss_type, label_smoothing=ls, discopop_tau=0.3,
+                            average_log_prob=average, loss_weights=loss_weights, impl=impl)
     loss, aux = fn(leaves[1], leaves[0], target, leaves[2], ref_hidden, ref_weight)
     (loss * 1.3).backward()
 
     oracle_leaves = [t.double().requires_grad_() for t in (hidden, weight, bias)]
     expected, parts = naive_dpo(oracle_leaves[1], oracle_leaves[0], target, oracle_leaves[2], ref_hidden,
-                                ref_weight, beta=0.2, loss_type=loss_type, ls=ls, average=loss_type == "ipo")
+                                ref_weight, beta=0.2, loss_type=loss_type, ls=ls, average=average,
+                                loss_weights=loss_weights, tau=0.3)
     (expected * 1.3).backward()
     torch.testing.assert_close(loss.double(), expected, atol=1e-5, rtol=1e-5)
     for ours, ref in zip((aux.chosen_logps, aux.rejected_logps, aux.chosen_logits_mean, aux.rejected_logits_mean,
@@ -72,6 +94,18 @@ def test_dpo_module_matches_naive_float64(loss_type, ls, impl, seed):
         torch.testing.assert_close(ours.double(), ref.detach(), atol=1e-4, rtol=1e-5)
     for ours, ref in zip(leaves, oracle_leaves):
         torch.testing.assert_close(ours.grad.double(), ref.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_sft_in_the_list_is_liger_s_nll_term(seed):
+    """RPO two ways: loss_type ["sigmoid", "sft"] with weights [1, α] is compute_nll_loss with alpha=α."""
+    hidden, target = _batch(2 * B, T)
+    weight, bias = _head()
+    ref_hidden = hidden + 0.1 * torch.randn_like(hidden)
+    as_list, _ = FusedLinearDPOLoss(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.7])(
+        weight, hidden, target, bias, ref_hidden)
+    as_nll, aux = FusedLinearDPOLoss(compute_nll_loss=True, alpha=0.7)(weight, hidden, target, bias, ref_hidden)
+    torch.testing.assert_close(as_list, as_nll)
+    assert aux.nll_loss > 0
 
 
 def test_precomputed_reference_equals_live_reference(seed):
@@ -88,31 +122,118 @@ def test_precomputed_reference_equals_live_reference(seed):
     torch.testing.assert_close(aux.chosen_rewards, 0.1 * aux.chosen_logps)
 
 
-liger = pytest.importorskip("liger_kernel.chunked_loss", reason="liger-kernel not installed")
+@pytest.fixture
+def liger():
+    """Liger-Kernel's chunked losses (an independent oracle; runs on CPU with ``compiled=False``)."""
+    return pytest.importorskip("liger_kernel.chunked_loss", reason="liger-kernel not installed")
 
 
-@pytest.mark.parametrize("loss_type,ls", [("sigmoid", 0.0), ("robust", 0.1), ("hinge", 0.0)])
+# Liger 0.8.5's loss types; it refuses ipo and has no aot, aot_unpaired, sft, sigmoid_norm or cdpo
+LIGER_TYPES = ("sigmoid", "hinge", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "apo_zero", "apo_down",
+               "discopop")
+
+
+def _liger_logits_mean(hidden, weight, bias, rows):
+    """Liger's ``*_logits_mean``: the logits summed over every position of the rows (prompt and padding
+    included) divided by B·T·V — not comparable with hypo_fast's (and TRL's) mean over scored tokens."""
+    logits = hidden[rows].double() @ weight.double().T + (0 if bias is None else bias.double())
+    return logits.sum() / logits.numel()
+
+
+@pytest.mark.filterwarnings("ignore:label_smoothing")  # sigmoid with ε: ignored by both, as TRL 1.16 does
+@pytest.mark.parametrize("loss_type", LIGER_TYPES)
 @pytest.mark.parametrize("nll,average,use_bias", [(False, False, True), (True, False, False), (True, True, True)])
-def test_same_call_same_results_as_liger(loss_type, ls, nll, average, use_bias, seed):
+@pytest.mark.parametrize("form", ["positional", "keyword"])
+def test_same_call_same_results_as_liger(liger, loss_type, nll, average, use_bias, form, seed):
+    """The swap is one import line: the same constructor and forward call, positional or by keyword, give
+    the same loss, the same seven aux elements (logits means by their documented definitions) and the same
+    gradients for the hidden states, the head weight and its bias."""
     hidden, target = _batch(2 * B, T)
     weight, bias = _head()
     bias = bias if use_bias else None
     ref_hidden, ref_weight = hidden + 0.1 * torch.randn_like(hidden), weight + 0.05 * torch.randn_like(weight)
-    kwargs = dict(beta=0.2, loss_type=loss_type, label_smoothing=ls, compute_nll_loss=nll, alpha=0.7,
-                  average_log_prob=average)
+    ref_bias = None if bias is None else bias + 0.05 * torch.randn_like(bias)
+    # Liger's positional order: ignore_index, beta, alpha, compute_nll_loss, compiled, use_ref_model,
+    # average_log_prob, chunk_size, loss_type, label_smoothing, discopop_tau
+    args = (IGNORE, 0.2, 0.7, nll, False, True, average, 2, loss_type, 0.1, 0.3)
+    names = ("ignore_index", "beta", "alpha", "compute_nll_loss", "compiled", "use_ref_model", "average_log_prob",
+             "chunk_size", "loss_type", "label_smoothing", "discopop_tau")
     results = []
-    for module in (liger.LigerFusedLinearDPOLoss(compiled=False, **kwargs), FusedLinearDPOLoss(**kwargs)):
+    for cls in (liger.LigerFusedLinearDPOLoss, FusedLinearDPOLoss):
+        module = cls(*args) if form == "positional" else cls(**dict(zip(names, args)))
         leaves = [None if t is None else t.clone().requires_grad_() for t in (hidden, weight, bias)]
-        loss, aux = module(leaves[1], leaves[0], target, leaves[2], ref_hidden, ref_weight)
+        call = (leaves[1], leaves[0], target, leaves[2], ref_hidden, ref_weight, ref_bias)
+        if form == "positional":
+            loss, aux = module(*call)
+        else:
+            loss, aux = module(**dict(zip(("lin_weight", "_input", "target", "bias", "ref_input", "ref_weight",
+                                           "ref_bias"), call)))
         (loss * 0.9).backward()
         results.append((loss, aux, [None if t is None else t.grad for t in leaves]))
     (l_loss, l_aux, l_grads), (o_loss, o_aux, o_grads) = results
     torch.testing.assert_close(o_loss, l_loss, atol=1e-5, rtol=1e-5)
+    assert len(o_aux) == len(l_aux) == 7
     for i in (0, 1, 4, 5, 6):  # chosen/rejected logps, nll, chosen/rejected rewards: Liger's aux order
         torch.testing.assert_close(o_aux[i].detach(), l_aux[i].detach(), atol=1e-4, rtol=1e-5)
+    mask = target != IGNORE
+    for i, rows in ((2, slice(0, B)), (3, slice(B, None))):
+        torch.testing.assert_close(l_aux[i].double(), _liger_logits_mean(hidden, weight, bias, rows), atol=1e-5,
+                                   rtol=1e-5)
+        logits = naive_token_logps(hidden[rows], weight, bias, target[rows])[1]
+        torch.testing.assert_close(o_aux[i].double(), logits.mean(-1)[mask[rows]].mean(), atol=1e-5, rtol=1e-5)
     for ours, theirs in zip(o_grads, l_grads):
-        if theirs is not None:
+        if theirs is None:
+            assert ours is None
+        else:
             torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+
+
+def test_constructor_and_forward_take_liger_s_arguments_in_liger_s_order(liger):
+    for theirs, ours in ((liger.LigerFusedLinearDPOLoss.__init__, FusedLinearDPOLoss.__init__),
+                         (liger.LigerFusedLinearDPOLoss.forward, FusedLinearDPOLoss.forward)):
+        theirs = list(inspect.signature(theirs).parameters.values())
+        ours = list(inspect.signature(ours).parameters.values())
+        assert [(p.name, p.kind, p.default) for p in ours[:len(theirs)]] == \
+            [(p.name, p.kind, p.default) for p in theirs]
+        assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in ours[len(theirs):])
+    module = FusedLinearDPOLoss(-1, 0.3, 0.5, True, False, False, True, 4, "robust", 0.2, 0.1)
+    assert (module.ignore_index, module.beta, module.alpha, module.compute_nll_loss, module.compiled,
+            module.use_ref_model, module.average_log_prob, module.chunk_size, module.loss_type,
+            module.label_smoothing, module.discopop_tau) == (-1, 0.3, 0.5, True, False, False, True, 4, "robust",
+                                                             0.2, 0.1)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"loss_type": "kto"}, "loss_type"),
+    ({"loss_type": "exo_pair"}, "label_smoothing"),
+    ({"loss_type": "exo_pair", "label_smoothing": 0.0}, "label_smoothing"),
+    ({"loss_type": "robust", "label_smoothing": 0.5}, "label_smoothing"),
+    ({"loss_type": "robust", "label_smoothing": -0.1}, "label_smoothing"),
+])
+def test_options_liger_refuses_are_refused_naming_the_argument(liger, kwargs, match):
+    with pytest.raises(ValueError):
+        liger.LigerFusedLinearDPOLoss(**kwargs)
+    with pytest.raises(ValueError, match=match):
+        FusedLinearDPOLoss(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"compiled": "yes"}, "compiled"), ({"compiled": None}, "compiled"), ({"chunk_size": 0}, "chunk_size"),
+    ({"chunk_size": 2.0}, "chunk_size"), ({"chunk_size": True}, "chunk_size"), ({"alpha": float("nan")}, "alpha"),
+    ({"discopop_tau": 0.0}, "discopop_tau"), ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}, "loss_weights"),
+])
+def test_bad_liger_arguments_name_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        FusedLinearDPOLoss(**kwargs)
+
+
+def test_compiled_and_chunk_size_change_nothing(seed):
+    hidden, target = _batch(2 * B, T)
+    weight, bias = _head()
+    ref_hidden = hidden + 0.1 * torch.randn_like(hidden)
+    default, _ = FusedLinearDPOLoss()(weight, hidden, target, bias, ref_hidden)
+    other, _ = FusedLinearDPOLoss(compiled=False, chunk_size=3)(weight, hidden, target, bias, ref_hidden)
+    assert torch.equal(default, other)
 
 
 def naive_hypo(weight, hidden, target, online_hidden, online_target, ref_weight, ref_hidden, ref_online, *,
@@ -175,6 +296,20 @@ def test_hypo_with_precomputed_online_reference_and_zero_kl_coef(seed):
                                                   online_input=online_hidden, online_target=online_target)
     torch.testing.assert_close(no_kl, dpo)
     assert aux.advantages is None
+
+
+def test_hypo_module_takes_the_same_loss_list(seed):
+    hidden, target = _batch(2 * B, T)
+    online_hidden, online_target = _batch(4, T)
+    weight, _ = _head()
+    ref_hidden = hidden + 0.1 * torch.randn_like(hidden)
+    types, _, weights = MPO
+    dpo, dpo_aux = FusedLinearDPOLoss(loss_type=types, loss_weights=weights)(weight, hidden, target, None, ref_hidden)
+    hypo = FusedLinearHyPOLoss(kl_coef=0.5, num_samples=2, loss_type=types, loss_weights=weights)
+    loss, aux = hypo(weight, hidden, target, None, ref_hidden, online_input=online_hidden, online_target=online_target,
+                     ref_online_input=online_hidden * 0.9)
+    torch.testing.assert_close(aux.dpo_loss, dpo)
+    torch.testing.assert_close(loss, dpo + 0.5 * aux.kl_loss)
 
 
 def _good_call():

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 OP_CHECK = r"""
 import json, torch, hypo_fast
-from hypo_fast.ops.linear_logprobs import resolve_impl
+from hypo_fast.ops.backends import resolve_impl
 facts = hypo_fast.info()
 h = torch.randn(37, 16, dtype=torch.float64)
 w = torch.randn(301, 16, dtype=torch.float64)

@@ -6,9 +6,8 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from hypo_fast.losses import dpo_loss, hypo_loss, k3_kl_loss, rloo_kl_loss, sampled_kl, sequence_logps
+from hypo_fast.losses import LOSS_TYPES, dpo_loss, hypo_loss, k3_kl_loss, rloo_kl_loss, sampled_kl, sequence_logps
 
 
 def test_sequence_logps_mask_and_segments_agree(seed):
@@ -34,34 +33,132 @@ def test_sequence_logps_rejects_mismatched_shapes():
         sequence_logps(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.long))
 
 
-def _trl_losses(pc, pr, rc, rr, beta, loss_type, ls):
-    """TRL DPOTrainer.dpo_loss, restated: the formulas our dpo_loss must reproduce."""
-    logits = (pc - pr) - (rc - rr)
+def _oracle(loss_type, pc, pr, rc, rr, nc, nr, beta, eps, tau):
+    """TRL 1.16's per-pair losses restated independently with plain float64 σ/log/exp (no logsigmoid), from
+    the log-ratios a = pc − rc, b = pr − rr of summed log-probs and the token counts nc, nr."""
+    sig = torch.sigmoid
+    a, b = pc - rc, pr - rr
+    h = a - b
+
+    def smoothed(d):  # the probability of the observed label is (1−ε)σ(βd) + ε(1−σ(βd)) for cDPO's bound
+        p = sig(beta * d)
+        return -(1 - eps) * torch.log(p) - eps * torch.log(1 - p)
+
     if loss_type == "sigmoid":
-        return -F.logsigmoid(beta * logits) * (1 - ls) - F.logsigmoid(-beta * logits) * ls
+        return -torch.log(sig(beta * h))
+    if loss_type == "cdpo":
+        return smoothed(h)
     if loss_type == "robust":
-        return (-F.logsigmoid(beta * logits) * (1 - ls) + F.logsigmoid(-beta * logits) * ls) / (1 - 2 * ls)
+        p = sig(beta * h)
+        return ((1 - eps) * -torch.log(p) - eps * -torch.log(1 - p)) / (1 - 2 * eps)
     if loss_type == "hinge":
-        return torch.relu(1 - beta * logits)
-    return (logits - 1 / (2 * beta)) ** 2
+        return torch.clamp(1 - beta * h, min=0)
+    if loss_type == "ipo":
+        return (a / nc - b / nr - 0.5 / beta) ** 2
+    if loss_type == "sigmoid_norm":
+        return -torch.log(sig(beta * (a / nc - b / nr)))
+    if loss_type == "exo_pair":
+        q = sig(beta * h)
+        return q * torch.log(q / (1 - eps)) + (1 - q) * torch.log((1 - q) / eps)
+    if loss_type == "nca_pair":
+        return -torch.log(sig(beta * a)) - 0.5 * torch.log(1 - sig(beta * a)) - 0.5 * torch.log(1 - sig(beta * b))
+    if loss_type == "bco_pair":
+        return -torch.log(sig(beta * a)) - torch.log(1 - sig(beta * b))
+    if loss_type == "sppo_hard":
+        return (a - 0.5 / beta) ** 2 + (b + 0.5 / beta) ** 2
+    if loss_type == "apo_zero":
+        return (1 - sig(beta * a)) + sig(beta * b)
+    if loss_type == "apo_down":
+        return sig(beta * a) + (1 - sig(beta * h))
+    if loss_type == "discopop":
+        m = sig(beta * h / tau)
+        return (1 - m) * -torch.log(sig(beta * h)) + m * torch.exp(-beta * h)
+    if loss_type == "aot":
+        return smoothed(torch.sort(pc - pr).values - torch.sort(rc - rr).values)
+    if loss_type == "aot_unpaired":
+        return smoothed(torch.sort(a).values - torch.sort(b).values)
+    assert loss_type == "sft"
+    return -(pc.sum() / nc.sum()) * torch.ones_like(pc)
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "robust", "hinge", "ipo"])
+def _pairs(B=6):
+    logps = [(-10 * torch.rand(B, dtype=torch.float64)).requires_grad_() for _ in range(4)]
+    counts = torch.randint(1, 12, (2, B)).double()
+    return logps, counts
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
 def test_dpo_loss_matches_trl_formulas(loss_type, label_smoothing, seed):
-    pc, pr, rc, rr = (-10 * torch.rand(6, dtype=torch.float64, requires_grad=True) for _ in range(4))
+    if loss_type == "exo_pair" and label_smoothing == 0:
+        pytest.skip("exo_pair needs label_smoothing > 0")
+    (pc, pr, rc, rr), (nc, nr) = _pairs()
     losses, chosen_rewards, rejected_rewards = dpo_loss(pc, pr, rc, rr, beta=0.3, loss_type=loss_type,
-                                                        label_smoothing=label_smoothing)
-    expected = _trl_losses(pc, pr, rc, rr, 0.3, loss_type, label_smoothing)
+                                                        label_smoothing=label_smoothing, discopop_tau=0.2,
+                                                        chosen_tokens=nc, rejected_tokens=nr)
+    expected = _oracle(loss_type, pc, pr, rc, rr, nc, nr, 0.3, label_smoothing, 0.2)
     torch.testing.assert_close(losses, expected)
-    torch.testing.assert_close(chosen_rewards, 0.3 * (pc - rc).detach())
+    torch.testing.assert_close(chosen_rewards, 0.3 * (pc - rc).detach())  # Σ log-ratios for every type (TRL)
     torch.testing.assert_close(rejected_rewards, 0.3 * (pr - rr).detach())
     assert not chosen_rewards.requires_grad
     g = torch.randn(6, dtype=torch.float64)
-    grads = torch.autograd.grad((losses * g).sum(), (pc, pr))
-    expected_grads = torch.autograd.grad((expected * g).sum(), (pc, pr))
+    grads = torch.autograd.grad((losses * g).sum(), (pc, pr, rc, rr), allow_unused=True)
+    expected_grads = torch.autograd.grad((expected * g).sum(), (pc, pr, rc, rr), allow_unused=True)
     for a, b in zip(grads, expected_grads):
-        torch.testing.assert_close(a, b)
+        if b is None:  # sft reads only the chosen policy log-probs
+            assert a is None or not a.any()
+        else:
+            torch.testing.assert_close(a, b)
+
+
+def test_sigmoid_ignores_label_smoothing_and_cdpo_uses_it(seed):
+    (pc, pr, rc, rr), _ = _pairs()
+    plain = dpo_loss(pc, pr, rc, rr, beta=0.3)[0]
+    torch.testing.assert_close(dpo_loss(pc, pr, rc, rr, beta=0.3, label_smoothing=0.2)[0], plain)
+    cdpo = dpo_loss(pc, pr, rc, rr, beta=0.3, loss_type="cdpo", label_smoothing=0.2)[0]
+    assert not torch.allclose(cdpo, plain)
+    torch.testing.assert_close(dpo_loss(pc, pr, rc, rr, beta=0.3, loss_type="cdpo")[0], plain)
+
+
+def test_loss_list_is_the_weighted_sum_of_pair_means(seed):
+    (pc, pr, rc, rr), (nc, nr) = _pairs()
+    kw = dict(beta=0.3, label_smoothing=0.1, chosen_tokens=nc, rejected_tokens=nr)
+    types, weights = ["sigmoid", "bco_pair", "sft", "aot"], [0.8, 0.2, 1.0, 0.5]
+    combined = dpo_loss(pc, pr, rc, rr, loss_type=types, loss_weights=weights, **kw)[0]
+    expected = sum(w * dpo_loss(pc, pr, rc, rr, loss_type=t, **kw)[0].mean() for t, w in zip(types, weights))
+    torch.testing.assert_close(combined.mean(), expected)
+    equal = dpo_loss(pc, pr, rc, rr, loss_type=("hinge", "ipo"), **kw)[0]  # no weights: 1.0 each
+    torch.testing.assert_close(equal, dpo_loss(pc, pr, rc, rr, loss_type="hinge", **kw)[0]
+                               + dpo_loss(pc, pr, rc, rr, loss_type="ipo", **kw)[0])
+
+
+def test_token_counts_normalise_only_their_loss_types(seed):
+    (pc, pr, rc, rr), (nc, nr) = _pairs()
+    # ipo on sums with counts = ipo on per-token means without counts (each sequence one unit)
+    with_counts = dpo_loss(pc, pr, rc, rr, loss_type="ipo", chosen_tokens=nc, rejected_tokens=nr)[0]
+    torch.testing.assert_close(with_counts, dpo_loss(pc / nc, pr / nr, rc / nc, rr / nr, loss_type="ipo")[0])
+    # the token-mean NLL of every chosen token, not the mean of per-sequence means
+    sft = dpo_loss(pc, pr, rc, rr, loss_type="sft", chosen_tokens=nc, rejected_tokens=nr)[0]
+    torch.testing.assert_close(sft, torch.full_like(pc, -(pc.sum() / nc.sum()).item()))
+    for loss_type in ("sigmoid", "nca_pair", "aot"):  # sums: counts change nothing
+        torch.testing.assert_close(dpo_loss(pc, pr, rc, rr, loss_type=loss_type, chosen_tokens=nc,
+                                            rejected_tokens=nr)[0], dpo_loss(pc, pr, rc, rr, loss_type=loss_type)[0])
+
+
+def test_aot_couples_the_pairs_through_sorting(seed):
+    (pc, pr, rc, rr), _ = _pairs(8)
+    perm = torch.randperm(8)
+    while torch.equal(perm, torch.arange(8)):
+        perm = torch.randperm(8)
+    aot = dpo_loss(pc, pr, rc, rr, loss_type="aot")[0]
+    # AOT compares the two margin distributions: re-pairing the reference margins changes nothing …
+    torch.testing.assert_close(dpo_loss(pc, pr, rc[perm], rr[perm], loss_type="aot")[0], aot)
+    # … while DPO's per-pair margins do change
+    assert not torch.allclose(dpo_loss(pc, pr, rc[perm], rr[perm])[0].mean(), dpo_loss(pc, pr, rc, rr)[0].mean())
+    # unpaired AOT compares the chosen and rejected log-ratio distributions: shuffle the rejected side alone
+    unpaired = dpo_loss(pc, pr, rc, rr, loss_type="aot_unpaired")[0]
+    torch.testing.assert_close(dpo_loss(pc, pr[perm], rc, rr[perm], loss_type="aot_unpaired")[0], unpaired)
+    assert not torch.allclose(dpo_loss(pc, pr[perm], rc, rr[perm], loss_type="aot")[0].mean(), aot.mean())
 
 
 def test_dpo_loss_hand_values():
@@ -72,12 +169,31 @@ def test_dpo_loss_hand_values():
     one = torch.tensor([5.0])
     assert dpo_loss(one, zero, zero, zero, beta=0.1, loss_type="ipo")[0].item() == 0
     assert dpo_loss(torch.tensor([10.0]), zero, zero, zero, beta=0.1, loss_type="hinge")[0].item() == 0
+    # SPPO's targets: ρ+ = 1/(2β), ρ− = −1/(2β)
+    assert dpo_loss(one, -one, zero, zero, beta=0.1, loss_type="sppo_hard")[0].item() == 0
+    # at zero log-ratios: APO-zero 1 − ½ + ½, APO-down ½ + 1 − ½, BCO 2·log 2, NCA log 2 + log 2
+    for loss_type, value in (("apo_zero", 1.0), ("apo_down", 1.0), ("bco_pair", 2 * math.log(2)),
+                             ("nca_pair", 2 * math.log(2)), ("discopop", 0.5 * math.log(2) + 0.5)):
+        assert math.isclose(dpo_loss(zero, zero, zero, zero, loss_type=loss_type)[0].item(), value, rel_tol=1e-6)
+    # EXO at h = 0: KL((½, ½) ‖ (1−ε, ε))
+    eps = 0.01
+    exo = dpo_loss(zero, zero, zero, zero, loss_type="exo_pair", label_smoothing=eps)[0].item()
+    assert math.isclose(exo, 0.5 * math.log(0.5 / (1 - eps)) + 0.5 * math.log(0.5 / eps), rel_tol=1e-6)
 
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"loss_type": "kto"}, "loss_type"),
+    ({"loss_type": ["sigmoid", "aot_pair"]}, "loss_type"),  # TRL 1.16 renamed it aot_unpaired
+    ({"loss_type": []}, "loss_type"),
     ({"label_smoothing": 0.5}, "label_smoothing"),
+    ({"loss_type": "exo_pair"}, "label_smoothing"),
     ({"beta": 0.0}, "beta"),
+    ({"discopop_tau": 0.0}, "discopop_tau"),
+    ({"loss_weights": [1.0, 2.0]}, "loss_weights"),
+    ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, -1.0]}, "loss_weights"),
+    ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, float("nan")]}, "loss_weights"),
+    ({"chosen_tokens": torch.ones(2)}, "rejected_tokens"),
+    ({"chosen_tokens": torch.ones(3), "rejected_tokens": torch.ones(3)}, "one shape"),
 ])
 def test_dpo_loss_bad_options(kwargs, match):
     x = torch.zeros(2)

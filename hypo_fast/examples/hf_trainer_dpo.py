@@ -9,6 +9,7 @@ of the starting model. Under DeepSpeed ZeRO-3 wrap the loss call in
 
 from __future__ import annotations
 
+import collections
 import copy
 import tempfile
 
@@ -16,7 +17,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from hypo_fast import FusedLinearDPOLoss
-from hypo_fast.examples.toy import shifted_hidden_and_targets, tiny_llama, toy_pairs
+from hypo_fast.examples.toy import tiny_llama, toy_pairs
 
 
 class PairDataset(torch.utils.data.Dataset):
@@ -40,19 +41,34 @@ def collate_pairs(items):
 
 
 class FusedDPOTrainer(Trainer):
+    """``compute_loss`` from hidden states; metrics kept until the Trainer logs, so each lands on its step."""
+
     def __init__(self, *args, reference, loss_fn: FusedLinearDPOLoss, **kwargs):
         super().__init__(*args, **kwargs)
         self.reference, self.loss_fn = reference, loss_fn
+        self._pending = collections.defaultdict(list)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        hidden, targets = shifted_hidden_and_targets(model, **inputs)
+        # Through the wrapped model's own forward: accelerate's autocast (bf16=True) and DDP's hooks apply.
+        # ``logits_to_keep=1`` keeps the HF head to one position; the fused loss scores the rest.
+        batch = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
+                 "output_hidden_states": True, "logits_to_keep": 1, "use_cache": False}
+        hidden, targets = model(**batch).hidden_states[-1][:, :-1], inputs["labels"][:, 1:]  # row t predicts t+1
         with torch.no_grad():
-            ref_hidden, _ = shifted_hidden_and_targets(self.reference, **inputs)
-        loss, aux = self.loss_fn(model.get_output_embeddings().weight, hidden, targets,
-                                 ref_input=ref_hidden, ref_weight=self.reference.get_output_embeddings().weight)
-        if self.model.training:
-            self.log(aux.metrics())
+            ref = self.reference(**batch)
+        head = self.accelerator.unwrap_model(model).get_output_embeddings().weight
+        loss, aux = self.loss_fn(head, hidden, targets, ref_input=ref.hidden_states[-1][:, :-1],
+                                 ref_weight=self.reference.get_output_embeddings().weight)
+        for key, value in aux.metrics().items():
+            self._pending[key].append(value)
         return (loss, aux) if return_outputs else loss
+
+    def log(self, logs, *args, **kwargs):
+        """Merge the metrics of the micro-batches since the last log into the Trainer's own row for this step."""
+        prefix = "eval_" if any(k.startswith("eval_") for k in logs) else ""
+        logs.update({prefix + k: sum(v) / len(v) for k, v in self._pending.items()})
+        self._pending.clear()
+        super().log(logs, *args, **kwargs)
 
 
 def main(steps: int = 20, lr: float = 3e-3, output_dir: str | None = None) -> list[dict]:

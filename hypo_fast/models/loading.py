@@ -1,13 +1,15 @@
 """Load Hugging Face causal LMs for training: dtype, attention backend, Liger patches, checkpointing, LoRA.
 
-Nothing here downloads: a path must be a local folder (``local_files_only``); tests and the demo pass a
-``transformers`` config instead, which builds a randomly initialised model.
+A local folder is read with ``local_files_only``; an ``org/name`` Hub id is resolved by ``transformers``
+(its cache, then the Hub when online). Tests and the demo pass a ``transformers`` config instead, which
+builds a randomly initialised model: nothing of theirs is downloaded.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -69,7 +71,7 @@ def load_causal_lm(
         model = AutoModelForCausalLM.from_config(source, dtype=dtype, attn_implementation=attn)
     else:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn,
-                                                     local_files_only=True)
+                                                     local_files_only=Path(source).exists())
     if liger is True or (liger == "auto" and torch.cuda.is_available()):
         apply_liger_patches(model)
     if gradient_checkpointing:
@@ -79,14 +81,21 @@ def load_causal_lm(
 
 
 def add_lora(model: torch.nn.Module, *, r: int = 16, alpha: int = 32, dropout: float = 0.0,
-             target_modules: Sequence[str] = DEFAULT_LORA_TARGETS):
-    """Wrap with PEFT LoRA adapters; the base weights (LM head included) are frozen."""
+             target_modules: Sequence[str] | None = DEFAULT_LORA_TARGETS):
+    """Wrap with PEFT LoRA adapters; the base weights (LM head included) are frozen.
+
+    ``target_modules``: module names (those the model lacks are skipped), ``["all-linear"]``, or None for
+    PEFT's default for the architecture (what TRL's ``lora_target_modules: null`` means).
+    """
     from peft import LoraConfig, get_peft_model
 
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    targets = [t for t in target_modules if t in present]
-    if not targets:
-        raise ValueError(f"none of target_modules {list(target_modules)} exist in the model")
+    if target_modules is None or list(target_modules) == ["all-linear"]:
+        targets = None if target_modules is None else "all-linear"
+    else:
+        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        targets = [t for t in target_modules if t in present]
+        if not targets:
+            raise ValueError(f"none of target_modules {list(target_modules)} exist in the model")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
     return get_peft_model(model, config)
 

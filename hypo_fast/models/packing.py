@@ -135,19 +135,28 @@ class StepBatch:
                           t.loss_positions[self.offline_positions:] - col, t.targets[self.offline_positions:],
                           self.online_segment_ids, self.num_online)
 
+    def pair_token_counts(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(chosen [B], rejected [B])`` response token counts (no host sync)."""
+        ids = self.tokens.segment_ids[:self.offline_positions]
+        ones = torch.ones(ids.shape, dtype=dtype, device=ids.device)
+        counts = sequence_logps(ones, ids, num_segments=2 * self.num_pairs)
+        return counts[:self.num_pairs], counts[self.num_pairs:]
+
     def step_logps(self, token_logps: torch.Tensor, ref_pairs: torch.Tensor, ref_online: torch.Tensor | None = None,
-                   logit_means: torch.Tensor | None = None, average: bool = False) -> StepLogps:
+                   logit_means: torch.Tensor | None = None) -> StepLogps:
         """The objective's input, by segment, from one forward's ``[N]`` outputs (no host sync).
+
+        The pairs' log-probs are sums with their token counts beside them: each loss type of the objective
+        decides its own length normalisation.
 
         Args:
             token_logps: ``[N]`` policy log-probs at every loss position (pairs at τ = 1, online at τ).
-            ref_pairs: ``[B, 2]`` reference (chosen, rejected) sequence log-probs.
+            ref_pairs: ``[B, 2]`` reference (chosen, rejected) summed sequence log-probs.
             ref_online: ``[N_on]`` reference token log-probs of the online samples at τ.
             logit_means: ``[N]`` mean logit per position (for the ``logits/*`` metrics).
-            average: length-average the pairs' log-probs (ipo).
         """
         offline, online = self.split(token_logps)
-        chosen, rejected = self.pair_logps(offline, average)
+        chosen, rejected = self.pair_logps(offline)
         online_logps = None
         if self.num_online:
             if ref_online is None or ref_online.shape != online.shape:
@@ -159,7 +168,8 @@ class StepBatch:
             offline_means = self.split(logit_means)[0]
             masks = ((ids < self.num_pairs).float(), (ids >= self.num_pairs).float())
             means = tuple((offline_means * m).sum() / m.sum().clamp_min(1) for m in masks)
-        return StepLogps(chosen, rejected, ref_pairs[:, 0], ref_pairs[:, 1], online_logps, *means)
+        return StepLogps(chosen, rejected, ref_pairs[:, 0], ref_pairs[:, 1], online_logps, *means,
+                         *self.pair_token_counts(chosen.dtype))
 
 
 def pack_step(pairs: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int]]],

@@ -1,4 +1,4 @@
-"""Vocabulary-chunked PyTorch path of ``linear_logprobs``: the CPU implementation.
+"""Vocabulary-chunked PyTorch paths of ``linear_logprobs`` and ``sample_tokens`` (the ``"torch"`` backend).
 
 The same two-pass algorithm as the Triton kernels, one ``[N, chunk]`` logits block at a time:
 
@@ -83,9 +83,13 @@ def chunked_fwd(
     ignore_index: int = -100,
     return_entropy: bool = False,
     return_logit_mean: bool = False,
+    allow_tf32: bool = False,
     chunk_elements: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Same contract as ``hypo_fast.kernels.linear_logprobs_fwd``: ``(logp, lse, entropy, logit_mean)``."""
+    """Same contract as ``hypo_fast.kernels.linear_logprobs_fwd``: ``(logp, lse, entropy, logit_mean)``.
+
+    ``allow_tf32`` is accepted for the common contract; fp32 GEMMs follow torch's own TF32 settings.
+    """
     N, V = hidden.shape[0], weight.shape[0]
     inv_temp = 1.0 / temperature
     rows = _valid_rows(targets, ignore_index)
@@ -133,11 +137,12 @@ def chunked_bwd(
     ignore_index: int = -100,
     needs_grad: tuple[bool, bool, bool] = (True, True, True),
     fp32_weight_grad: bool = True,
+    allow_tf32: bool = False,
     chunk_elements: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Same contract as ``hypo_fast.kernels.linear_logprobs_bwd``: ``(d_hidden, d_weight, d_bias)``.
 
-    ``dz = g·(onehot − p) − g_H·p·(log p + H)``, scaled by 1/τ.
+    ``dz = g·(onehot − p) − g_H·p·(log p + H)``, scaled by 1/τ. ``allow_tf32`` as in :func:`chunked_fwd`.
     """
     want_h, want_w, want_b = needs_grad
     want_b = want_b and bias is not None
@@ -195,3 +200,55 @@ def chunked_bwd(
         dw.to(weight.dtype) if want_w else None,
         db.to(bias.dtype) if want_b else None,
     )
+
+
+def chunked_sample_head(hidden, weight, bias=None, *, temperature=1.0, seed=0, greedy=False, return_entropy=False,
+                        allow_tf32=False):
+    """The PyTorch path of ``sample_tokens``: exact sampling over vocabulary chunks.
+
+    Per chunk: inverse-CDF draw of a candidate from the chunk's softmax (one uniform per row); across
+    chunks: a weighted reservoir keeps the new candidate with probability (chunk mass)/(mass so far), so
+    the final token is distributed as softmax over the whole vocabulary. Two uniforms per row and chunk
+    instead of Gumbel-max's V (CPU random numbers cost more than the logits). Uniforms come from a
+    ``torch.Generator`` seeded with ``seed``. ``allow_tf32`` as in :func:`chunked_fwd`.
+    """
+    B, V = hidden.shape[0], weight.shape[0]
+    inv_temp = 1.0 if greedy else 1.0 / temperature
+    generator = None if greedy else torch.Generator(device=hidden.device).manual_seed(seed)
+    cdtype = torch.float32 if hidden.device.type == "cpu" else hidden.dtype
+    h_t = (hidden.to(cdtype) * inv_temp).t()  # [D, B]
+    chunk = min(V, max(MIN_CHUNK, DEFAULT_CHUNK_ELEMENTS // max(B, 1)))
+    zeros = lambda: torch.zeros(B, device=hidden.device)  # noqa: E731
+    m, s, t, z_best = torch.full((B,), float("-inf"), device=hidden.device), zeros(), zeros(), zeros()
+    tokens = torch.zeros(B, dtype=torch.long, device=hidden.device)
+    for lo in range(0, V, chunk):
+        hi = min(lo + chunk, V)
+        z = torch.mm(weight[lo:hi].to(cdtype), h_t).t().float().contiguous()  # [B, chunk]; W-major GEMM is faster
+        if bias is not None:
+            z += bias[lo:hi].float() * inv_temp
+        m_c = z.amax(1)
+        e = torch.exp(z - m_c[:, None])
+        cdf = e.cumsum(1)
+        s_c = cdf[:, -1]
+        if greedy:
+            candidate = z.argmax(1)
+        else:
+            u = torch.rand(B, 1, generator=generator, device=hidden.device)
+            candidate = torch.searchsorted(cdf, u * s_c[:, None], right=True).squeeze(1).clamp_max(hi - lo - 1)
+        m_new = torch.maximum(m, m_c)
+        a, a_c = torch.exp(m - m_new), torch.exp(m_c - m_new)
+        if return_entropy:
+            shift = torch.where(s > 0, m_new - m, torch.zeros_like(m))
+            t_c = (e * (m_c[:, None] - z)).sum(1)
+            t = a * (t + shift * s) + a_c * (t_c + (m_new - m_c) * s_c)
+        s_new = s * a + s_c * a_c
+        if greedy:
+            take = m_c > m
+        else:
+            take = torch.rand(B, generator=generator, device=hidden.device) * s_new < s_c * a_c
+        tokens = torch.where(take, candidate + lo, tokens)
+        z_best = torch.where(take, z.gather(1, candidate[:, None]).squeeze(1), z_best)
+        m, s = m_new, s_new
+    lse = m + torch.log(s)
+    entropy = t / s + torch.log(s) if return_entropy else None
+    return tokens, z_best - lse, entropy

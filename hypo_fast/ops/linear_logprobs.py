@@ -1,43 +1,19 @@
-"""``linear_logprobs``: autograd Function, input checks and the impl dispatch (layer 1)."""
+"""``linear_logprobs``: its one dispatch module (Triton | native | chunked PyTorch), input checks, autograd."""
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from hypo_fast import native
 from hypo_fast.kernels import linear_logprobs as triton_op
-from hypo_fast.ops import chunked
+from hypo_fast.ops import chunked, native
+from hypo_fast.ops.backends import no_autocast, resolve_impl
 
-IMPLS = ("auto", "triton", "native", "torch")
-_BACKENDS = {
+BACKENDS = {  # impl → (forward, backward), all with the contracts of hypo_fast.kernels' launchers
     "triton": (triton_op.linear_logprobs_fwd, triton_op.linear_logprobs_bwd),
     "native": (native.linear_logprobs_fwd, native.linear_logprobs_bwd),
     "torch": (chunked.chunked_fwd, chunked.chunked_bwd),
 }
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """``auto`` → Triton on CUDA, the native op on CPU when it was built, the chunked PyTorch path otherwise."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        if device.type == "cuda":
-            return "triton"
-        return "native" if device.type == "cpu" and native.available() else "torch"
-    if impl == "native" and (device.type != "cpu" or not native.available()):
-        raise ValueError(f"impl='native' needs CPU tensors and the compiled hypo_fast._C "
-                         f"(device {device}, built: {native.available()}); reinstall with cmake and a C++ compiler")
-    if impl == "triton" and device.type != "cuda" and not (device.type == "cpu" and triton_interpreted()):
-        raise ValueError(f"impl='triton' needs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), "
-                         f"got device {device}")
-    return impl
 
 
 def check_inputs(hidden, weight, targets, bias, temperature, ignore_index, check_targets=True) -> None:
@@ -51,6 +27,8 @@ def check_inputs(hidden, weight, targets, bias, temperature, ignore_index, check
         raise ValueError(f"weight must be [V, D], got shape {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype:
         raise ValueError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
+    if weight.shape[1] < 1:
+        raise ValueError(f"weight must have a hidden size D ≥ 1, got shape {tuple(weight.shape)}")
     if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"hidden's last dim must equal weight's D={weight.shape[1]}, got {tuple(hidden.shape)}")
     if weight.shape[0] < 1:
@@ -87,35 +65,42 @@ class LinearLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, return_entropy,
-                return_logit_mean, impl, fp32_weight_grad):
+                return_logit_mean, impl, fp32_weight_grad, allow_tf32):
         ctx.set_materialize_grads(False)
-        fwd, _ = _BACKENDS[impl]
-        logp, lse, entropy, logit_mean = fwd(
-            hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
-            return_entropy=return_entropy, return_logit_mean=return_logit_mean,
-        )
+        fwd, _ = BACKENDS[impl]
+        with no_autocast(hidden.device):
+            logp, lse, entropy, logit_mean = fwd(
+                hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
+                return_entropy=return_entropy, return_logit_mean=return_logit_mean, allow_tf32=allow_tf32,
+            )
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
-        ctx.options = (temperature, ignore_index, impl, fp32_weight_grad)
+        ctx.options = (temperature, ignore_index, impl, fp32_weight_grad, allow_tf32)
         if logit_mean is not None:
             ctx.mark_non_differentiable(logit_mean)
         return logp, entropy, logit_mean
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy, _grad_logit_mean):
+        if torch.is_grad_enabled():  # create_graph=True: its gradient would be differentiated again
+            raise RuntimeError(
+                "linear_logprobs has no double backward: its gradient cannot be differentiated again "
+                "(autograd.grad(..., create_graph=True), e.g. a gradient penalty on ∂logp/∂hidden). Compute "
+                "that term from explicit logits instead: torch.log_softmax(hidden @ weight.T, -1).")
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
-        temperature, ignore_index, impl, fp32_weight_grad = ctx.options
+        temperature, ignore_index, impl, fp32_weight_grad, allow_tf32 = ctx.options
         needs = ctx.needs_input_grad[:3]
         if not any(needs) or (grad_logp is None and grad_entropy is None):
-            return (None,) * 10
+            return (None,) * 11
         if grad_logp is None:
             grad_logp = torch.zeros_like(lse)
-        _, bwd = _BACKENDS[impl]
-        d_hidden, d_weight, d_bias = bwd(
-            hidden, weight, targets, bias, lse, grad_logp, entropy=entropy, grad_entropy=grad_entropy,
-            temperature=temperature, ignore_index=ignore_index, needs_grad=needs,
-            fp32_weight_grad=fp32_weight_grad,
-        )
-        return d_hidden, d_weight, d_bias, None, None, None, None, None, None, None
+        _, bwd = BACKENDS[impl]
+        with no_autocast(hidden.device):
+            d_hidden, d_weight, d_bias = bwd(
+                hidden, weight, targets, bias, lse, grad_logp, entropy=entropy, grad_entropy=grad_entropy,
+                temperature=temperature, ignore_index=ignore_index, needs_grad=needs,
+                fp32_weight_grad=fp32_weight_grad, allow_tf32=allow_tf32,
+            )
+        return d_hidden, d_weight, d_bias, None, None, None, None, None, None, None, None
 
 
 def linear_logprobs(
@@ -130,6 +115,7 @@ def linear_logprobs(
     return_logit_mean: bool = False,
     impl: str = "auto",
     fp32_weight_grad: bool = True,
+    allow_tf32: bool = False,
     check_targets: bool = True,
 ):
     """Per-token log-probabilities of ``targets`` under ``softmax((hidden @ weight.T + bias) / temperature)``.
@@ -157,7 +143,11 @@ def linear_logprobs(
         impl: ``"auto"`` (Triton on CUDA; on CPU the native op when built, else chunked PyTorch),
             ``"triton"``, ``"native"`` or ``"torch"``.
         fp32_weight_grad: accumulate the weight gradient in fp32 (default); ``False`` accumulates it
-            in the weight dtype, saving ``2·V·D`` bytes for bf16 weights at some precision cost.
+            in the weight dtype where the GPU adds that dtype atomically (fp16 everywhere, bf16 from
+            sm_90 on; bf16 on sm_8x and the CPU paths stay fp32), saving ``2·V·D`` bytes at some
+            precision cost.
+        allow_tf32: fp32 inputs may use TF32 tensor cores in the Triton kernels (default: exact fp32
+            dots); no effect on half-precision inputs or the CPU backends.
         check_targets: verify the target range (one host sync); pass False in hot loops whose targets
             are already known valid.
 
@@ -186,7 +176,7 @@ def linear_logprobs(
     else:
         logp, entropy, logit_mean = LinearLogprobsFunction.apply(
             hidden_2d, weight, bias, targets_1d, float(temperature), int(ignore_index),
-            return_entropy, return_logit_mean, impl, fp32_weight_grad,
+            return_entropy, return_logit_mean, impl, fp32_weight_grad, allow_tf32,
         )
     outputs = [logp.view(batch_shape)]
     if return_entropy:

@@ -1,16 +1,21 @@
-"""Atomic, resumable checkpoints.
+"""Atomic, verified, resumable checkpoints.
 
 ``OUT/checkpoint-STEP/`` holds: the model (or LoRA adapter) in Hugging Face format with safetensors and
 the tokenizer (``from_pretrained``-loadable), ``config.yaml``, DeepSpeed's optimizer/scheduler/engine
-state in ``deepspeed/``, ``trainer_state.json`` (step, data positions) and ``rng_rank{R}.pt``. It is
-written to ``OUT/.tmp-checkpoint-STEP`` and renamed when complete, so a crash never leaves a checkpoint
-that looks whole; only the last ``keep_last`` are kept.
+state in ``deepspeed/``, ``trainer_state.json`` (step, data positions), ``rng_rank{R}.pt`` and, written
+last, ``manifest.json`` (every other file's size and SHA-256). A checkpoint is written to
+``OUT/.tmp-checkpoint-STEP`` and renamed into place only when complete; re-saving a step moves the old
+copy aside first and deletes it only after the new one is in place, so a crash never leaves the last
+good checkpoint deleted. Resuming verifies the manifest and falls back to the newest intact checkpoint,
+naming any damaged one; only the last ``keep_last`` are kept.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import logging
 import random
 import re
 import shutil
@@ -21,8 +26,15 @@ import torch
 import torch.distributed as dist
 
 from hypo_fast.models.loading import is_peft
+from hypo_fast.train.errors import UserError
 
+log = logging.getLogger("hypo_fast")
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used (the message names the folder and what is wrong with it)."""
 
 
 def rng_state() -> dict:
@@ -48,6 +60,54 @@ def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(out_dir: Path) -> Path | None:
     found = list_checkpoints(out_dir)
     return found[-1][1] if found else None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path, step: int) -> None:
+    """Record every file's size and checksum; written last, so its presence means the rest is complete."""
+    files = {str(f.relative_to(folder)): {"size": f.stat().st_size, "sha256": _sha256(f)}
+             for f in sorted(folder.rglob("*")) if f.is_file() and f.name != MANIFEST}
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"step": step, "files": files}, indent=1))
+    tmp.rename(folder / MANIFEST)
+
+
+def verify(folder: Path) -> None:
+    """Raise :class:`CheckpointError` naming the first missing, truncated or altered file."""
+    manifest = folder / MANIFEST
+    if not manifest.exists():
+        raise CheckpointError(f"{folder}: no {MANIFEST} (an interrupted save, or written by an older hypo_fast)")
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError) as err:
+        raise CheckpointError(f"{folder}: unreadable {MANIFEST} ({err})") from err
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{folder}: {name} is missing")
+        if path.stat().st_size != expected["size"]:
+            raise CheckpointError(f"{folder}: {name} has {path.stat().st_size} bytes, the manifest says "
+                                  f"{expected['size']} (truncated or replaced)")
+        if _sha256(path) != expected["sha256"]:
+            raise CheckpointError(f"{folder}: {name} does not match its checksum (corrupted)")
+
+
+def latest_intact_checkpoint(out_dir: Path) -> Path | None:
+    """The newest checkpoint that verifies; each damaged newer one is named in a warning and skipped."""
+    for _, folder in reversed(list_checkpoints(out_dir)):
+        try:
+            verify(folder)
+            return folder
+        except CheckpointError as err:
+            log.warning("skipping a damaged checkpoint: %s", err)
+    return None
 
 
 def _save_hf_model(model: torch.nn.Module, tokenizer, folder: Path, rank: int) -> None:
@@ -81,19 +141,33 @@ def save_checkpoint(out_dir: Path, step: int, engine, model, tokenizer, trainer_
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
     dist.barrier()
     if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)  # atomic on one filesystem: the checkpoint appears whole or not at all
-        for _, old in list_checkpoints(out_dir)[:-keep_last]:
+        write_manifest(tmp, step)
+        old = out_dir / f".old-checkpoint-{step}"
+        if final.exists():  # re-saving a step: the old copy stays until the new one is in place
             shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+        tmp.rename(final)  # atomic on one filesystem: the checkpoint appears whole or not at all
+        shutil.rmtree(old, ignore_errors=True)
+        for _, stale in list_checkpoints(out_dir)[:-keep_last]:
+            shutil.rmtree(stale, ignore_errors=True)
     dist.barrier()
     return final
 
 
 def load_checkpoint(folder: Path, engine, rank: int) -> dict:
-    """Restore engine (weights, optimizer, scheduler) and this rank's RNG; returns the trainer state."""
+    """Restore engine (weights, optimizer, scheduler) and this rank's RNG; returns the trainer state.
+
+    Raises :class:`CheckpointError` naming the folder when any part cannot be read.
+    """
     folder = Path(folder)
-    load_path, _ = engine.load_checkpoint(str(folder / "deepspeed"), tag="state")
-    if load_path is None:
-        raise FileNotFoundError(f"{folder}: no DeepSpeed state to resume from")
-    set_rng_state(torch.load(folder / f"rng_rank{rank}.pt", weights_only=False))
-    return json.loads((folder / "trainer_state.json").read_text())
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text())
+        load_path, _ = engine.load_checkpoint(str(folder / "deepspeed"), tag="state")
+        if load_path is None:
+            raise CheckpointError(f"{folder}: no DeepSpeed state in {folder / 'deepspeed'}")
+        set_rng_state(torch.load(folder / f"rng_rank{rank}.pt", weights_only=False))
+    except CheckpointError:
+        raise
+    except Exception as err:  # a truncated or foreign file: name the checkpoint, not DeepSpeed's internals
+        raise CheckpointError(f"{folder}: cannot be loaded ({type(err).__name__}: {err})") from err
+    return state

@@ -15,13 +15,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import logging
+
+import torch
 import yaml
 
 from hypo_fast.models.loading import DEFAULT_LORA_TARGETS, DTYPES
 from hypo_fast.objective import HyPOObjective, OptionError
+from hypo_fast.train.errors import UserError
 
 
-class ConfigError(ValueError):
+log = logging.getLogger("hypo_fast")
+
+
+class ConfigError(UserError):
     """A bad configuration key or value (the message names the dotted key)."""
 
 
@@ -30,7 +37,7 @@ class LoraConfig:
     r: int = 16
     alpha: int = 32
     dropout: float = 0.0
-    target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    target_modules: tuple[str, ...] | None = DEFAULT_LORA_TARGETS  # None: PEFT's choice for the architecture
 
 
 @dataclass(frozen=True)
@@ -48,13 +55,17 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    train_file: str | None = None  # JSONL / JSON / Parquet file, or a saved `datasets` folder
+    train_file: str | None = None  # JSONL / JSON / Parquet file, a saved `datasets` folder, or a Hub dataset name
+    split: str | None = None  # the split of a saved DatasetDict or Hub dataset (default: train)
     eval_file: str | None = None
+    eval_split: str | None = None  # held-out pairs from this split of train_file's dataset
     prompt_file: str | None = None  # prompt-only set for online sampling (default: the train prompts)
-    eval_fraction: float = 0.0  # held out of train_file when there is no eval_file
-    max_prompt_length: int = 256
-    max_length: int = 512
+    eval_fraction: float = 0.0  # held out of train_file when there is neither eval_file nor eval_split
+    max_length: int | None = 1024  # prompt + completion per sequence; the completion's end is cut (TRL 1.16)
+    max_prompt_length: int | None = None  # also cut prompts, keeping BOS and their end (TRL ≤ 0.27's option)
+    eos: str = "trl"  # trl: EOS appended to string completions only (TRL 1.16) | ensure: to every completion
     skip_bad_rows: bool = False
+    cache_dir: str | None = None  # tokenized data cache (default: the `datasets` cache folder)
 
 
 AlgorithmConfig = HyPOObjective  # the `algorithm` section is the objective's own settings: β, λ, k, …
@@ -68,17 +79,24 @@ class SamplingSettings:
     stop_on_eos: bool = True
 
 
+REPORTERS = ("tensorboard", "wandb", "mlflow")
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
+
+
 @dataclass(frozen=True)
 class OptimConfig:
     lr: float = 5e-7
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
-    max_steps: int = 100
+    max_steps: int | None = None  # optimizer steps; None: num_epochs over the training pairs
+    num_epochs: float = 1.0  # used when max_steps is None
     pairs_per_micro_batch: int = 2  # per rank
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0  # 0 disables clipping
-    warmup_steps: int = 0
-    scheduler: str = "cosine"  # cosine | linear | constant
+    warmup_steps: float = 0  # steps (an integer), or a fraction of the run below 1 (TRL's warmup_ratio)
+    scheduler: str = "cosine"  # any transformers.get_scheduler name (SCHEDULERS)
+    scheduler_kwargs: dict | None = None  # e.g. {min_lr_rate: 0.1} for cosine_with_min_lr
     seed: int = 0
 
 
@@ -104,8 +122,14 @@ class OutputConfig:
     save_every: int = 0  # steps; 0 = only at the end
     keep_last: int = 2
     log_every: int = 1
-    resume: str = "auto"  # auto (latest checkpoint in dir, if any) | never | a checkpoint folder
-    tensorboard: bool = True
+    resume: str = "auto"  # auto: continue the run in dir if its config and data match | never | a checkpoint folder
+    overwrite: bool = False  # start over in a dir that holds a run (its checkpoints and logs are deleted)
+    report_to: tuple[str, ...] = ("tensorboard",)  # tensorboard | wandb | mlflow (metrics.jsonl is always written)
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    timeout_minutes: float = 30.0  # a collective waiting longer (a frozen or dead rank) ends the run
 
 
 @dataclass(frozen=True)
@@ -118,6 +142,7 @@ class TrainConfig:
     deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 # ---- building from plain data --------------------------------------------------------------------
@@ -128,7 +153,15 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
+        if len(inner) == 1:
+            return _coerce(value, inner[0], key)
+        problems = []
+        for alternative in inner:  # e.g. `str | tuple[str, ...]`: the first that accepts the value
+            try:
+                return _coerce(value, alternative, key)
+            except ConfigError as err:
+                problems.append(str(err))
+        raise ConfigError(f"{key}: " + " or ".join(p.removeprefix(f"{key}: ") for p in problems))
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
@@ -198,9 +231,21 @@ def _parse_override(item: str) -> tuple[str, Any]:
 
 
 def config_from_dict(data: dict, overrides: list[str] = ()) -> TrainConfig:
+    """The validated tree from hypo_fast's sections, or from a TRL-style flat config (TRL's names, with
+    TRL's defaults for what it leaves out); ``overrides`` are ``key=value`` in either naming."""
+    from hypo_fast.train import trl_names
+
     tree = _plain(data or {})
+    if trl_names.is_trl_style(tree):
+        dotted, notes = trl_names.translate(tree)
+        tree = {k: v for k, v in tree.items() if k in trl_names.SECTIONS}
+        for key, value in dotted.items():
+            _set_dotted(tree, key, value)
+        for note in notes:
+            log.warning(note)
     for item in overrides:
-        _set_dotted(tree, *_parse_override(item))
+        key, value = _parse_override(item)
+        _set_dotted(tree, trl_names.NAMES.get(key, key) if "." not in key else key, value)
     cfg = _build(TrainConfig, tree)
     validate(cfg)
     return cfg
@@ -251,21 +296,34 @@ def validate(cfg: TrainConfig) -> None:
     _require(m.dtype in DTYPES, "model.dtype", f"unknown dtype {m.dtype!r} (known: {', '.join(DTYPES)})")
     _require(d.train_file is not None, "data.train_file", "is required")
     _require(0.0 <= d.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)")
-    _require(d.max_prompt_length >= 1, "data.max_prompt_length", "must be ≥ 1")
-    _require(d.max_length > d.max_prompt_length, "data.max_length", "must exceed data.max_prompt_length")
+    _require(d.max_length is None or d.max_length >= 2, "data.max_length", "must be ≥ 2 (or null: no limit)")
+    _require(d.max_prompt_length is None or d.max_prompt_length >= 1, "data.max_prompt_length", "must be ≥ 1")
+    _require(None in (d.max_length, d.max_prompt_length) or d.max_length > d.max_prompt_length, "data.max_length",
+             "must exceed data.max_prompt_length")
+    _require(d.eos in ("trl", "ensure"), "data.eos", f"must be trl or ensure, got {d.eos!r}")
+    _require(not (d.eval_file and d.eval_split), "data.eval_split", "give data.eval_file or data.eval_split, not both")
     _require(s.prompts_per_step >= 1, "sampling.prompts_per_step", "must be ≥ 1")
     _require(s.max_new_tokens >= 1, "sampling.max_new_tokens", "must be ≥ 1")
     _require(s.temperature > 0, "sampling.temperature", "must be positive")
     _require(o.lr > 0, "optim.lr", "must be positive")
-    _require(o.max_steps >= 1, "optim.max_steps", "must be ≥ 1")
+    _require(o.max_steps is None or o.max_steps >= 1, "optim.max_steps", "must be ≥ 1 (or null: num_epochs)")
+    _require(o.num_epochs > 0, "optim.num_epochs", "must be positive")
     _require(o.pairs_per_micro_batch >= 1, "optim.pairs_per_micro_batch", "must be ≥ 1")
     _require(o.gradient_accumulation_steps >= 1, "optim.gradient_accumulation_steps", "must be ≥ 1")
     _require(o.max_grad_norm >= 0, "optim.max_grad_norm", "must be ≥ 0")
     _require(o.warmup_steps >= 0, "optim.warmup_steps", "must be ≥ 0")
-    _require(o.scheduler in ("cosine", "linear", "constant"), "optim.scheduler", f"unknown schedule {o.scheduler!r}")
+    _require(o.scheduler in SCHEDULERS, "optim.scheduler",
+             f"unknown schedule {o.scheduler!r} (transformers.get_scheduler names: {', '.join(SCHEDULERS)})")
     _require(z.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
     _require(not z.offload_params or z.zero_stage == 3, "deepspeed.offload_params", "needs zero_stage 3")
     _require(not z.offload_optimizer or z.zero_stage >= 1, "deepspeed.offload_optimizer", "needs zero_stage ≥ 1")
     _require(e.every >= 0 and e.kl_prompts >= 0 and e.kl_samples >= 1, "eval", "every/kl_prompts ≥ 0, kl_samples ≥ 1")
     _require(out.keep_last >= 1, "output.keep_last", "must be ≥ 1")
+    unknown = sorted(set(out.report_to) - set(REPORTERS))
+    _require(not unknown, "output.report_to", f"unknown {unknown} (known: {', '.join(REPORTERS)})")
     _require(out.save_every >= 0 and out.log_every >= 1, "output.save_every", "save_every ≥ 0 and log_every ≥ 1")
+    _require(cfg.distributed.timeout_minutes > 0, "distributed.timeout_minutes", "must be positive")
+    _require(m.dtype != "float16" or torch.cuda.is_available(), "model.dtype",
+             "float16 needs a CUDA GPU (on CPU use float32 or bfloat16)")
+    _require(z.config_file is None or Path(z.config_file).is_file(), "deepspeed.config_file",
+             f"{z.config_file}: no such file")

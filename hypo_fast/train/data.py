@@ -1,26 +1,31 @@
-"""Preference and prompt data: local files in TRL's formats, tokenised, truncated, streamed reproducibly.
+"""Preference and prompt data sources: local files, saved ``datasets`` folders, Hub names; streamed reproducibly.
 
-Formats (as TRL's): *standard* rows ``{"prompt": str, "chosen": str, "rejected": str}`` and
-*conversational* rows whose fields are lists of ``{"role", "content"}`` messages, rendered with the
-tokenizer's chat template. Prompt-only sets need just ``prompt``. Files: ``.jsonl``, ``.json`` (a list
-of rows), ``.parquet``, or a folder written by ``datasets.Dataset.save_to_disk``. Files are only read.
+Formats (TRL's): *standard* rows ``{"prompt": str, "chosen": str, "rejected": str}``, *conversational* rows
+whose fields are lists of ``{"role", "content"}`` messages, and the *implicit-prompt* form (only
+``chosen``/``rejected``, sharing the prompt). Prompt-only sets need just ``prompt``. Sources: ``.jsonl``,
+``.json`` (a list of rows), ``.parquet``, a folder written by ``Dataset.save_to_disk`` or
+``DatasetDict.save_to_disk`` (with ``data.split``), or a Hub dataset name, which ``datasets`` resolves
+itself when online. Files are only read. Turning rows into token ids is :mod:`hypo_fast.train.tokenization`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from hypo_fast.seeds import derive_seed
+from hypo_fast.train.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A malformed data file or row (the message names the file and row)."""
 
 
@@ -48,132 +53,128 @@ class DataStats:
     notes: list[str] = field(default_factory=list)
 
 
-def read_rows(path: str | Path) -> list[dict]:
-    """All rows of a local data file or saved dataset folder, in order."""
+def read_rows(path: str | Path) -> Iterator[tuple[str, object]]:
+    """``(where, row)`` for every row of a ``.json`` (a list of rows) or JSON Lines file, in order.
+
+    ``where`` names the file and row (or line). A line that cannot be read (bad UTF-8, bad JSON) comes as a
+    :class:`DataError` in place of the row, so the caller raises it or, with ``skip_bad_rows``, counts it;
+    a ``.json`` file that cannot be read at all raises at once.
+    """
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such file or folder")
-    if path.is_dir():
-        import datasets
-
-        return list(datasets.load_from_disk(str(path)))
-    if path.suffix == ".parquet":
-        import datasets
-
-        return list(datasets.Dataset.from_parquet(str(path), keep_in_memory=True))
-    text = path.read_text()
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
     if path.suffix == ".json":
         try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}: not valid JSON ({err})") from err
+            rows = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise DataError(f"{path}: not valid UTF-8 JSON ({err})") from err
         if not isinstance(rows, list):
             raise DataError(f"{path}: a .json data file must hold a list of rows")
-        return rows
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}: line {number}: not valid JSON ({err.msg})") from err
-    return rows
+        for number, row in enumerate(rows, start=1):
+            yield f"{path}: row {number}", row
+        return
+    with path.open("rb") as lines:  # JSON Lines, one row per line, each read on its own
+        for number, raw in enumerate(lines, start=1):
+            where = f"{path}: line {number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield where, DataError(f"{where}: not valid UTF-8 ({err.reason} at byte {err.start})")
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as err:
+                yield where, DataError(f"{where}: not valid JSON ({err.msg})")
 
 
-def _is_messages(value) -> bool:
-    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+class Source:
+    """One data source as a ``datasets.Dataset``, with a name for each row and a fingerprint of its contents.
+
+    JSON and JSON Lines files are read here, line by line, so that a bad line is named (and can be skipped)
+    instead of failing the whole file; everything else is read by ``datasets``.
+    """
+
+    def __init__(self, spec: str | Path, split: str | None = None):
+        self.name, self.split = str(spec), split
+        self.path = Path(spec)
+        self._dataset = None
+        if not self.path.exists() and not _looks_like_hub_name(self.name):
+            raise DataError(f"{spec}: no such file or folder")
+
+    @property
+    def is_lines(self) -> bool:
+        return self.path.is_file() and self.path.suffix != ".parquet"
+
+    def fingerprint(self) -> str:
+        if self.path.is_file():
+            digest = hashlib.sha256()
+            with self.path.open("rb") as f:
+                while chunk := f.read(1 << 24):
+                    digest.update(chunk)
+            return digest.hexdigest()
+        return self.dataset()._fingerprint  # saved folders and Hub datasets carry their own
+
+    def dataset(self):
+        if self._dataset is None:
+            self._dataset = self._lines() if self.is_lines else _read_dataset(self.path, self.name, self.split)
+        return self._dataset
+
+    def _lines(self):
+        import datasets
+
+        where, rows, errors = [], [], []
+        for w, row in read_rows(self.path):
+            where.append(w)
+            bad = isinstance(row, DataError)
+            rows.append("" if bad else json.dumps(row))
+            errors.append(str(row) if bad else "")
+        return datasets.Dataset.from_dict({"where": where, "row": rows, "read_error": errors})
+
+    def where(self, example: dict, index: int) -> str:
+        return example["where"] if self.is_lines else f"{self.name}: row {index + 1}"
+
+    def row(self, example: dict, where: str):
+        """The row as a plain object (raises the read error of a line that could not be read)."""
+        if not self.is_lines:
+            return dict(example)  # datasets hands map functions a lazy row
+        if example["read_error"]:
+            raise DataError(example["read_error"])
+        return json.loads(example["row"])
 
 
-def _render(row: dict, keys: tuple[str, ...], tokenizer, where: str) -> tuple[str, ...]:
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: a row must be an object, got {type(row).__name__}")
-    missing = [k for k in keys if k not in row]
-    if missing:
-        raise DataError(f"{where}: missing field {missing[0]!r} (has {sorted(row)})")
-    values = [row[k] for k in keys]
-    if all(isinstance(v, str) for v in values):
-        if any(not v.strip() for v in values):
-            raise DataError(f"{where}: field {keys[[not v.strip() for v in values].index(True)]!r} is empty")
-        return tuple(values)
-    if all(_is_messages(v) for v in values):
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise DataError(f"{where}: conversational row but the tokenizer has no chat template")
-        prompt = tokenizer.apply_chat_template(values[0], tokenize=False, add_generation_prompt=True)
-        rendered = [prompt]
-        for completion in values[1:]:
-            full = tokenizer.apply_chat_template(values[0] + completion, tokenize=False)
-            if not full.startswith(prompt):
-                raise DataError(f"{where}: the chat template does not extend the prompt with the completion")
-            rendered.append(full[len(prompt):])
-        return tuple(rendered)
-    raise DataError(f"{where}: fields {list(keys)} must all be strings or all be message lists")
+def _looks_like_hub_name(spec: str) -> bool:
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "~"))
 
 
-class Tokenization:
-    """Turns rendered text into truncated token ids, counting what was cut."""
+def _read_dataset(path: Path, name: str, split: str | None):
+    import datasets
 
-    def __init__(self, tokenizer, max_prompt_length: int, max_length: int, stats: DataStats):
-        self.tokenizer, self.max_prompt_length, self.max_length, self.stats = tokenizer, max_prompt_length, max_length, stats
-        self.eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    try:
+        if not path.exists():  # a Hub name: datasets resolves it (its own cache first; never in tests)
+            return datasets.load_dataset(name, split=split or "train")
+        if path.suffix == ".parquet":
+            import pyarrow.parquet
 
-    def prompt(self, text: str) -> tuple[int, ...]:
-        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
-        if len(ids) > self.max_prompt_length:
-            self.stats.prompts_truncated += 1
-            bos = self.tokenizer.bos_token_id
-            head = [bos] if ids and ids[0] == bos and bos is not None else []
-            ids = head + ids[len(ids) - (self.max_prompt_length - len(head)):]  # BOS, then the prompt's end
-        return tuple(ids)
-
-    def response(self, text: str, prompt_len: int) -> tuple[int, ...]:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] + self.eos
-        room = self.max_length - prompt_len
-        if len(ids) > room:
-            self.stats.responses_truncated += 1
-            ids = ids[:room]
-        return tuple(ids)
-
-
-def _rendered_rows(path, keys: tuple[str, ...], tokenizer, skip_bad_rows: bool, stats: DataStats):
-    """Yield each row's rendered text fields; a malformed row raises (or, with skip_bad_rows, is counted)."""
-    for number, row in enumerate(read_rows(path), start=1):
-        stats.rows += 1
-        try:
-            yield _render(row, keys, tokenizer, f"{path}: row {number}")
-        except DataError as err:
-            if not skip_bad_rows:
-                raise
-            stats.bad_rows += 1
-            log.warning("skipped %s", err)
-
-
-def load_pairs(path, tokenizer, max_prompt_length: int, max_length: int,
-               skip_bad_rows: bool = False) -> tuple[list[PreferencePair], DataStats]:
-    stats = DataStats()
-    tok = Tokenization(tokenizer, max_prompt_length, max_length, stats)
-    pairs = []
-    for prompt, chosen, rejected in _rendered_rows(path, ("prompt", "chosen", "rejected"), tokenizer,
-                                                   skip_bad_rows, stats):
-        prompt_ids = tok.prompt(prompt)
-        chosen_ids, rejected_ids = tok.response(chosen, len(prompt_ids)), tok.response(rejected, len(prompt_ids))
-        if not chosen_ids or not rejected_ids:
-            stats.dropped += 1
-            continue
-        pairs.append(PreferencePair(prompt_ids, chosen_ids, rejected_ids, prompt))
-    if not pairs:
-        raise DataError(f"{path}: no usable preference pairs ({stats.rows} rows, {stats.bad_rows} bad)")
-    return pairs, stats
-
-
-def load_prompts(path, tokenizer, max_prompt_length: int, skip_bad_rows: bool = False) -> tuple[list[Prompt], DataStats]:
-    stats = DataStats()
-    tok = Tokenization(tokenizer, max_prompt_length, max_prompt_length + 1, stats)
-    prompts = [Prompt(tok.prompt(text), text)
-               for (text,) in _rendered_rows(path, ("prompt",), tokenizer, skip_bad_rows, stats)]
-    if not prompts:
-        raise DataError(f"{path}: no usable prompts")
-    return prompts, stats
+            pyarrow.parquet.read_metadata(path)  # a damaged file fails here, before datasets logs about it
+            return datasets.Dataset.from_parquet(str(path))
+        if not any((path / n).exists() for n in ("dataset_info.json", "state.json", "dataset_dict.json")):
+            raise DataError(f"{path}: a folder, but not a dataset saved with datasets' save_to_disk")
+        loaded = datasets.load_from_disk(str(path))
+    except DataError:
+        raise
+    except Exception as err:  # a truncated or foreign file, an unreachable Hub: name it, not the internals
+        what = "cannot be read as a dataset" if path.exists() else "is not a local file or folder, and datasets " \
+                                                                     "could not load it from the Hub"
+        raise DataError(f"{name}: {what} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from err
+    if isinstance(loaded, datasets.DatasetDict):
+        chosen = split or "train"
+        if chosen not in loaded:
+            raise DataError(f"{name}: a DatasetDict with splits {sorted(loaded)}; set data.split to one of them")
+        return loaded[chosen]
+    return loaded
 
 
 class Stream:

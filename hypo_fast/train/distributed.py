@@ -5,6 +5,7 @@ Every function is a no-op (or the identity) in a world of one, so single-process
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 
@@ -12,11 +13,11 @@ import torch
 import torch.distributed as dist
 
 
-def init_distributed() -> tuple[int, int]:
+def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int]:
     """Join (or, alone, create) the process group DeepSpeed expects: NCCL on GPUs, gloo on CPU.
 
     Launched by ``deepspeed``/``torchrun`` the environment names rank and world; run directly it is a
-    world of one.
+    world of one. A collective that waits longer than ``timeout_minutes`` (a frozen or dead peer) raises.
     """
     if "RANK" not in os.environ:
         with socket.socket() as s:
@@ -28,11 +29,29 @@ def init_distributed() -> tuple[int, int]:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    # DeepSpeed makes its own groups (data parallel, …) with no timeout argument, so they take torch's module
+    # default: set that too, or a frozen peer would block the gradient all-reduce for the default 30 minutes
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timeout
+    if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), datetime.timedelta):
+        c10d.default_pg_nccl_timeout = timeout
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return dist.get_rank(), dist.get_world_size()
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective waited longer than ``distributed.timeout_minutes``: a peer rank is frozen or dead."""
+
+
+def is_timeout(err: BaseException) -> bool:
+    """Whether a backend error means a collective gave up waiting for a peer (gloo and NCCL wordings)."""
+    text = str(err).lower()
+    return any(w in text for w in ("timed out", "timeout", "connection closed by peer", "connection reset"))
 
 
 def world_size() -> int:
@@ -46,6 +65,11 @@ def all_agree(flag: bool, device) -> bool:
     value = torch.tensor(float(flag), device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value > 0)
+
+
+def any_rank(flag: bool, device) -> bool:
+    """True if ``flag`` is true on any rank."""
+    return not all_agree(not flag, device)
 
 
 def mean_over_ranks(values: dict[str, float], device) -> dict[str, float]:

@@ -45,24 +45,22 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
     return ds
 
 
-def lr_lambda(step: int, warmup: int, total: int, kind: str) -> float:
-    """Linear warm-up, then cosine / linear decay to 0 (or constant)."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    if kind == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+def warmup_steps(warmup: float, total: int) -> int:
+    """An integer counts steps; a fraction below 1 is a share of the run (``transformers``' rule)."""
+    return math.ceil(warmup * total) if 0 < warmup < 1 else int(warmup)
 
 
-def build_engine(module: torch.nn.Module, cfg: TrainConfig, world_size: int):
+def build_engine(module: torch.nn.Module, cfg: TrainConfig, world_size: int, total_steps: int):
+    """DeepSpeed around ``module`` with AdamW and a ``transformers.get_scheduler`` schedule over ``total_steps``
+    (warm-up as Hugging Face's: the first update runs at ``lr·0``, the w-th at the full ``lr``)."""
     import deepspeed
+    from transformers import get_scheduler
 
     o = cfg.optim
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_lambda(step, o.warmup_steps, o.max_steps, o.scheduler))
+    scheduler = get_scheduler(o.scheduler, optimizer, num_warmup_steps=warmup_steps(o.warmup_steps, total_steps),
+                              num_training_steps=total_steps, scheduler_specific_kwargs=o.scheduler_kwargs)
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                       config=deepspeed_config(cfg, world_size))
     return engine

@@ -3,8 +3,8 @@
 The DPO term needs log π_ref(y±|x) for every offline pair; the reference never changes during a run,
 so they are scored once (every rank an equal share, so ZeRO-3's collectives stay matched), gathered,
 and saved under ``OUT/ref_cache/NAME-FINGERPRINT.pt``. The fingerprint covers everything they depend
-on: the reference model's source, the token ids of every pair (data, tokenizer and truncation), and
-whether the objective compares length-averaged log-probs.
+on: the reference model's source and the token ids of every pair (data, tokenizer and truncation).
+They are sums over the response tokens; each loss type normalises them itself.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from hypo_fast.train import distributed
 from hypo_fast.train.data import PreferencePair
 
 
-def fingerprint(model_source: dict, model_files: Sequence[Path], pairs: Sequence[PreferencePair], average: bool) -> str:
-    """A short hash of the reference's identity, the pairs' token ids and the averaging rule."""
+def fingerprint(model_source: dict, model_files: Sequence[Path], pairs: Sequence[PreferencePair]) -> str:
+    """A short hash of the reference's identity and the pairs' token ids."""
     h = hashlib.sha256()
-    h.update(json.dumps({"model": model_source, "average": average}, sort_keys=True, default=str).encode())
+    h.update(json.dumps({"model": model_source, "logps": "sum"}, sort_keys=True, default=str).encode())
     for f in model_files:
         h.update(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
     for p in pairs:
@@ -33,27 +33,26 @@ def fingerprint(model_source: dict, model_files: Sequence[Path], pairs: Sequence
 
 
 @torch.no_grad()
-def score_pairs(policy: Policy, pairs: Sequence[PreferencePair], average: bool, device,
-                batch_pairs: int = 8) -> torch.Tensor:
-    """``[len(pairs), 2]`` reference (chosen, rejected) sequence log-probs, fp32, on ``device``."""
+def score_pairs(policy: Policy, pairs: Sequence[PreferencePair], device, batch_pairs: int = 8) -> torch.Tensor:
+    """``[len(pairs), 2]`` reference (chosen, rejected) summed sequence log-probs, fp32, on ``device``."""
     rows = []
     for start in range(0, len(pairs), batch_pairs):
         chunk = pairs[start:start + batch_pairs]
         batch = pack_step([(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in chunk]).to(device)
-        chosen, rejected = batch.pair_logps(policy.reference_token_logprobs(batch.tokens), average=average)
+        chosen, rejected = batch.pair_logps(policy.reference_token_logprobs(batch.tokens))
         rows.append(torch.stack([chosen, rejected], 1).float())
     return torch.cat(rows)
 
 
-def reference_logps(policy: Policy, pairs: Sequence[PreferencePair], path: Path, average: bool, rank: int,
-                    world: int, device) -> torch.Tensor:
+def reference_logps(policy: Policy, pairs: Sequence[PreferencePair], path: Path, rank: int, world: int,
+                    device) -> torch.Tensor:
     """The cached ``[n, 2]`` reference log-probs at ``path``, computed across ranks when missing."""
     if path.exists():
         return torch.load(path)
     n = len(pairs)
     per_rank = -(-n // world)
     share = lambda r: [(r * per_rank + i) % n for i in range(per_rank)]  # noqa: E731  (wraps: equal counts)
-    local = score_pairs(policy, [pairs[i] for i in share(rank)], average, device)
+    local = score_pairs(policy, [pairs[i] for i in share(rank)], device)
     result = torch.empty(n, 2, device=local.device)
     for r, part in enumerate(distributed.gather_rows(local)):
         result[share(r)] = part

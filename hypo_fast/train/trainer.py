@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from hypo_fast.models import FrozenReference, Policy, StepBatch, add_lora, load_causal_lm, pack_step
-from hypo_fast.models.loading import DTYPES
+from hypo_fast.models import Policy, StepBatch, pack_step
 from hypo_fast.sampling import Sampler, SamplingConfig
 from hypo_fast.seeds import derive_seed
-from hypo_fast.train import checkpoint, distributed, evaluate, reference_cache
-from hypo_fast.train.config import TrainConfig, config_to_dict, save_config
-from hypo_fast.train.data import Prompt, Stream, load_pairs, load_prompts
+from hypo_fast.train import build, checkpoint, distributed, evaluate, reference_cache, run_folder
+from hypo_fast.train.config import ConfigError, TrainConfig, config_to_dict, save_config
+from hypo_fast.train.data import Stream
+from hypo_fast.train.signals import StopRequests
 from hypo_fast.train.engine import build_engine
 from hypo_fast.train.metrics_log import MetricsLog, peak_memory_mb
 
@@ -47,7 +48,8 @@ class TrainModule(torch.nn.Module):
 class StepResult:
     loss: torch.Tensor
     metrics: dict
-    tokens: int
+    tokens: int  # every token of the packed forward (pairs and samples)
+    pair_tokens: int  # the pairs' tokens, prompts counted twice (TRL's num_tokens)
     generated: int
     gen_seconds: float
     ref_seconds: float
@@ -68,16 +70,19 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.objective = cfg.algorithm
-        self.rank, self.world = distributed.init_distributed()
+        self.rank, self.world = distributed.init_distributed(cfg.distributed.timeout_minutes)
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         self.out = Path(cfg.output.dir)
         if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.out / "config.yaml")
-        self._load_tokenizer()
-        self._load_policy()
-        self._load_data()
-        self.engine = build_engine(TrainModule(self.policy), cfg, self.world)
+            build.check_output_dir(self.out)
+        self.tokenizer, self.pad_id = build.load_tokenizer(cfg)
+        data = build.load_datasets(cfg, self.tokenizer, report=self.rank == 0)
+        self.train_pairs, self.eval_pairs = data.train_pairs, data.eval_pairs
+        self.prompts, self.eval_prompts = data.prompts, data.eval_prompts
+        self.start = self._claim_run_folder(data.fingerprints())  # before the model: fail fast
+        self.policy = build.load_policy(cfg, self.device)
+        self.max_steps = self._total_steps()
+        self.engine = build_engine(TrainModule(self.policy), cfg, self.world, self.max_steps)
         s = cfg.sampling
         stops = (self.tokenizer.eos_token_id,) if s.stop_on_eos and self.tokenizer.eos_token_id is not None else ()
         self.sampler = Sampler(self.policy, SamplingConfig(max_new_tokens=s.max_new_tokens,
@@ -89,71 +94,40 @@ class Trainer:
         if s.temperature != 1.0 and self.rank == 0:
             log.info("sampling.temperature=%s: the KL term is KL(π_τ ‖ π_ref,τ); samples, their scoring and the "
                      "evaluation KL all use τ (pairs are scored at τ = 1)", s.temperature)
+        try:
+            self.reward = evaluate.load_reward(cfg.eval.reward, self.device)
+        except (ValueError, OSError) as err:
+            raise ConfigError(f"eval.reward: {err}") from err
         self.ref_train = self._reference_logps(self.train_pairs, "train")
         self.ref_eval = self._reference_logps(self.eval_pairs, "eval") if self.eval_pairs else None
-        self.reward = evaluate.load_reward(cfg.eval.reward, self.device)
         seed = cfg.optim.seed
         self.pairs = Stream(len(self.train_pairs), seed, self.rank, self.world, name="pairs")
         self.prompt_stream = Stream(len(self.prompts), seed, self.rank, self.world, name="prompts")
-        self.step = 0
+        self.step, self.phase, self.num_tokens = 0, "start-up", 0
         self._resume()
+        if self.rank == 0:
+            run_folder.apply(self.out, self.start, self._config, self._data, self.step if self.step else -1)
+            save_config(cfg, self.out / "config.yaml")
+        distributed.barrier()
 
     # ---- set-up ----------------------------------------------------------------------------------
 
-    def _load_tokenizer(self):
-        from transformers import AutoTokenizer
+    def _total_steps(self) -> int:
+        """``optim.max_steps``, or ``num_epochs`` passes over the training pairs in global batches."""
+        o = self.cfg.optim
+        if o.max_steps is not None:
+            return o.max_steps
+        global_batch = o.pairs_per_micro_batch * o.gradient_accumulation_steps * self.world
+        return max(1, math.ceil(o.num_epochs * len(self.train_pairs) / global_batch))
 
-        source = self.cfg.model.tokenizer or self.cfg.model.path
-        self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-        pad = self.tokenizer.pad_token_id
-        self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
-
-    def _load_policy(self):
-        m = self.cfg.model
-        if m.path is not None:
-            source = m.path
-        else:
-            from transformers import AutoConfig
-
-            kwargs = dict(m.config)
-            source = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
-        model = load_causal_lm(source, dtype=DTYPES[m.dtype], attn_implementation=m.attn_implementation,
-                               gradient_checkpointing=m.gradient_checkpointing, seed=m.init_seed).to(self.device)
-        reference = None
-        if m.lora is not None:
-            model = add_lora(model, r=m.lora.r, alpha=m.lora.alpha, dropout=m.lora.dropout,
-                             target_modules=m.lora.target_modules)
-        else:
-            reference = FrozenReference.copy_of(model, device=m.reference_device)
-        model.train()
-        self.policy = Policy(model, reference, temperature=self.cfg.sampling.temperature)
-
-    def _load_data(self):
-        d = self.cfg.data
-        pairs, stats = load_pairs(d.train_file, self.tokenizer, d.max_prompt_length, d.max_length, d.skip_bad_rows)
-        self._report_stats(d.train_file, stats)
-        if d.eval_file:
-            self.eval_pairs, stats = load_pairs(d.eval_file, self.tokenizer, d.max_prompt_length, d.max_length,
-                                                d.skip_bad_rows)
-            self._report_stats(d.eval_file, stats)
-        else:
-            n_eval = int(len(pairs) * d.eval_fraction)
-            pairs, self.eval_pairs = pairs[n_eval:], pairs[:n_eval]
-        self.train_pairs = pairs
-        if d.prompt_file:
-            self.prompts, stats = load_prompts(d.prompt_file, self.tokenizer, d.max_prompt_length, d.skip_bad_rows)
-            self._report_stats(d.prompt_file, stats)
-        else:  # the preference set's own prompts, once each
-            unique = {p.prompt_ids: p.prompt for p in pairs}
-            self.prompts = [Prompt(ids, text) for ids, text in unique.items()]
-        eval_unique = {p.prompt_ids: p.prompt for p in (self.eval_pairs or self.train_pairs)}
-        self.eval_prompts = [Prompt(ids, text) for ids, text in eval_unique.items()][: self.cfg.eval.kl_prompts]
-
-    def _report_stats(self, path, stats):
-        if self.rank == 0:
-            log.info("%s: %d rows, %d prompts truncated, %d responses truncated, %d dropped, %d bad rows skipped",
-                     path, stats.rows, stats.prompts_truncated, stats.responses_truncated, stats.dropped,
-                     stats.bad_rows)
+    def _claim_run_folder(self, data: dict) -> run_folder.Start:
+        """Whether this start continues the folder's run, starts over, or must refuse (every rank decides
+        from the same files before rank 0 writes anything)."""
+        self._config, self._data = config_to_dict(self.cfg), data
+        o = self.cfg.output
+        start = run_folder.decide(self.out, self._config, data, o.resume, o.overwrite)
+        distributed.barrier()
+        return start
 
     def _reference_logps(self, pairs, name: str) -> torch.Tensor:
         """Offline reference log-probs ``[n, 2]`` (chosen, rejected), from the on-disk cache when present."""
@@ -162,26 +136,36 @@ class Trainer:
         files = []
         if m.path is not None:
             files = sorted(Path(m.path).glob("*.safetensors")) + sorted(Path(m.path).glob("*.bin"))
-        average = self.objective.length_normalised
-        key = reference_cache.fingerprint(source, files, pairs, average)
+        key = reference_cache.fingerprint(source, files, pairs)
         return reference_cache.reference_logps(self.policy, pairs, self.out / "ref_cache" / f"{name}-{key}.pt",
-                                               average, self.rank, self.world, self.device)
+                                               self.rank, self.world, self.device)
 
     def _resume(self):
-        mode = self.cfg.output.resume
-        folder = None
-        if mode == "auto":
-            folder = checkpoint.latest_checkpoint(self.out)
-        elif mode != "never":
-            folder = Path(mode)
+        """Continue from the chosen checkpoint; a damaged one is named and the next older intact one used."""
+        folder = self.start.resume_from
         if folder is None:
             return
-        state = checkpoint.load_checkpoint(folder, self.engine, self.rank)
-        self.step = state["step"]
+        candidates = [folder]
+        if self.cfg.output.resume == "auto":  # older checkpoints of the same run are fallbacks
+            found = checkpoint.list_checkpoints(self.out)
+            newest = dict((f, step) for step, f in found).get(folder, -1)
+            candidates += [f for step, f in reversed(found) if step < newest]
+        for candidate in candidates:
+            try:
+                checkpoint.verify(candidate)
+                state = checkpoint.load_checkpoint(candidate, self.engine, self.rank)
+                break
+            except checkpoint.CheckpointError as err:
+                if self.rank == 0:
+                    log.warning("cannot resume from a damaged checkpoint: %s", err)
+        else:
+            raise checkpoint.CheckpointError(f"output.dir {self.out}: no intact checkpoint to resume from "
+                                             f"(tried {', '.join(c.name for c in candidates)})")
+        self.step, self.num_tokens = state["step"], state.get("num_tokens", 0)
         self.pairs.load_state(state["pairs"])
         self.prompt_stream.load_state(state["prompts"])
         if self.rank == 0:
-            log.info("resumed from %s at step %d", folder, self.step)
+            log.info("resumed from %s at step %d", candidate, self.step)
 
     # ---- the step ----------------------------------------------------------------------------------
 
@@ -204,6 +188,7 @@ class Trainer:
         if prompt_index:
             prompts = [self.prompts[i] for i in prompt_index]
             start = time.perf_counter()
+            self.phase = "sampling (weights gathered under ZeRO-3)"
             samples = self.sampler.generate([p.ids for p in prompts], seed=seed)  # from π_τ
             gen_seconds = time.perf_counter() - start
             generated = samples.num_tokens()
@@ -215,37 +200,52 @@ class Trainer:
             start = time.perf_counter()
             ref_online = self.policy.reference_online_logprobs(batch)  # one no-grad forward over the samples
             ref_seconds = time.perf_counter() - start
+        self.phase = "the policy forward"
         token_logps, logit_means = self.engine(batch)  # ONE policy forward over pairs and samples together
-        step = batch.step_logps(token_logps, self.ref_train[pair_index].to(self.device), ref_online, logit_means,
-                                average=self.objective.length_normalised)
+        step = batch.step_logps(token_logps, self.ref_train[pair_index].to(self.device), ref_online, logit_means)
         loss, aux = self.objective(step)
         metrics = {"loss": loss.detach(), **aux.metrics()}
-        return StepResult(loss, metrics, int(batch.tokens.input_ids.numel()), generated, gen_seconds, ref_seconds)
+        pair_tokens = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+        return StepResult(loss, metrics, int(batch.tokens.input_ids.numel()), pair_tokens, generated, gen_seconds,
+                          ref_seconds)
 
     def train_step(self) -> dict:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches."""
         ga = self.cfg.optim.gradient_accumulation_steps
-        start, sums, tokens, generated, bad = time.perf_counter(), {}, 0, 0, False
+        start, sums, tokens, pair_tokens, generated, bad = time.perf_counter(), {}, 0, 0, 0, False
+        grad_norm = None
+        learning_rate = self.engine.get_lr()[0]  # the rate this step's update uses (what HF's Trainer logs)
         gen_seconds = ref_seconds = 0.0
         for micro in range(ga):
             out = self.micro_step(micro)
+            self.phase = "the agreement on a finite loss"
             if distributed.all_agree(bool(torch.isfinite(out.loss).all()), self.device):  # ranks skip together
                 self.engine.backward(out.loss)
             else:
                 bad = True
-                # a loss connected to no weight: DeepSpeed's bookkeeping stays in step, no gradient is added
-                self.engine.backward(torch.zeros((), device=self.device, requires_grad=True) * 1.0)
+                self.engine.backward(self._zero_loss())  # DeepSpeed's bookkeeping stays in step
+            self.phase = "the backward's gradient reduction and the optimizer step"
+            if micro == ga - 1 and not bad:
+                grad_norm = self._local_grad_norm()
             with optimizer_step_skipped(self.engine) if bad and micro == ga - 1 else contextlib.nullcontext():
                 self.engine.step()
             for k, v in out.metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / ga
-            tokens, generated = tokens + out.tokens, generated + out.generated
+            tokens, pair_tokens, generated = tokens + out.tokens, pair_tokens + out.pair_tokens, generated + out.generated
             gen_seconds, ref_seconds = gen_seconds + out.gen_seconds, ref_seconds + out.ref_seconds
         seconds = time.perf_counter() - start
         self.step += 1
+        self.phase = "the metrics' mean over ranks"
+        sums["num_tokens"] = float(pair_tokens)  # this step's share; summed over ranks below
         sums = distributed.mean_over_ranks(sums, self.device)  # the global batch's metrics, not rank 0's share
+        self.num_tokens += round(sums.pop("num_tokens") * self.world)
+        if not bad:  # the norm before clipping, as HF's Trainer logs it
+            grad_norm = self.engine.get_global_grad_norm() if grad_norm is None else grad_norm
+            if grad_norm is not None:
+                sums["grad_norm"] = float(grad_norm)
         sums.update({"skipped_nonfinite": float(bad), "tokens_per_s": tokens * self.world / seconds,
-                     "lr": self.engine.get_lr()[0], "peak_memory_mb": peak_memory_mb(), "step_seconds": seconds,
+                     "learning_rate": learning_rate, "epoch": self.pairs.epoch + self.pairs.position / self.pairs.n,
+                     "num_tokens": float(self.num_tokens), "peak_memory_mb": peak_memory_mb(), "step_seconds": seconds,
                      "time/sampling": gen_seconds, "time/reference": ref_seconds,
                      "time/policy": seconds - gen_seconds - ref_seconds})
         if generated:
@@ -254,9 +254,27 @@ class Trainer:
             log.warning("step %d: non-finite loss: optimizer step skipped, weights unchanged", self.step)
         return sums
 
+    def _local_grad_norm(self) -> float | None:
+        """Without ZeRO, DeepSpeed keeps no gradient norm: take it from the (already reduced) gradients.
+        ZeRO's optimizers record it themselves during the step (``engine.get_global_grad_norm``)."""
+        if self.cfg.deepspeed.zero_stage != 0:
+            return None
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))) \
+            if grads else None
+
+    def _zero_loss(self) -> torch.Tensor:
+        """A loss whose gradient is exactly zero, backed in place of a non-finite one. ZeRO-1/2 reduce
+        gradients in buckets that expect every trainable parameter, so it touches each of them; ZeRO-3
+        gathers parameters only inside the forward, so there it touches none."""
+        if self.cfg.deepspeed.zero_stage == 3:
+            return torch.zeros((), device=self.device, requires_grad=True) * 1.0
+        return sum((p * 0).sum() for p in self.engine.module.parameters() if p.requires_grad)
+
     # ---- loop ----------------------------------------------------------------------------------------
 
     def evaluate(self) -> dict:
+        self.phase = "evaluation"
         self.engine.eval()
         out = {}
         if self.eval_pairs:
@@ -272,44 +290,71 @@ class Trainer:
         return distributed.mean_over_ranks_that_have(out)
 
     def save(self):
-        state = {"step": self.step, "pairs": self.pairs.state(), "prompts": self.prompt_stream.state()}
+        self.phase = "saving a checkpoint"
+        state = {"step": self.step, "pairs": self.pairs.state(), "prompts": self.prompt_stream.state(),
+                 "num_tokens": self.num_tokens}
         config_yaml = (self.out / "config.yaml").read_text() if self.rank == 0 else ""
         return checkpoint.save_checkpoint(self.out, self.step, self.engine, self.policy.model, self.tokenizer, state,
                                           config_yaml, self.cfg.output.keep_last, self.rank)
 
     def train(self) -> list[dict]:
-        o = self.cfg.output
-        logger = MetricsLog(self.out, self.cfg.optim.max_steps, self.step, self.rank == 0, o.tensorboard)
+        """Train to ``optim.max_steps``; SIGTERM/SIGINT stop after the current step with a checkpoint."""
+        o, max_steps = self.cfg.output, self.max_steps
+        if self.step >= max_steps:
+            if self.rank == 0:
+                print(f"hypo-fast: the run in {self.out} is complete (step {self.step} of {max_steps}); nothing to do "
+                      "(raise optim.max_steps to train on)", flush=True)
+            return []
+        logger = MetricsLog(self.out, max_steps, self.step, self.rank == 0, o.report_to, self._config)
         history = []
         try:
-            if self.cfg.eval.every and self.step == 0:  # the starting point (= the reference)
-                start = self.evaluate()
-                logger.log(0, start, advance=False)
-                history.append({"step": 0, **start})
-            while self.step < self.cfg.optim.max_steps:
-                metrics = self.train_step()
-                if self.step % o.log_every == 0 or self.step == self.cfg.optim.max_steps:
-                    logger.log(self.step, metrics)
-                history.append({"step": self.step, **metrics})
-                if self.cfg.eval.every and self.step % self.cfg.eval.every == 0 and self.step < self.cfg.optim.max_steps:
-                    evaluation = self.evaluate()
-                    logger.log(self.step, evaluation, advance=False)
-                    history.append({"step": self.step, **evaluation})
-                if o.save_every and self.step % o.save_every == 0:
+            with StopRequests() as stop, self._timeouts_named():
+                if self.cfg.eval.every and self.step == 0:  # the starting point (= the reference)
+                    history.append(self._evaluate_and_log(logger))
+                while self.step < max_steps:
+                    metrics = self.train_step()
+                    if self.step % o.log_every == 0 or self.step == max_steps:
+                        logger.log(self.step, metrics)
+                    history.append({"step": self.step, **metrics})
+                    if self.cfg.eval.every and self.step % self.cfg.eval.every == 0 and self.step < max_steps:
+                        history.append(self._evaluate_and_log(logger))
+                    if o.save_every and self.step % o.save_every == 0:
+                        self.save()
+                    self.phase = "the stop-signal check"
+                    if stop.requested(self.device):
+                        folder = self.save()
+                        if self.rank == 0:
+                            print(f"hypo-fast: stopped by {stop.received or 'a peer rank'} after step {self.step}; "
+                                  f"checkpoint saved to {folder}; run the same command to resume", flush=True)
+                        return history
+                history.append(self._evaluate_and_log(logger))
+                if not o.save_every or self.step % o.save_every:
                     self.save()
-            final = self.evaluate()
-            logger.log(self.step, final, advance=False)
-            history.append({"step": self.step, **final})
-            if not o.save_every or self.step % o.save_every:
-                self.save()
         finally:
             logger.close()
         return history
 
+    @contextlib.contextmanager
+    def _timeouts_named(self):
+        """A collective that times out is reported with the step and the phase that was waiting."""
+        try:
+            yield
+        except RuntimeError as err:
+            if not distributed.is_timeout(err) or isinstance(err, distributed.CollectiveTimeout):
+                raise
+            raise distributed.CollectiveTimeout(
+                f"rank {self.rank}: a collective timed out after distributed.timeout_minutes="
+                f"{self.cfg.distributed.timeout_minutes} during {self.phase} at step {self.step + 1}: a peer rank is "
+                f"frozen or dead ({str(err).splitlines()[0]})") from err
+
+    def _evaluate_and_log(self, logger) -> dict:
+        evaluation = self.evaluate()
+        logger.log(self.step, evaluation, advance=False)
+        return {"step": self.step, **evaluation}
+
 
 def run(cfg: TrainConfig) -> list[dict]:
     """Train per the config; returns the per-step metrics (and the final evaluation)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return Trainer(cfg).train()
 
 

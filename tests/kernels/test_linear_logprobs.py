@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from hypo_fast import linear_logprobs
-from hypo_fast.kernels import linear_logprobs_bwd, linear_logprobs_fwd, row_order
+from hypo_fast.kernels import launch, linear_logprobs_bwd, linear_logprobs_fwd, row_order
+from hypo_fast.kernels.linear_logprobs import bwd_launch, fwd_launch
 from hypo_fast.reference import linear_logprobs_reference
 
 CUDA = torch.cuda.is_available()
@@ -73,8 +74,38 @@ def test_only_requested_grads_are_computed(seed):
     assert grads[0] is None and grads[1] is not None and grads[2] is None
 
 
+@pytest.mark.parametrize("arch", launch.ARCHS)
+def test_launch_plans_follow_the_arch_table(arch):
+    """What a GPU launch would get, planned on meta tensors: the arch's tiles, exact fp32 dots unless
+    allow_tf32, and bf16 dW accumulated in bf16 only where the arch has bf16 atomics."""
+    meta = lambda *shape, dt=torch.bfloat16: torch.empty(*shape, device="meta", dtype=dt)  # noqa: E731
+    h, w, t, rows = meta(300, 64), meta(1000, 64), meta(300, dt=torch.long), meta(300, dt=torch.float32)
+    plan, out = bwd_launch(h, w, t, None, rows, rows, arch=arch, fp32_weight_grad=False)
+    cfg = launch.TILES["linear_logprobs_bwd"]["half"][arch]
+    assert (plan.constexprs["BLOCK_N"], plan.constexprs["BLOCK_V"], plan.constexprs["num_warps"]) == \
+        (cfg.block_n, cfg.block_v, cfg.num_warps)
+    assert out.dw.dtype == (torch.bfloat16 if arch >= 90 else torch.float32)
+    plan, out = bwd_launch(h.half(), w.half(), t, None, rows, rows, arch=arch, fp32_weight_grad=False)
+    assert out.dw.dtype == torch.float16
+    for allow_tf32, precision in ((False, "ieee"), (True, "tf32")):
+        plan, _ = fwd_launch(h.float(), w.float(), t, None, arch=arch, allow_tf32=allow_tf32)
+        cfg = launch.TILES["linear_logprobs_fwd"][precision][arch]
+        assert plan.constexprs["DOT_PRECISION"] == precision and plan.constexprs["BLOCK_D"] == cfg.block_d
+
+
+def test_allow_tf32_reaches_every_backend(seed):
+    """Accepted by every impl; on CPU (interpreter, PyTorch) the dots stay exact fp32, on a GPU the
+    Triton kernels use TF32 (10-bit mantissas)."""
+    hidden, weight, bias, targets = _inputs(20, 50, 16)
+    exact = linear_logprobs(hidden, weight, targets, bias=bias, impl="torch")
+    tolerance = 1e-2 if CUDA else 1e-5
+    for impl in ("triton", "torch"):
+        torch.testing.assert_close(linear_logprobs(hidden, weight, targets, bias=bias, impl=impl, allow_tf32=True),
+                                   exact, atol=tolerance, rtol=tolerance)
+
+
 def test_launcher_rejects_mismatched_shapes():
-    with pytest.raises(ValueError, match="shape mismatch"):
+    with pytest.raises(ValueError, match="weight"):
         linear_logprobs_fwd(torch.randn(4, 8), torch.randn(10, 9), torch.zeros(4, dtype=torch.long))
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hypo_fast.kernels import launch
 from hypo_fast.kernels.sample_head import sample_head
-from hypo_fast.ops import chunked
-from hypo_fast import native
+from hypo_fast.ops import chunked, native
 from hypo_fast.ops.sample_head import sample_tokens
 from tests.oracle import impl_param
 
@@ -32,12 +32,12 @@ def _chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 @pytest.mark.parametrize("chunks", [1, 5])
 def test_draws_follow_the_tempered_softmax(impl, device, temperature, chunks, monkeypatch):
-    """χ² goodness of fit on V=23 categories, fixed seeds; one call draws many rows at once. With 5
-    vocabulary chunks the PyTorch path's reservoir merge and the native op's Gumbel-max across tiles are
-    exercised too."""
+    """χ² goodness of fit on V=23 categories, fixed seeds; one call draws many rows at once. With several
+    vocabulary chunks the PyTorch path's reservoir merge and the Gumbel race across tiles of the native
+    op and the Triton kernel are exercised too."""
     if chunks > 1:
-        if impl == "triton":
-            pytest.skip("the Triton kernel's vocabulary splits are covered by test_kernel_splits")
+        # Triton: 16-column sampling tiles (V = 23: one full, one ragged) race each other
+        monkeypatch.setattr(launch, "INTERPRETER_HEAD_TILE", launch.TileConfig(16, 16, 16, 1, 1))
         monkeypatch.setattr(chunked, "MIN_CHUNK", 1)
         monkeypatch.setattr(chunked, "DEFAULT_CHUNK_ELEMENTS", 4000 * 5)
         monkeypatch.setattr(native, "SAMPLE_TILE", 5)
@@ -50,6 +50,23 @@ def test_draws_follow_the_tempered_softmax(impl, device, temperature, chunks, mo
     counts = torch.bincount(tokens.cpu(), minlength=V)
     assert _chi_square_pvalue(counts, probs) > 1e-3
     torch.testing.assert_close(logp.cpu(), probs.log()[tokens.cpu()], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl,device", IMPL_DEVICE)
+def test_vocabulary_tiles_are_picked_by_their_mass(impl, device, monkeypatch):
+    """Two 16-column tiles: one holds a single logit log 8 (mass 8), the other sixteen zeros (mass 16).
+    The first token must come up 1/3 of the time; a race on the tiles' maxima would give 8/9."""
+    monkeypatch.setattr(launch, "INTERPRETER_HEAD_TILE", launch.TileConfig(16, 16, 16, 1, 1))
+    monkeypatch.setattr(native, "SAMPLE_TILE", 16)
+    monkeypatch.setattr(chunked, "MIN_CHUNK", 1)
+    B, V, D = 3000, 32, 16
+    monkeypatch.setattr(chunked, "DEFAULT_CHUNK_ELEMENTS", B * 16)
+    bias = torch.cat([torch.tensor([8.0]).log(), torch.full((15,), -30.0), torch.zeros(16)]).to(device)
+    hidden, weight = torch.zeros(B, D, device=device), torch.zeros(V, D, device=device)
+    tokens, logp = sample_tokens(hidden, weight, bias, seed=99, impl=impl)
+    share = (tokens == 0).double().mean().item()
+    assert abs(share - 1 / 3) < 5 * (2 / 9 / B) ** 0.5, share  # 5 binomial standard deviations
+    torch.testing.assert_close(logp.cpu(), torch.log_softmax(bias.double(), -1)[tokens].float().cpu())
 
 
 @pytest.mark.parametrize("impl,device", IMPL_DEVICE)
@@ -83,6 +100,28 @@ def test_kernel_splits(splits):
     assert torch.equal(one[0], many[0])
     torch.testing.assert_close(one[1], many[1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(one[2], many[2], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("greedy", [False, True])
+def test_vocabulary_major_tiles_draw_the_same(greedy, monkeypatch, seed):
+    """The decode tile orientations (zᵀ with the vocabulary on the MMA's M side, or z) compute the same
+    draw: same tokens, same log-probs and entropies, several tiles and splits, a ragged last tile."""
+    h = torch.randn(5, 40, device=TRITON_DEVICE)
+    weight = torch.randn(300, 40, device=TRITON_DEVICE) * 0.3
+    bias = torch.randn(300, device=TRITON_DEVICE)
+    draws = []
+    for vocab_major in (False, True):
+        monkeypatch.setattr(launch, "INTERPRETER_HEAD_TILE",
+                            launch.TileConfig(16, 32, 16, 1, 1, vocab_major=vocab_major))
+        draws.append(sample_head(h, weight, bias, temperature=0.8, seed=5, greedy=greedy, return_entropy=True,
+                                 num_splits=3))
+    (tok_a, logp_a, ent_a), (tok_b, logp_b, ent_b) = draws
+    assert torch.equal(tok_a, tok_b)
+    torch.testing.assert_close(logp_a, logp_b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent_a, ent_b, atol=1e-5, rtol=1e-5)
+    z = (h.double() @ weight.double().T + bias.double()) / (1.0 if greedy else 0.8)
+    torch.testing.assert_close(logp_a.double(), torch.log_softmax(z, -1).gather(1, tok_a[:, None]).squeeze(1),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_bad_input():

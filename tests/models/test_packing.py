@@ -49,3 +49,20 @@ def test_fixed_length_packing_pads_without_scoring_the_pad():
 def test_bad_sequences(sequences, match):
     with pytest.raises(ValueError, match=match):
         pack_sequences(sequences)
+
+
+def test_step_logps_carries_sums_and_token_counts():
+    """The pairs' log-probs reach the objective as sums with their response lengths (each loss type
+    normalises by itself), whatever the order of the segments in the packed row."""
+    from hypo_fast.models import pack_step
+
+    pairs = [([1, 2], [3, 4, 5], [6]), ([7], [8], [9, 10, 11, 12])]
+    online = [([1], [2, 3]), ([1], [4])]
+    batch = pack_step(pairs, online)
+    token_logps = -torch.arange(1, batch.tokens.targets.numel() + 1, dtype=torch.float64)
+    n_on = sum(len(r) for _, r in online)
+    step = batch.step_logps(token_logps, torch.zeros(2, 2, dtype=torch.float64),
+                            ref_online=torch.zeros(n_on, dtype=torch.float64))
+    assert step.chosen_tokens.tolist() == [3, 1] and step.rejected_tokens.tolist() == [1, 4]
+    # chosen tokens come first in the row: −(1+2+3), −4; then rejected: −5, −(6+7+8+9)
+    assert step.chosen.tolist() == [-6, -4] and step.rejected.tolist() == [-5, -30]

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hypo_fast import linear_logprobs, native
-from hypo_fast.ops import chunked
-from hypo_fast.ops.linear_logprobs import resolve_impl
+from hypo_fast import linear_logprobs
+from hypo_fast.ops import chunked, native
+from hypo_fast.ops.backends import resolve_impl
 from hypo_fast.reference import linear_logprobs_reference
 from tests.oracle import assert_no_worse_than_naive, impl_param, run_with_grads
 

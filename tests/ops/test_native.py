@@ -11,8 +11,9 @@ import sys
 import pytest
 import torch
 
-from hypo_fast import linear_logprobs, native
-from hypo_fast.ops.linear_logprobs import resolve_impl
+from hypo_fast import linear_logprobs
+from hypo_fast.ops import native
+from hypo_fast.ops.backends import resolve_impl
 from hypo_fast.ops.sample_head import sample_tokens
 
 needs_native = pytest.mark.skipif(not native.available(), reason="hypo_fast._C not built")
@@ -89,7 +90,7 @@ def test_without_the_library_auto_falls_back_and_native_is_refused(monkeypatch):
 
 
 def test_switched_off_by_environment():
-    code = "from hypo_fast import native; print(native.available())"
+    code = "from hypo_fast.ops import native; print(native.available())"
     env = {**os.environ, "HYPO_FAST_NATIVE": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -44,6 +44,30 @@ def test_bad_config_names_the_key(overrides, match):
         config_from_dict(BASE, overrides)
 
 
+def test_loss_type_list_and_weights(tmp_path):
+    """TRL 1.16's ``loss_type`` list with ``loss_weights``; a plain name stays a plain name."""
+    cfg = config_from_dict(BASE, ["algorithm.loss_type=[sigmoid, bco_pair, sft]",
+                                  "algorithm.loss_weights=[0.8, 0.2, 1]", "algorithm.discopop_tau=0.1"])
+    assert cfg.algorithm.loss_type == ("sigmoid", "bco_pair", "sft")
+    assert cfg.algorithm.loss_weights == (0.8, 0.2, 1.0) and cfg.algorithm.discopop_tau == 0.1
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml") == cfg
+    assert config_from_dict(BASE, ["algorithm.loss_type=aot"]).algorithm.loss_type == "aot"
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["algorithm.loss_type=[sigmoid, sft]", "algorithm.loss_weights=[1]"], "algorithm.loss_weights: has 1 weights"),
+    (["algorithm.loss_type=[sigmoid, aot_pair]"], "algorithm.loss_type: .*'aot_pair'"),
+    (["algorithm.loss_type=3"], "algorithm.loss_type: expected a string, got 3 or expected a list"),
+    (["algorithm.loss_type=[sigmoid, 3]"], r"algorithm.loss_type\[1\]"),
+    (["algorithm.loss_weights=[x]"], r"algorithm.loss_weights\[0\]: expected a number"),
+    (["algorithm.loss_type=exo_pair"], "algorithm.label_smoothing"),
+])
+def test_bad_loss_options_name_the_key(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        config_from_dict(BASE, overrides)
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "nope.yaml")

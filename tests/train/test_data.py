@@ -7,7 +7,8 @@ import json
 import pytest
 
 from hypo_fast.examples.toy import char_tokenizer
-from hypo_fast.train.data import DataError, Stream, load_pairs, load_prompts
+from hypo_fast.train.data import DataError, Stream
+from hypo_fast.train.tokenization import TokenizeSettings as Settings, load_pairs, load_prompts
 
 ALPHABET = "abcdefghu|:"
 
@@ -41,7 +42,7 @@ def _write(path, rows, kind):
 def test_standard_format_from_every_file_kind(tmp_path, tokenizer, kind, name):
     path = _write(tmp_path / name, ROWS, kind)
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
-    pairs, stats = load_pairs(path, tokenizer, max_prompt_length=8, max_length=16)
+    pairs, stats = load_pairs(path, tokenizer, Settings(max_prompt_length=8, max_length=16))
     assert stats.rows == 2 and len(pairs) == 2
     first = pairs[0]
     assert tokenizer.decode(first.prompt_ids, skip_special_tokens=True) == "abc"
@@ -56,15 +57,16 @@ def test_conversational_format_uses_the_chat_template(tmp_path, tokenizer):
     rows = [{"prompt": [{"role": "user", "content": "abc"}],
              "chosen": [{"role": "assistant", "content": "dd"}],
              "rejected": [{"role": "assistant", "content": "e"}]}]
-    pairs, _ = load_pairs(_write(tmp_path / "c.jsonl", rows, "jsonl"), tokenizer, 16, 32)
+    pairs, _ = load_pairs(_write(tmp_path / "c.jsonl", rows, "jsonl"), tokenizer,
+                          Settings(max_prompt_length=16, max_length=32))
     assert tokenizer.decode(pairs[0].prompt_ids, skip_special_tokens=True) == "u:abc|a:"
     assert tokenizer.decode(pairs[0].chosen_ids, skip_special_tokens=True) == "dd|"
 
 
 def test_truncation_is_counted(tmp_path, tokenizer):
     rows = [{"prompt": "abcdefgh", "chosen": "aaaaaaaa", "rejected": "b"}]
-    pairs, stats = load_pairs(_write(tmp_path / "t.jsonl", rows, "jsonl"), tokenizer, max_prompt_length=4,
-                              max_length=7)
+    pairs, stats = load_pairs(_write(tmp_path / "t.jsonl", rows, "jsonl"), tokenizer,
+                              Settings(max_prompt_length=4, max_length=7))
     assert stats.prompts_truncated == 1 and stats.responses_truncated == 1
     assert tokenizer.decode(pairs[0].prompt_ids, skip_special_tokens=True) == "fgh"  # the prompt's end is kept
     assert len(pairs[0].prompt_ids) + len(pairs[0].chosen_ids) == 7
@@ -78,9 +80,9 @@ def test_truncation_is_counted(tmp_path, tokenizer):
 ])
 def test_malformed_rows_name_file_and_row(tmp_path, tokenizer, row, match):
     path = _write(tmp_path / "bad.jsonl", [ROWS[0], row, ROWS[1]], "jsonl")
-    with pytest.raises(DataError, match=rf"bad.jsonl: row 2: .*{match}"):
-        load_pairs(path, tokenizer, 8, 16)
-    pairs, stats = load_pairs(path, tokenizer, 8, 16, skip_bad_rows=True)
+    with pytest.raises(DataError, match=rf"bad.jsonl: line 2: .*{match}"):
+        load_pairs(path, tokenizer, Settings(max_prompt_length=8, max_length=16))
+    pairs, stats = load_pairs(path, tokenizer, Settings(max_prompt_length=8, max_length=16, skip_bad_rows=True))
     assert len(pairs) == 2 and stats.bad_rows == 1
 
 
@@ -88,14 +90,14 @@ def test_broken_json_line_and_missing_file(tmp_path, tokenizer):
     path = tmp_path / "broken.jsonl"
     path.write_text(json.dumps(ROWS[0]) + "\n{not json\n")
     with pytest.raises(DataError, match="broken.jsonl: line 2"):
-        load_pairs(path, tokenizer, 8, 16)
+        load_pairs(path, tokenizer, Settings(max_prompt_length=8, max_length=16))
     with pytest.raises(DataError, match="no such file"):
-        load_pairs(tmp_path / "missing.jsonl", tokenizer, 8, 16)
+        load_pairs(tmp_path / "missing.jsonl", tokenizer, Settings(max_prompt_length=8, max_length=16))
 
 
 def test_prompt_only_set(tmp_path, tokenizer):
     prompts, _ = load_prompts(_write(tmp_path / "p.jsonl", [{"prompt": "abc"}, {"prompt": "h"}], "jsonl"),
-                              tokenizer, 8)
+                              tokenizer, Settings(max_prompt_length=8))
     assert [p.text for p in prompts] == ["abc", "h"]
 
 

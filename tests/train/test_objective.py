@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from hypo_fast.examples.toy import char_tokenizer
+from hypo_fast.losses import dpo_loss
 from hypo_fast.models import pack_step
 from hypo_fast.objective import OnlineLogps
 from hypo_fast.train import evaluate
@@ -28,7 +29,7 @@ ALPHABET = "ab"
 MAX_NEW = 2
 
 
-def _tiny_task(tmp_path, temperature: float, kl_coef: float, num_samples: int = 4) -> Trainer:
+def _tiny_task(tmp_path, temperature: float, kl_coef: float, num_samples: int = 4, **algorithm) -> Trainer:
     tokenizer = tmp_path / "tok"
     char_tokenizer(ALPHABET).save_pretrained(tokenizer)
     rows = [{"prompt": p, "chosen": c, "rejected": r}
@@ -41,10 +42,10 @@ def _tiny_task(tmp_path, temperature: float, kl_coef: float, num_samples: int = 
                              "max_position_embeddings": 16, "tie_word_embeddings": False},
                   "tokenizer": str(tokenizer), "init_seed": 0},
         "data": {"train_file": str(data), "max_prompt_length": 4, "max_length": 8},
-        "algorithm": {"beta": 0.5, "kl_coef": kl_coef, "num_samples": num_samples},
+        "algorithm": {"beta": 0.5, "kl_coef": kl_coef, "num_samples": num_samples, **algorithm},
         "sampling": {"max_new_tokens": MAX_NEW, "temperature": temperature},
         "optim": {"lr": 1e-3, "max_steps": 1},
-        "output": {"dir": str(tmp_path / "run"), "resume": "never", "tensorboard": False},
+        "output": {"dir": str(tmp_path / "run"), "resume": "never", "report_to": []},
     }
     trainer = Trainer(config_from_dict(cfg))
     with torch.no_grad():  # move the policy away from the reference so that ∇KL is large
@@ -115,6 +116,28 @@ def test_step_gradient_is_unbiased_for_dpo_plus_lambda_kl(tmp_path, temperature)
     assert z.abs().max() < 4.5, f"step gradient is biased: z = {z.tolist()}"
     # the test has power: leaving out the KL term would be this many standard errors off
     assert ((exact - dpo_only) @ kl_direction) / se[0] > 10
+
+
+def test_step_loss_normalises_by_response_length_like_the_hf_model(tmp_path):
+    """Length-normalised loss types through the trainer's step (packed forward, cached summed reference
+    log-probs, token counts from the packer) equal the same losses from the HF model's own logits."""
+    algorithm = {"loss_type": ["ipo", "sigmoid_norm", "sft", "aot"], "loss_weights": [1.0, 0.5, 0.3, 0.2]}
+    trainer = _tiny_task(tmp_path, 1.0, kl_coef=0.0, **algorithm)
+    pair_index = [0, 1, 2, 3]
+    pairs = [trainer.train_pairs[i] for i in pair_index]
+    policy, reference = trainer.policy.model, trainer.policy.reference.model
+    sides = ("chosen", "rejected")
+    responses = {side: [list(getattr(p, f"{side}_ids")) for p in pairs] for side in sides}
+    with torch.no_grad():
+        logps, ref = ({side: torch.cat([_sequence_logps(model, p.prompt_ids, [y], 1.0)
+                                        for p, y in zip(pairs, responses[side])]) for side in sides}
+                      for model in (policy, reference))
+        step = trainer.step_loss(pair_index, [], seed=0).loss
+    counts = {side: torch.tensor([float(len(y)) for y in responses[side]]) for side in sides}
+    assert counts["chosen"].tolist() != counts["rejected"].tolist()  # lengths differ, so normalising matters
+    expected = dpo_loss(logps["chosen"], logps["rejected"], ref["chosen"], ref["rejected"], beta=0.5,
+                        chosen_tokens=counts["chosen"], rejected_tokens=counts["rejected"], **algorithm)[0].mean()
+    assert abs(step.item() - expected.item()) < 1e-5, (step.item(), expected.item())
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.6])

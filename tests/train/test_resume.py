@@ -1,5 +1,5 @@
 """A run killed with SIGKILL mid-training and resumed (resume=auto) continues exactly: the same batches,
-samples and losses as a run that was never interrupted."""
+samples and losses as a run that was never interrupted, and the replayed steps are logged once."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     paths = {}
     for name in ("straight", "killed"):
         cfg = toy_config(tmp_path, name, kl_coef=0.5, steps=6)
-        cfg["output"].update(save_every=2, keep_last=2, resume="auto")
+        cfg["output"].update(save_every=2, keep_last=2, resume="auto", overwrite=False, report_to=["tensorboard"])
         paths[name] = tmp_path / f"{name}.yaml"
         paths[name].write_text(yaml.safe_dump(cfg))
 
@@ -55,6 +55,12 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert resumed.returncode == 0, output[-3000:]
     assert "resumed from" in output
 
+    logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "loss" in json.loads(line)]
+    assert logged == [1, 2, 3, 4, 5, 6]  # the steps replayed after checkpoint-2 replaced the killed leg's rows
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "killed" / "tensorboard")).Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4, 5, 6]
     a, b = _last_per_step(tmp_path / "straight" / "metrics.jsonl"), _last_per_step(metrics)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
     for step in a:

@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 
+import pytest
 import torch
 import yaml
 
@@ -23,8 +24,12 @@ def test_dpo_run_logs_trl_metrics_and_saves_a_loadable_checkpoint(tmp_path):
     assert abs(steps[0]["loss"] - math.log(2)) < 1e-4  # policy = reference at the first step
     assert steps[-1]["loss"] < steps[0]["loss"]
     for key in ("rewards/chosen", "rewards/accuracies", "rewards/margins", "logps/chosen", "logits/chosen",
-                "tokens_per_s", "peak_memory_mb", "lr"):
+                "tokens_per_s", "peak_memory_mb", "learning_rate", "grad_norm", "epoch", "num_tokens"):
         assert key in steps[-1]
+    pairs = trainer.train_pairs
+    per_pair = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs) / len(pairs)
+    assert [h["epoch"] for h in steps] == [4 * (s + 1) / len(pairs) for s in range(4)]  # 4 pairs a step
+    assert steps[-1]["num_tokens"] > steps[0]["num_tokens"] > 0.5 * 4 * per_pair  # cumulative, TRL's count
     assert "generation/tokens_per_s" not in steps[-1]  # λ = 0: DPO never samples
     final = history[-1]
     assert {"eval/kl/k1", "eval/reward", "eval/rewards/accuracies"} <= set(final)
@@ -92,7 +97,7 @@ def test_cli_reports_bad_config_and_bad_data(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ab", "chosen": "c", "rejected": "d"}\n{"prompt": "ab", "chosen": "c"}\n')
     result = _cli("train", str(path), f"data.train_file={bad}", cwd=tmp_path)
-    assert result.returncode == 2 and "bad.jsonl: row 2" in result.stderr and "rejected" in result.stderr
+    assert result.returncode == 2 and "bad.jsonl: line 2" in result.stderr and "rejected" in result.stderr
 
 
 def test_reward_from_a_local_sequence_classifier(tmp_path):
@@ -117,6 +122,24 @@ def test_reward_from_a_local_sequence_classifier(tmp_path):
 
 def test_tensorboard_events_are_written(tmp_path):
     cfg = toy_config(tmp_path, "tb", steps=1)
-    cfg["output"]["tensorboard"] = True
+    cfg["output"]["report_to"] = ["tensorboard"]
     Trainer(config_from_dict(cfg)).train()
     assert list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_the_schedule_is_transformers_get_scheduler(tmp_path):
+    """Warm-up as Hugging Face's: the first update runs at lr·0; the logged rate is the one each step used."""
+    import torch
+    from transformers import get_scheduler
+
+    cfg = toy_config(tmp_path, "schedule", steps=6, optim={"lr": 1e-3, "warmup_steps": 2, "scheduler": "cosine"})
+    history = Trainer(config_from_dict(cfg)).train()
+    logged = [h["learning_rate"] for h in history if "loss" in h]
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
+    reference = get_scheduler("cosine", optimizer, num_warmup_steps=2, num_training_steps=6)
+    expected = []
+    for _ in range(6):
+        expected.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        reference.step()
+    assert logged == pytest.approx(expected, abs=1e-12) and logged[0] == 0.0

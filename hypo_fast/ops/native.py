@@ -1,11 +1,13 @@
-"""The native CPU ops (``hypo_fast._C``, built from ``kernels/csrc`` by CMake at install time).
+"""The native CPU ops (``hypo_fast._C``, built from ``kernels/csrc`` by CMake at install time): one backend
+of ``linear_logprobs`` and ``sample_tokens`` (see :mod:`hypo_fast.ops.backends`).
 
 The library is loaded when this module is imported; ``available()`` says whether ``torch.ops.hypo_fast.*``
 can be used and ``status()`` says why not. It is optional: without it (no compiler at install,
 ``HYPO_FAST_NATIVE=0``, or a torch upgraded since the build) every op falls back to the PyTorch path. The
 fake implementations below let ``torch.compile`` trace each native op as one node.
 
-The library is looked for next to this file, then in the installed distribution: after a non-editable
+The library is looked for in this package's folder (``hypo_fast/``), then in the installed distribution:
+after a non-editable
 ``pip install .``, code run from the repository root imports the source tree's ``hypo_fast`` (no
 ``_C.so`` there) and still gets the installed build.
 """
@@ -20,12 +22,14 @@ from pathlib import Path
 
 import torch
 
+from hypo_fast.ops import chunked
+
 SAMPLE_TILE = 2048  # vocabulary columns per sampling tile; part of what a seed reproduces
 
 
 def _package_folders() -> list[Path]:
-    """This package's folder, then the installed distribution's (they differ when run from a checkout)."""
-    folders = [Path(__file__).parent]
+    """The ``hypo_fast`` folder, then the installed distribution's (they differ when run from a checkout)."""
+    folders = [Path(__file__).resolve().parent.parent]
     for dist in importlib.metadata.distributions(name="hypo_fast"):  # a checkout's egg-info is one of them
         installed = Path(dist.locate_file("hypo_fast"))
         if all(installed.resolve() != f.resolve() for f in folders):
@@ -102,17 +106,16 @@ def _register_fakes() -> None:
 
 
 def _chunking() -> tuple[int, int]:
-    """The vocabulary chunking rule, shared with the PyTorch path."""
-    from hypo_fast.ops import chunked  # (hypo_fast.ops imports this module)
-
+    """The vocabulary chunking rule, shared with the PyTorch path (read at call time: tests shrink it)."""
     return chunked.DEFAULT_CHUNK_ELEMENTS, chunked.MIN_CHUNK
 
 
-# Adapters with the contracts of hypo_fast.kernels' launchers (absent outputs are None).
+# Adapters with the contracts of hypo_fast.kernels' launchers (absent outputs are None). The ops compute
+# in fp32 on the CPU, so ``allow_tf32`` (part of the common contract) changes nothing here.
 
 
 def linear_logprobs_fwd(hidden, weight, targets, bias=None, *, temperature=1.0, ignore_index=-100,
-                        return_entropy=False, return_logit_mean=False):
+                        return_entropy=False, return_logit_mean=False, allow_tf32=False):
     logp, lse, entropy, logit_mean = torch.ops.hypo_fast.linear_logprobs_fwd(
         hidden, weight, targets, bias, temperature, ignore_index, return_entropy, return_logit_mean,
         *_chunking())
@@ -120,7 +123,8 @@ def linear_logprobs_fwd(hidden, weight, targets, bias=None, *, temperature=1.0, 
 
 
 def linear_logprobs_bwd(hidden, weight, targets, bias, lse, grad_logp, *, entropy=None, grad_entropy=None,
-                        temperature=1.0, ignore_index=-100, needs_grad=(True, True, True), fp32_weight_grad=True):
+                        temperature=1.0, ignore_index=-100, needs_grad=(True, True, True), fp32_weight_grad=True,
+                        allow_tf32=False):
     want_h, want_w, want_b = needs_grad
     want_b = want_b and bias is not None
     d_hidden, d_weight, d_bias = torch.ops.hypo_fast.linear_logprobs_bwd(
@@ -130,7 +134,8 @@ def linear_logprobs_bwd(hidden, weight, targets, bias, lse, grad_logp, *, entrop
     return d_hidden if want_h else None, d_weight if want_w else None, d_bias if want_b else None
 
 
-def sample_head(hidden, weight, bias=None, *, temperature=1.0, seed=0, greedy=False, return_entropy=False):
+def sample_head(hidden, weight, bias=None, *, temperature=1.0, seed=0, greedy=False, return_entropy=False,
+                allow_tf32=False):
     tokens, logp, entropy = torch.ops.hypo_fast.sample_head(hidden, weight, bias, temperature, seed, greedy,
                                                             return_entropy, SAMPLE_TILE)
     return tokens, logp, entropy if return_entropy else None

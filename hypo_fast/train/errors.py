@@ -1,0 +1,7 @@
+"""Errors a user can fix. The CLI prints their message on one line and exits with status 2."""
+
+from __future__ import annotations
+
+
+class UserError(ValueError):
+    """Bad configuration, data, run folder or checkpoint; the message names the key, file, row or folder."""

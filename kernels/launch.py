@@ -1,0 +1,190 @@
+"""Host-side pieces every Triton launcher shares: the per-arch tile table, input checks, launch records.
+
+``TILES`` is the one table of tile configs. The launchers read it, and ``benchmarks/kernel_resources.py``
+compiles exactly what it holds (through the launchers' own ``*_launch`` functions) for sm_80, sm_90a and
+sm_100a, so the registers, spills and MMA instructions it reports are those of real launches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+SUPPORTED_DTYPES = (torch.float32, *HALF_DTYPES)
+ARCHS = (80, 90, 100)  # table columns; see arch_family for the GPUs each one covers
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_n: int  # token (row) tile
+    block_v: int  # vocabulary tile
+    block_d: int  # slice of the hidden dimension per tl.dot
+    num_warps: int
+    num_stages: int
+    group_n: int = 8  # token tiles launched together (L2 reuse of their h rows)
+    vocab_major: bool = False  # sampling head: compute zᵀ (vocabulary on the MMA's M side) for few rows
+
+
+_T = TileConfig  # short name for the table below
+
+
+def _vm(*args, **kwargs) -> TileConfig:  # vocabulary-major sampling-head tile
+    return TileConfig(*args, **kwargs, vocab_major=True)
+
+
+# kernel → precision → arch → config (the sampling head: → row tile → config). Precision: "half"
+# (bf16/fp16 inputs), "ieee" (fp32 inputs, exact fp32 FMA dots), "tf32" (fp32 inputs, allow_tf32).
+# Chosen with benchmarks/kernel_resources.py: no local memory inside any loop, no spills at all where a
+# config allows it, shared memory within 99 KB on the 80 column (it also serves sm_86/89/120).
+TILES: dict[str, dict] = {
+    "linear_logprobs_fwd": {
+        "half": {80: _T(128, 128, 64, 8, 4), 90: _T(128, 128, 64, 8, 3), 100: _T(128, 64, 64, 8, 4)},
+        "ieee": {80: _T(128, 64, 16, 8, 3), 90: _T(128, 64, 16, 8, 3), 100: _T(128, 64, 16, 8, 3)},
+        "tf32": {80: _T(128, 64, 32, 8, 3), 90: _T(128, 64, 32, 8, 3), 100: _T(128, 64, 32, 8, 3)},
+    },
+    "linear_logprobs_bwd": {
+        "half": {80: _T(64, 128, 64, 8, 3), 90: _T(128, 128, 32, 8, 3), 100: _T(64, 128, 64, 8, 3)},
+        "ieee": {80: _T(64, 128, 16, 8, 3), 90: _T(64, 128, 16, 8, 3), 100: _T(64, 128, 16, 8, 3)},
+        "tf32": {80: _T(64, 128, 32, 8, 2), 90: _T(128, 64, 32, 8, 3), 100: _T(64, 128, 32, 8, 3)},
+    },
+    # sample_head: block_v (64) is the sampling tile width, part of what a seed reproduces: the same for
+    # every row tile. Few rows: vocabulary-major tiles, so wgmma/tcgen05 get 64 vocabulary rows per MMA.
+    "sample_head": {
+        "half": {
+            80: {16: _T(16, 64, 128, 4, 4), 32: _T(32, 64, 128, 8, 3), 64: _T(64, 64, 64, 8, 4),
+                 128: _T(128, 64, 64, 8, 4)},
+            90: {16: _vm(16, 64, 128, 4, 4), 32: _vm(32, 64, 128, 4, 4), 64: _T(64, 64, 64, 8, 4),
+                 128: _T(128, 64, 64, 8, 4)},
+            100: {16: _vm(16, 64, 128, 4, 4), 32: _vm(32, 64, 128, 8, 3), 64: _T(64, 64, 64, 8, 3),
+                  128: _T(128, 64, 64, 8, 4)},
+        },
+        "ieee": {arch: {16: _T(16, 64, 32, 8, 2), 32: _T(32, 64, 16, 4, 3), 64: _T(64, 64, 32, 8, 2),
+                        128: _T(128, 64, 16, 8, 3)} for arch in ARCHS},
+        "tf32": {arch: {16: _vm(16, 64, 64, 4, 3), 32: _vm(32, 64, 64, 4 if arch < 100 else 8, 3),
+                        64: _T(64, 64, 32, 8, 3), 128: _T(128, 64, 32, 8, 3)} for arch in ARCHS},
+    },
+}
+
+# Sampling head (decode): the row tile follows the batch B; bucket → the largest B it serves.
+HEAD_ROW_TILES = (16, 32, 64, 128)
+
+
+def head_row_buckets(arch: int) -> list[int]:
+    """Decode batch sizes B that select each distinct sampling-head row tile on ``arch`` (largest B each)."""
+    return list(HEAD_ROW_TILES)
+
+
+def head_tile(dtype: torch.dtype, arch: int | None, rows: int, allow_tf32: bool = False) -> TileConfig:
+    """The sampling head's config for a decode batch of ``rows``: the smallest row tile holding them all
+    (the largest tile beyond that)."""
+    if arch is None:
+        return INTERPRETER_HEAD_TILE
+    table = TILES["sample_head"][precision(dtype, allow_tf32)][arch]
+    return table[next((b for b in HEAD_ROW_TILES if rows <= b), HEAD_ROW_TILES[-1])]
+
+
+# Interpreted runs (CPU tensors, TRITON_INTERPRET=1) are simulated on numpy: few, large program instances.
+INTERPRETER_TILE = TileConfig(block_n=32, block_v=64, block_d=32, num_warps=1, num_stages=1)
+INTERPRETER_HEAD_TILE = TileConfig(block_n=16, block_v=64, block_d=32, num_warps=1, num_stages=1)
+
+# Streaming multiprocessors of the arch's flagship part (A100, H100/H200, B200): sizes the vocabulary
+# splits when the launch is planned without a device (the compile gate).
+SM_COUNT = {80: 108, 90: 132, 100: 148}
+
+
+def arch_family(capability: tuple[int, int]) -> int:
+    """Table column for a CUDA compute capability: 100 for sm_100/103, 90 for sm_90, 80 otherwise
+    (sm_80/86/87/89 and the sm_120 consumer parts: mma.sync, no wgmma or tcgen05)."""
+    major, minor = capability
+    if major == 10:
+        return 100
+    if major == 9:
+        return 90
+    return 80
+
+
+def device_arch(device: torch.device) -> int | None:
+    """Table column of a CUDA device; None for CPU tensors (the interpreter)."""
+    if device.type != "cuda":
+        return None
+    return arch_family(torch.cuda.get_device_capability(device))
+
+
+def precision(dtype: torch.dtype, allow_tf32: bool = False) -> str:
+    if dtype in HALF_DTYPES:
+        return "half"
+    return "tf32" if allow_tf32 else "ieee"
+
+
+def tile_config(kernel: str, dtype: torch.dtype, arch: int | None, allow_tf32: bool = False) -> TileConfig:
+    """The launch config of ``kernel`` for inputs of ``dtype`` on ``arch`` (None: the interpreter)."""
+    if arch is None:
+        return INTERPRETER_TILE
+    return TILES[kernel][precision(dtype, allow_tf32)][arch]
+
+
+def dot_flags(dtype: torch.dtype, arch: int | None, allow_tf32: bool = False) -> tuple[bool, str]:
+    """``(DOT_IN_FP32, DOT_PRECISION)``: the interpreter mis-computes half-precision dots
+    (triton-lang/triton#11584), so it gets fp32 operands; fp32 inputs are exact unless ``allow_tf32``."""
+    interpreted = arch is None
+    dot_in_fp32 = interpreted and dtype in HALF_DTYPES
+    return dot_in_fp32, "tf32" if allow_tf32 and not interpreted else "ieee"
+
+
+def weight_grad_dtype(dtype: torch.dtype, arch: int | None, fp32_weight_grad: bool) -> torch.dtype:
+    """Accumulation dtype of the backward's atomic ``dW`` sums.
+
+    fp32 by default. With ``fp32_weight_grad=False`` the weight dtype, where the arch adds it natively:
+    fp16 everywhere (``red.add.noftz.f16``), bf16 from sm_90 on; bf16 on sm_8x (and under the
+    interpreter) stays fp32, since its atomics would be compare-and-swap loops.
+    """
+    if fp32_weight_grad or dtype == torch.float32:
+        return torch.float32
+    if dtype == torch.bfloat16 and (arch is None or arch < 90):
+        return torch.float32
+    return dtype
+
+
+def num_splits(n_tiles: int, v_tiles: int, device: torch.device, arch: int | None) -> int:
+    """Vocabulary splits so that about two programs per SM run; 1 when interpreted."""
+    if arch is None:
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else SM_COUNT[arch]
+    return max(1, min(v_tiles, -(-2 * sms // n_tiles)))
+
+
+def check_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 targets: torch.Tensor | None = None) -> None:
+    """Shapes, dtypes and strides a launcher needs; raises ValueError naming the bad argument."""
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be [N, D], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"weight must be [V, D={hidden.shape[1]}], got shape {tuple(weight.shape)}")
+    if targets is not None and (targets.shape != hidden.shape[:1] or targets.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(f"targets must be [N={hidden.shape[0]}] int32/int64, got {tuple(targets.shape)} "
+                         f"{targets.dtype}")
+    if hidden.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"hidden dtype must be one of {SUPPORTED_DTYPES}, got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
+    if bias is not None and (bias.shape != (weight.shape[0],) or not bias.is_contiguous()):
+        raise ValueError(f"bias must be contiguous [V={weight.shape[0]}], got {tuple(bias.shape)}")
+    if hidden.stride(1) != 1:
+        raise ValueError("hidden needs a unit stride on D")
+    if weight.stride(1) != 1:
+        raise ValueError("weight needs a unit stride on D")
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch as data: the launcher runs it, the compile gate compiles it."""
+
+    kernel: object  # a @triton.jit function
+    grid: tuple[int, ...]
+    args: tuple
+    constexprs: dict = field(default_factory=dict)  # constexpr arguments, num_warps and num_stages
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](*self.args, **self.constexprs)
