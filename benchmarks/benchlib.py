@@ -87,6 +87,79 @@ class PeakMemory:
         return False
 
 
+class PhasePeaks:
+    """Peak memory (bytes) of named, possibly nested phases of one process, without sampling.
+
+    CPU: the kernel's resident-set high-water mark ``VmHWM`` is read and reset (``/proc/self/clear_refs``)
+    at every phase boundary and folded into every phase open at that moment, so each phase gets its own
+    exact peak and ``process_peak`` the peak since the tracker started. CUDA: the same with the caching
+    allocator's peak statistics (``max_memory_allocated``; ``reserved_peak`` tracks
+    ``max_memory_reserved``, what the allocator holds from the driver). ``levels`` holds the current
+    value at each boundary (``name:start`` / ``name:end``) and at each ``mark``.
+    """
+
+    def __init__(self, device: str = "cpu"):
+        self.device = device
+        self.open: list[str] = []
+        self.peaks: dict[str, int] = {}
+        self.levels: dict[str, int] = {}
+        self.reserved_peak = 0
+        self.seconds: dict[str, float] = {}  # wall time per phase (summed over its calls)
+        self._started: dict[str, float] = {}
+        self.process_peak = self._peak()
+        self._reset()
+
+    def _peak(self) -> int:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.reserved_peak = max(self.reserved_peak, torch.cuda.max_memory_reserved())
+            return torch.cuda.max_memory_allocated()
+        return _rss_bytes("VmHWM")
+
+    def _current(self) -> int:
+        return torch.cuda.memory_allocated() if self.device == "cuda" else _rss_bytes("VmRSS")
+
+    def _reset(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+
+    def _fold(self) -> int:
+        peak = self._peak()
+        self.process_peak = max(self.process_peak, peak)
+        for name in self.open:
+            self.peaks[name] = max(self.peaks.get(name, 0), peak)
+        self._reset()
+        return self._current()
+
+    def mark(self, name: str) -> int:
+        self.levels[name] = level = self._fold()
+        return level
+
+    def enter(self, name: str) -> None:
+        self.levels[f"{name}:start"] = level = self._fold()
+        self.open.append(name)
+        self.peaks[name] = max(self.peaks.get(name, 0), level)
+        self._started[name] = time.perf_counter()
+
+    def exit(self, name: str) -> None:
+        if name in self.open:
+            self.levels[f"{name}:end"] = self._fold()
+            self.open.remove(name)
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - self._started.pop(name)
+
+    def wrap(self, name: str, fn):
+        """``fn`` with each call run as phase ``name``."""
+        def wrapped(*args, **kwargs):
+            self.enter(name)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.exit(name)
+        return wrapped
+
+
 def median_time(fn, repeats: int, device: str) -> float:
     """Median wall time in seconds of ``fn()`` over ``repeats`` warm calls."""
     times = []

@@ -44,22 +44,8 @@ SPECS = {
                        [("V", "V", "d"), ("D", "D", "d"), ("layers", "layers", "d"), ("method", "method", "s"),
                         ("time_s", "time s", ".3f"), ("tokens_per_s", "tokens/s", ".0f"), ("speed_vs_hf", "× HF", ".2f"),
                         ("peak_extra_mb", "extra MiB", ".0f")], ("speed_vs_hf",)),
-    "memory_8b": ("Memory: one HyPO step's measured peak against the estimator", None,
-                  [("shape", "shape", "s"), ("mode", "mode", "s"), ("seq", "seq", "d"), ("dtype", "dtype", "s"),
-                   ("measured_mb", "measured MiB", ".0f"), ("estimate_mb", "estimate MiB", ".0f"),
-                   ("ratio", "measured / estimate", ".2f")], ()),
-    "memory_8b#plan": ("Memory plan: estimated GB per GPU, one HyPO step on Llama-3-8B shapes (bf16, seq 2048, "
-                       "1 pair + 1 prompt × k=2, gradient checkpointing)", None,
-                       [("mode", "mode", "s"), ("gpus", "GPUs", "d"), ("zero", "ZeRO", "d"), ("offload", "offload", "s"),
-                        ("weights_gb", "weights", ".1f"), ("grads_gb", "grads", ".1f"), ("optimizer_gb", "optimizer", ".1f"),
-                        ("reference_gb", "reference", ".1f"), ("activations_gb", "activations", ".1f"),
-                        ("kv_cache_gb", "KV cache", ".2f"), ("generation_gather_gb", "ZeRO-3 gather for sampling", ".1f"),
-                        ("total_gb", "total", ".1f")], ()),
 }
-KEEP = {  # which rows of a shared file each table shows
-    "memory_8b": lambda r: "measured_mb" in r or "error" in r,
-    "memory_8b#plan": lambda r: "total_gb" in r and r["gpus"] in (1, 8),
-}
+KEEP = {}  # which rows of a shared file each table shows (memory_8b has its own sections below)
 
 
 def _fmt(value, spec):
@@ -105,6 +91,82 @@ def _plot(name: str, title: str, rows: list[dict], keys: tuple[str, ...], machin
     return file
 
 
+def SHAPE_ORDER(row: dict) -> float:  # noqa: N802  (a sort key)
+    import memory_8b
+
+    return memory_8b.SHAPES[row["shape"]].params()
+
+
+def memory_sections() -> list[str]:
+    """The memory plan: every measured cell beside the current estimator, and the latest 8B plan table."""
+    import memory_8b
+
+    path = RESULTS / "memory_8b.jsonl"
+    if not path.exists():
+        return []
+    lines = []
+    calibrated = memory_8b.calibrate(memory_8b.measured_rows(RESULTS))
+    columns = [("cell", "cell", "s"), ("params_b", "params (B)", ".2f"), ("malloc", "malloc", "s"),
+               ("measured_mib", "measured MiB", ".0f"), ("estimate_mib", "estimated MiB", ".0f"),
+               ("ratio", "measured / estimated", ".2f"), ("measured_phase", "measured peak in", "s"),
+               ("peak_phase", "estimated peak in", "s")]
+    for machine in sorted({c["machine"] for c in calibrated}):
+        rows = sorted((c for c in calibrated if c["machine"] == machine),
+                      key=lambda c: (c["mode"], c["params_b"], c["seq"], c["malloc"] or ""))
+        lines += ["## Memory: one training step's measured peak per rank against the estimator", "",
+                  f"{machine}; hypo_fast's trainer, one step of each cell (`python benchmarks/memory_8b.py "
+                  "--measure CELL`), the estimate of the current `memory_8b.py`; CPU peaks are the resident set's "
+                  "high-water mark (malloc `mmap`: glibc returns freed tensors, so it tracks live memory; `default`: "
+                  "glibc as shipped)", "",
+                  "| " + " | ".join(h for _, h, _ in columns) + " |", "|" + "---|" * len(columns)]
+        for c in rows:
+            lines.append("| " + " | ".join(_fmt(c.get(k), f) if c.get(k) is not None else
+                                          (c.get("error") or "–") if k == "measured_mib" else "–"
+                                          for k, _, f in columns) + " |")
+        lines.append("")
+        for mode in ("lora", "full"):
+            band = memory_8b.calibration_band(rows, mode, rows[0]["device"])
+            if band:
+                lines.append(f"- {mode}: measured / estimated spans {band[0]:.2f}–{band[1]:.2f} (malloc `mmap`)")
+        default = [c["ratio"] for c in rows if c.get("ratio") and c["malloc"] == "default"]
+        if default:
+            lines.append(f"- glibc's default malloc: measured / estimated {min(default):.2f}–{max(default):.2f}: the "
+                         "resident set keeps freed memory (arenas, fragmentation) that the estimate, which counts live "
+                         "tensors, leaves out")
+        measured = [r for r in memory_8b.measured_rows(RESULTS) if r["machine"] == machine]
+        parts = memory_8b.breakdown_rows(sorted(measured, key=lambda r: (r["mode"], SHAPE_ORDER(r), r["seq"])))
+        keys = [k for k in memory_8b.BREAKDOWN if any(k in p for p in parts)]
+        lines += ["", "Breakdown, MiB measured / estimated, of the rank with the highest peak:", "",
+                  "| cell | malloc | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 2)]
+        for p in parts:
+            lines.append(f"| {p['cell']} | {p['malloc']} | " + " | ".join(p.get(k, "–") for k in keys) + " |")
+        lines += ["", "How each measured number is obtained (phase boundaries are the trainer's own calls, wrapped "
+                  "in the measuring process; RSS high-water marks are reset at each boundary):", ""]
+        lines += [f"- {k}: {memory_8b.BREAKDOWN[k]}" for k in keys]
+        lines += ["", "What these cells check in the estimator:", ""] + [f"- {x}" for x in memory_8b.CHECKED_ON_CPU]
+        lines += ["", "What they cannot (only a GPU can: `bash benchmarks/gpu_suite.sh OUT memory`):", ""]
+        lines += [f"- {x}" for x in memory_8b.UNTESTED_ON_GPU]
+        lines.append("")
+    plans = [json.loads(line) for line in path.read_text().splitlines()]
+    plans = [r for r in plans if r.get("kind") == "plan"]
+    if plans:
+        latest = max(r["date"] for r in plans)
+        rows = [r for r in plans if r["date"] == latest]
+        columns = [("mode", "mode", "s"), ("gpus", "GPUs", "d"), ("zero", "ZeRO", "d"), ("offload", "offload", "s"),
+                   ("peak_gb", "peak GiB (flash-attn)", ".1f"), ("low_gb", "band low", ".1f"),
+                   ("high_gb", "band high", ".1f"), ("peak_sdpa_gb", "peak GiB (SDPA)", ".1f"),
+                   ("peak_phase", "peak in", "s"), ("host_gb", "host GiB per node", ".0f")]
+        lines += ["## Memory plan: estimated peak per GPU, one HyPO step on Llama-3-8B", "",
+                  f"commit {rows[0].get('commit')}, {latest}; bf16, gradient checkpointing, 1 pair + 1 prompt × k = 2 "
+                  "per GPU, every sequence 2048 tokens; band = peak × the spread of measured/estimated over the "
+                  "calibration cells of the same mode; add ~0.5 GiB of CUDA context and the allocator's fragmentation",
+                  "", "| " + " | ".join(h for _, h, _ in columns) + " |", "|" + "---|" * len(columns)]
+        for r in rows:
+            lines.append("| " + " | ".join(_fmt(r.get(k), f) for k, _, f in columns) + " |")
+        lines.append("")
+    return lines
+
+
 def main() -> None:
     DOCS.mkdir(exist_ok=True)
     lines = ["# Benchmarks", "", "Generated by `python benchmarks/report.py` from `benchmarks/results/*.jsonl` "
@@ -131,6 +193,7 @@ def main() -> None:
             if image:
                 lines += ["", f"![{title}]({image})"]
             lines.append("")
+    lines += memory_sections()
     (DOCS / "benchmarks.md").write_text("\n".join(lines))
     print(f"wrote {DOCS / 'benchmarks.md'}")
 
