@@ -33,7 +33,7 @@ class SamplingConfig:
     stop_token_ids: tuple[int, ...] = ()
     seed: int = 0
     cache: str = "auto"  # "static" (preallocated, compile-friendly), "dynamic", or auto: static on CUDA
-    compile_decode: bool = False  # CUDA: torch.compile the decode step (CUDA graphs via mode="reduce-overhead")
+    compile_decode: bool = False  # torch.compile the decode step (on CUDA with CUDA graphs, "reduce-overhead")
     gather_zero3: bool = True  # ZeRO-3: gather all weights once per generate() (False: per module, per token)
     shared_prefill: bool = True  # prefill a prompt once for its k samples (False: k copies; the same draws)
     compact_below: float = 0.5  # drop finished rows from the decode batch when fewer than this share is alive
@@ -95,7 +95,7 @@ class Sampler:
         # transformers ≥ 5.2x renames the decoder's ``past_key_values`` argument to ``cache``
         self._cache_arg = "cache" if "cache" in inspect.signature(self.decoder.forward).parameters else "past_key_values"
         self._decode = self.decoder
-        if config.compile_decode and torch.cuda.is_available():
+        if config.compile_decode:
             self._decode = torch.compile(self.decoder, mode="reduce-overhead", dynamic=False)
 
     def _check_prompts(self, prompts: Sequence[Sequence[int]]) -> None:

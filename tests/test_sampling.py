@@ -131,3 +131,13 @@ def test_dropping_finished_rows_keeps_the_draws_exact():
     recorded = samples.logps.sum(1)
     for seq, logp in zip(responses[:50], recorded[:50]):
         assert abs(logp.item() - torch.tensor(exact[seq]).log().item()) < 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA graphs)")
+def test_compiled_decode_draws_what_the_eager_decode_draws_on_cuda():
+    model = tiny_llama().cuda().eval()
+    policy = Policy(model)
+    runs = [Sampler(policy, SamplingConfig(max_new_tokens=16, num_samples=2, cache="static", compile_decode=c))
+            .generate(PROMPTS, seed=9) for c in (False, True)]
+    assert torch.equal(runs[0].tokens, runs[1].tokens)
+    torch.testing.assert_close(runs[0].logps, runs[1].logps, atol=1e-4, rtol=0)
