@@ -252,6 +252,105 @@ def summary_rows(analysis: dict, env: dict, seeds: list[int]) -> list[dict]:
     return rows
 
 
+# ---- exploratory, added after the main result: is HyPO's edge only DPO trained too long? -------------
+
+EARLY_STEPS = (10, 20, 40)
+
+
+def latest_policy_rows(path: Path) -> list[dict]:
+    """The per-policy rows of the latest full (not --quick) run in a coverage.jsonl."""
+    runs: dict[str, list[dict]] = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        if row.get("kind") == "policy" and not row.get("quick"):
+            runs.setdefault(row["date"], []).append(row)
+    if not runs:
+        raise SystemExit(f"{path}: no full run to compare with; run the experiment first")
+    return runs[max(runs)]
+
+
+def early_stopping(seeds: list[int], work: Path, main_rows: list[dict], env: dict) -> tuple[list[dict], str]:
+    """DPO (both β) on each seed's partial-coverage pairs, stopped after 10, 20 and 40 of its 80 steps (the
+    schedule is constant after warm-up, so a shorter run is the start of the full one), evaluated like every
+    policy; against HyPO's 80-step policies of the main run. Picking DPO's best length by the gold reward on
+    the evaluation samples is an oracle, so that comparison favours DPO."""
+    from transformers import AutoTokenizer
+
+    from hypo_fast.examples.coverage_task import TaskSpec, TrainSpec, evaluate_policy, make_task, policy_config, train_sft
+    from hypo_fast.train.config import config_from_dict
+    from hypo_fast.train.trainer import Trainer
+
+    rows = []
+    for seed in seeds:
+        folder = work / f"seed{seed}"
+        task = make_task(seed)
+        if not (folder / "sft" / "config.json").exists() or not (folder / "partial.jsonl").exists():
+            raise SystemExit(f"{folder}: the main run's SFT reference and pairs are needed (run without --early-stopping first)")
+        tokenizer = AutoTokenizer.from_pretrained(folder / "sft")
+        for beta in sorted({c[0] for c in GRID}):
+            for steps in EARLY_STEPS:
+                out = folder / f"early-dpo-b{beta:g}-s{steps}"
+                trainer = Trainer(config_from_dict(policy_config(out, folder / "partial.jsonl", folder / "sft", beta, 0.0,
+                                                                 seed, TrainSpec(steps=steps), TaskSpec())))
+                trainer.train()
+                ev = evaluate_policy(task, trainer.policy, tokenizer, TaskSpec())
+                ev.pop("exact_template_probs", None)
+                rows.append({**env, "kind": "early_stopping", "seed": seed, "data": "partial", "policy": f"DPO β={beta:g}",
+                             "beta": beta, "steps": steps, **ev})
+                print(f"seed {seed} DPO β={beta:g} {steps:>2} steps: reward worse {ev['reward_worse']:+.3f} better "
+                      f"{ev['reward_better']:+.3f} KL {ev['kl']:.2f} not covered {ev['mass_not_covered']:.3f}", flush=True)
+    main_partial = [r for r in main_rows if r["data"] in ("partial", "reference") and r["seed"] in seeds]
+    for r in main_partial:
+        if r["method"] == "DPO":
+            rows.append({**r, "kind": "early_stopping", "steps": 80})
+    lines = ["== exploratory (not pre-declared): DPO stopped early, partial coverage; mean ± SE over seeds"]
+    for scenario in ("worse", "better"):
+        lines.append(f"-- scenario {scenario}")
+        for beta in sorted({c[0] for c in GRID}):
+            for steps in (*EARLY_STEPS, 80):
+                pick = [r for r in rows if r["policy"] == f"DPO β={beta:g}" and r["steps"] == steps]
+                reward = mean_se([r[f"reward_{scenario}"] for r in pick])
+                kl = mean_se([r["kl"] for r in pick])
+                nc = mean_se([r["mass_not_covered"] for r in pick])
+                lines.append(f"DPO β={beta:g} {steps:>2} steps   reward {fmt(reward)}   KL {fmt(kl, 2)}   not covered {fmt(nc)}")
+        for r_name in sorted({r["policy"] for r in main_partial if r["method"] == "HyPO"}):
+            pick = [r for r in main_partial if r["policy"] == r_name]
+            lines.append(f"{r_name:<22} reward {fmt(mean_se([r[f'reward_{scenario}'] for r in pick]))}   KL "
+                         f"{fmt(mean_se([r['kl'] for r in pick]), 2)}   (main run, 80 steps)")
+        for r_name in sorted({r["policy"] for r in main_partial if r["method"] == "HyPO"}):
+            beta = float(r_name.split("β=")[1].split()[0])
+            diffs = []
+            for seed in seeds:
+                hypo = next(r for r in main_partial if r["policy"] == r_name and r["seed"] == seed)
+                best = max((r for r in rows if r["seed"] == seed and r["policy"] == f"DPO β={beta:g}"),
+                           key=lambda r: r[f"reward_{scenario}"])
+                diffs.append(hypo[f"reward_{scenario}"] - best[f"reward_{scenario}"])
+            mean, se, low, high = interval(diffs)
+            lines.append(f"{r_name} − DPO β={beta:g} at its best length per seed (oracle): {mean:+.3f} ± {se:.3f} "
+                         f"[{low:+.3f}, {high:+.3f}] → {verdict(low, high)}")
+    return rows, "\n".join(lines)
+
+
+def plot_early_stopping(rows: list[dict], main_rows: list[dict], path: Path) -> Path:
+    from hypo_fast.examples.coverage_task import plot_frontier
+
+    panels = {}
+    for scenario in ("worse", "better"):
+        points = {}
+        for r_name in sorted({r["policy"] for r in rows}):
+            for steps in (*EARLY_STEPS, 80):
+                pick = [r for r in rows if r["policy"] == r_name and r["steps"] == steps]
+                points[f"{r_name} {steps} st."] = (mean_se([r["kl"] for r in pick]),
+                                                    mean_se([r[f"reward_{scenario}"] for r in pick]))
+        for r_name in sorted({r["policy"] for r in main_rows if r["data"] in ("partial", "reference")}):
+            if r_name.startswith("DPO"):
+                continue
+            pick = [r for r in main_rows if r["policy"] == r_name and r["data"] in ("partial", "reference")]
+            points[r_name] = (mean_se([r["kl"] for r in pick]), mean_se([r[f"reward_{scenario}"] for r in pick]))
+        panels[f"partial coverage, uncovered {scenario}: DPO stopped early (exploratory)"] = points
+    return plot_frontier(panels, path, "DPO after 10/20/40/80 steps vs HyPO after 80 (mean ± SE over seeds)")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -260,6 +359,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--work", default=str(REPO / "runs" / "coverage"), help="training runs (scratch)")
     add_results_options(parser)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this tiny model)")
+    parser.add_argument("--early-stopping", action="store_true",
+                        help="exploratory, not pre-declared: DPO stopped after 10/20/40 steps on the main run's "
+                             "partial-coverage pairs, against HyPO (needs the main run's --work folder and rows)")
     args = parser.parse_args(argv)
 
     import logging
@@ -276,9 +378,19 @@ def main(argv: list[str] | None = None) -> dict:
     seeds = args.seeds if args.seeds is not None else (QUICK_SEEDS if args.quick else SEEDS)
     cells = [Cell(beta, kl) for beta, kl in (QUICK_GRID if args.quick else GRID)]
     env = {**environment("cpu"), "benchmark": "coverage", "quick": args.quick}
+    start = time.time()
+    if args.early_stopping:
+        main_rows = latest_policy_rows(results / "coverage.jsonl")
+        rows, text = early_stopping(seeds, Path(args.work), main_rows, env)
+        print("\n" + text)
+        figure = plot_early_stopping(rows, main_rows, results / "coverage_early_stopping.png")
+        path = append_rows("coverage_early_stopping", rows, results)
+        (results / "coverage_early_stopping.txt").write_text(text + "\n")
+        print(f"\nplot: {figure}\nrows appended to {path}\nwall time {time.time() - start:.0f} s")
+        return {"rows": rows, "plot": str(figure)}
     print(f"# coverage experiment | {env['machine']} | torch {env['torch']} | commit {env['commit']} | "
           f"seeds {seeds} | {len(cells)} cells × 3 training sets")
-    start, rows = time.time(), []
+    rows = []
     for seed in seeds:
         for row in run_seed(seed, cells, Path(args.work)):
             rows.append({**env, "kind": "policy", **row})
