@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections import Counter
 import math
 import random
 from dataclasses import dataclass
@@ -377,6 +378,12 @@ def evaluate_policy(task: Task, policy, tokenizer, spec: TaskSpec = TaskSpec(), 
         out[f"mass_{name}"], out[f"mass_{name}_se"] = clustered((cls == c).double(), cluster)
     out["mass_not_covered"], out["mass_not_covered_se"] = clustered((cls != 0).double(), cluster)
     out["response_length"] = float(samples.mask.sum(1).float().mean())
+    keys = [tuple(r) for r in responses]  # what the policy writes most often, special tokens shown
+    first = {}
+    for i, key in enumerate(keys):
+        first.setdefault(key, i)
+    out["top_responses"] = [[tokenizer.decode(list(key)), n / len(keys), CLASSES[int(cls[first[key]])]]
+                            for key, n in Counter(keys).most_common(4)]
     out.update(exact_masses(task, policy, tokenizer, prompt_ids))
     policy.model.train(was_training)
     return out
