@@ -247,6 +247,7 @@ def serve_worker(args: argparse.Namespace, worker) -> bool:
     """In a ``--worker`` process: run the one case and print its JSON result."""
     if not args.worker:
         return False
+    quiet_progress_bars()
     print(json.dumps(worker(*parse_worker_args(args.worker))))
     return True
 
