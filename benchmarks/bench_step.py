@@ -128,9 +128,9 @@ def run_trl(case, folder, tokenizer_dir, rows):
                          train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer,
                          callbacks=[Timer()])
     head = trl_lm_head(trainer.model, case["device"])
-    checkpointing = _checkpointing(trainer.model)
     trainer.train()
     memory.__exit__(None, None, None)
+    checkpointing = _checkpointing(trainer.model)  # read after training: HF's Trainer enables it in train()
     return times[case["warmup"]:], memory.extra, {"lm_head": head, "grad_ckpt_used": checkpointing}
 
 

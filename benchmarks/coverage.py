@@ -72,6 +72,11 @@ gold reward (mean ± SE over seeds, per-seed values), KL, not-covered mass (unco
 template), and Δ ± SE with its interval; the manipulation check; the hypotheses' verdicts; a reward-vs-KL
 frontier plot (PNG, one panel per setting); rows to --results-dir (default runs/benchmarks/, outside the
 source tree) or, with --record, to benchmarks/results/ (coverage.jsonl, coverage_frontier.png).
+
+ADDED AFTER THE FIRST FULL RUN, NOT PART OF THE DECLARED DESIGN: ``--early-stopping`` (exploratory) trains
+DPO again on each seed's partial-coverage pairs for 10, 20 and 40 steps and compares HyPO with DPO stopped
+at its best length per seed, picked by the gold reward (an oracle that favours DPO); rows in
+coverage_early_stopping.jsonl. It asks whether HyPO's advantage is only DPO trained too long.
 """
 
 from __future__ import annotations

@@ -40,4 +40,6 @@ for bench in bench_linear_logprobs:70 bench_sample_head:50 bench_dpo_loss:60 ben
   name=${bench%%:*}
   timeout "${bench##*:}" python3 "benchmarks/$name.py" --device cuda --results-dir "$out" 2>&1 | tee "$out/$name.txt"
 done
+echo "== TL;DR recipe: 3 steps of hypo_fast/examples/tldr_pythia1b4_hypo.yaml on a random-weight Pythia-1.4B-shaped model"
+timeout 150 python3 -m hypo_fast.examples.tldr smoke --shape pythia-1.4b --steps 3 --out "$out/tldr-smoke" 2>&1 | tee "$out/tldr_smoke.txt" | tail -8
 echo "suite done; results in $out"

@@ -434,11 +434,6 @@ class Cell:
 DATASETS = (("partial", "worse"), ("global", "worse"), ("global", "better"))
 
 
-def settings_of(coverage: str, label_scenario: str) -> tuple[str, ...]:
-    """The reward scenarios a policy trained on this set is evaluated under."""
-    return SCENARIOS if coverage == "partial" else (label_scenario,)
-
-
 def plot_frontier(panels: dict[str, dict[str, tuple]], path: Path, title: str) -> Path:
     """Gold reward against KL(π ‖ π_ref), one panel per setting: ``{panel: {policy: ((kl, se), (reward, se))}}``.
     DPO points are joined across β (DPO's own frontier); HyPO points are joined across λ at each β."""
