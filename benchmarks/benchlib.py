@@ -19,8 +19,40 @@ from pathlib import Path
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
+RECORD_DIR = Path(__file__).resolve().parent / "results"  # committed rows: only with --record
+RESULTS_DIR = RECORD_DIR  # the old name (report.py reads the committed rows from here)
+VERSIONED = ("torch", "triton", "transformers", "trl", "deepspeed", "datasets", "liger-kernel")
+
+
+def default_results_dir() -> Path:
+    """Where a run's rows go unless ``--record`` asks for benchmarks/results/: outside the source tree."""
+    return REPO / "runs" / "benchmarks"
+
+
+def package_versions() -> dict:
+    """Installed versions of the packages a benchmark's numbers depend on (None: not installed)."""
+    import importlib.metadata
+
+    versions = {}
+    for package in VERSIONED:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def quiet_progress_bars(force: bool = False) -> None:
+    """Progress bars only on a terminal: a log written to a file or a pipe gets no bar redraws."""
+    if sys.stderr.isatty() and not force:
+        return
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    for module, call in (("datasets", "disable_progress_bars"), ("transformers.utils.logging", "disable_progress_bar")):
+        try:
+            getattr(__import__(module, fromlist=[call]), call)()
+        except (ImportError, AttributeError):
+            pass
 
 
 def machine_name(device: str) -> str:
@@ -48,9 +80,12 @@ def environment(device: str) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    versions = package_versions()
     return {
         "machine": machine_name(device), "device": device, "commit": commit,
         "python": platform.python_version(), "torch": torch.__version__, "triton": triton_version,
+        "transformers": versions["transformers"], "trl": versions["trl"], "deepspeed": versions["deepspeed"],
+        "datasets": versions["datasets"], "liger_kernel": versions["liger-kernel"],
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
 
@@ -243,6 +278,15 @@ def time_and_memory(step, device: str, repeats: int) -> dict:
     return {"time_s": median_time(step, repeats, device), "peak_extra_bytes": mem.extra}
 
 
+def add_results_options(parser: argparse.ArgumentParser) -> None:
+    """``--results-dir DIR`` (default: runs/benchmarks/, outside the source tree) and ``--record`` (the
+    committed benchmarks/results/); both set ``args.results_dir``, None meaning the default."""
+    parser.add_argument("--results-dir", default=None,
+                        help="where rows are appended (default: runs/benchmarks/, outside the source tree)")
+    parser.add_argument("--record", action="store_const", dest="results_dir", const=str(RECORD_DIR),
+                        help="append the rows to benchmarks/results/ (the committed record) instead")
+
+
 def bench_arguments(doc: str, methods: list[str] | None = None) -> argparse.ArgumentParser:
     """The options every benchmark script shares (``--worker`` is how it re-invokes itself per case)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -250,7 +294,7 @@ def bench_arguments(doc: str, methods: list[str] | None = None) -> argparse.Argu
     if methods is not None:
         parser.add_argument("--methods", nargs="*", default=methods)
     parser.add_argument("--no-save", action="store_true", help="do not append rows to the results folder")
-    parser.add_argument("--results-dir", default=RESULTS_DIR, help="default: benchmarks/results/")
+    add_results_options(parser)
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     return parser
 
@@ -259,6 +303,7 @@ def start_run(args: argparse.Namespace) -> dict:
     """Check the device, print the run's header line, return the environment recorded in every row."""
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA GPU here")
+    quiet_progress_bars()
     env = environment(args.device)
     print(f"# {env['machine']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']}")
     return env
@@ -275,14 +320,15 @@ def serve_worker(args: argparse.Namespace, worker) -> bool:
     """In a ``--worker`` process: run the one case and print its JSON result."""
     if not args.worker:
         return False
+    quiet_progress_bars()
     print(json.dumps(worker(*parse_worker_args(args.worker))))
     return True
 
 
-def append_rows(name: str, rows: list[dict], results_dir: Path = RESULTS_DIR) -> Path:
-    results_dir = Path(results_dir)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    path = results_dir / f"{name}.jsonl"
+def append_rows(name: str, rows: list[dict], folder: Path | None = None) -> Path:
+    folder = Path(folder) if folder is not None else default_results_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.jsonl"
     with path.open("a") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")

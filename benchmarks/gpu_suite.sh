@@ -3,9 +3,10 @@
 # (kernel_resources.py), the benchmarks, and the memory plan's GPU cells. Results (test log, JSONL rows,
 # tables) land in the folder given as argument.
 #
-#   bash benchmarks/gpu_suite.sh "$OUT"               # tests, compile gate, benchmarks: under 9 minutes
+#   bash benchmarks/gpu_suite.sh "$OUT"               # tests, compile gate, benchmarks, 3 steps of the TL;DR
+#                                                     # recipe: under 9 minutes (+2.5 for the recipe at most)
 #   bash benchmarks/gpu_suite.sh "$OUT" memory        # the memory cells alone, about 5 minutes (7 at most)
-#   bash benchmarks/gpu_suite.sh "$OUT" "tests bench memory"   # all three: more than one 10-minute command
+#   bash benchmarks/gpu_suite.sh "$OUT" "tests bench recipe memory"   # all four: more than one 10-minute command
 #
 # The memory part measures, on this GPU, one training step of hypo_fast's trainer on a Llama-3-8B-shaped
 # model built from its config (random weights, nothing downloaded): LoRA HyPO at 2048 tokens per
@@ -17,7 +18,7 @@
 # installed into a private folder, leaving the image's own packages alone.
 set -uo pipefail
 out=$(realpath -m "${1:-${OUT:-benchmarks/results/gpu-run}}")
-parts=" ${2:-tests bench} "
+parts=" ${2:-tests bench recipe} "
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 site=/tmp/hypo_fast_site
@@ -59,5 +60,11 @@ if [[ $parts == *" memory "* ]]; then
   timeout 420 python3 benchmarks/memory_8b.py --device cuda --results-dir "$out" --timeout 180 \
     --measure lora-llama3-8b-2048 full-llama-1.5b-2048 lora-llama-1.5b-2048 2>&1 | tee "$out/memory_cells.txt"
   timeout 60 python3 benchmarks/memory_8b.py --device cuda --results-dir "$out" 2>&1 | tee "$out/memory_8b.txt"
+fi
+
+if [[ $parts == *" recipe "* ]]; then
+  echo "== TL;DR recipe: 3 steps of hypo_fast/examples/tldr_pythia1b4_hypo.yaml on a random-weight Pythia-1.4B-shaped model"
+  timeout 150 python3 -m hypo_fast.examples.tldr smoke --shape pythia-1.4b --steps 3 --out "$out/tldr-smoke" 2>&1 \
+    | tee "$out/tldr_smoke.txt" | tail -8
 fi
 echo "suite done; results in $out"

@@ -55,7 +55,7 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from benchlib import RESULTS_DIR, append_rows, bench_arguments, print_table, start_run
+from benchlib import RESULTS_DIR, append_rows, bench_arguments, default_results_dir, print_table, start_run
 
 GB = 1024**3
 MIB = 2**20
@@ -579,7 +579,7 @@ def main() -> None:
     parser.add_argument("--liger", action="store_true", help="with --config: liger-kernel installed on the GPU")
     parser.add_argument("overrides", nargs="*", help="with --config: dotted key=value overrides")
     args = parser.parse_args()
-    folders = {Path(RESULTS_DIR).resolve(), Path(args.results_dir).resolve()}  # the repository's rows and this run's
+    folders = {Path(RESULTS_DIR).resolve(), Path(args.results_dir or default_results_dir()).resolve()}  # the committed rows and this run's
     calibrated = calibrate([r for folder in sorted(folders) for r in measured_rows(folder)])
     bands = plan_bands(calibrated)
     if args.config:

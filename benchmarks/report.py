@@ -39,7 +39,8 @@ SPECS = {
                     ("step_s", "step s", ".3f"), ("tokens_per_s", "tokens/s", ".0f"), ("speed_vs_trl", "× TRL speed", ".2f"),
                     ("peak_extra_mb", "extra MiB", ".0f"), ("mem_vs_trl", "mem × TRL", ".2f"),
                     ("time/sampling", "sampling s", ".2f"), ("time/reference", "reference s", ".2f"),
-                    ("time/policy", "policy s", ".2f")], ("speed_vs_trl", "mem_vs_trl")),
+                    ("time/policy", "policy s", ".2f"), ("grad_ckpt_used", "grad. ckpt", ""),
+                    ("lm_head", "log-probs by", "s")], ("speed_vs_trl", "mem_vs_trl")),
     "bench_generate": ("Sampling throughput", "hf_generate",
                        [("V", "V", "d"), ("D", "D", "d"), ("layers", "layers", "d"), ("method", "method", "s"),
                         ("time_s", "time s", ".3f"), ("tokens_per_s", "tokens/s", ".0f"), ("speed_vs_hf", "× HF", ".2f"),
@@ -165,6 +166,60 @@ def memory_sections() -> list[str]:
             lines.append("| " + " | ".join(_fmt(r.get(k), f) for k, _, f in columns) + " |")
         lines.append("")
     return lines
+SETTING_TITLES = {("partial", "worse"): "partial coverage, uncovered responses worse",
+                  ("partial", "better"): "partial coverage, uncovered responses better",
+                  ("global-worse", "worse"): "global coverage (control), uncovered responses worse",
+                  ("global-better", "better"): "global coverage (control), uncovered responses better"}
+
+
+def coverage_section(path: Path) -> list[str]:
+    """The latest full run of benchmarks/coverage.py: the check, a table per setting, the hypotheses, the plot."""
+    runs: dict[str, list[dict]] = defaultdict(list)
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        if not row.get("quick"):
+            runs[row.get("date", "")].append(row)
+    if not runs:
+        return []
+    rows = runs[max(runs)]
+    first = rows[0]
+    seeds = next((r["seeds"] for r in rows if "seeds" in r), [])
+    pm = lambda v, d=3: "–" if v is None else f"{v[0]:+.{d}f} ± {v[1]:.{d}f}"  # noqa: E731
+    lines = ["## Coverage experiment: HyPO vs DPO under partial and global coverage", "",
+             f"{first.get('machine')}; torch {first.get('torch')}, commit {first.get('commit')}, {first.get('date')}; "
+             f"seeds {seeds}. Design, hypotheses and decision rules: the docstring of `benchmarks/coverage.py`, "
+             "committed before the first run. ± is the standard error over seeds; [a, b] a 95% t-interval of the "
+             "per-seed paired difference.", "", "Manipulation check (partial coverage: does DPO put more mass on "
+             "responses the pairs never show than the reference does?):", ""]
+    for r in rows:
+        if r.get("kind") == "manipulation_check":
+            mean, se, low, high = r["diff"]
+            lines.append(f"- {r['policy']}: DPO − reference not-covered mass {mean:+.3f} ± {se:.3f} "
+                         f"[{low:+.3f}, {high:+.3f}]: **{'PASS' if r['pass'] else 'FAIL'}**")
+    for (data, scenario), title in SETTING_TITLES.items():
+        table = [r for r in rows if r.get("kind") == "summary" and r["data"] == data and r["scenario"] == scenario]
+        if not table:
+            continue
+        lines += ["", f"### {title}", "", "| policy | gold reward | per seed | KL(π‖π_ref) | not covered | "
+                  "uncovered templates / off-template | HyPO − DPO (same β), reward [95% CI] |", "|---|---|---|---|---|---|---|"]
+        for r in table:
+            vs = r.get("reward_vs_dpo")
+            paired = f"{vs[0]:+.3f} ± {vs[1]:.3f} [{vs[2]:+.3f}, {vs[3]:+.3f}]" if vs else ""
+            lines.append(f"| {r['policy']} | {pm(r.get('reward'))} | {' '.join(f'{v:+.2f}' for v in r['reward_per_seed'])} "
+                         f"| {pm(r.get('kl'), 2)} | {pm(r.get('mass_not_covered'))} | "
+                         f"{r['mass_uncovered'][0]:.3f} / {r['mass_off'][0]:.3f} | {paired} |")
+    hypotheses = [r for r in rows if r.get("kind") == "hypothesis"]
+    if hypotheses:
+        lines += ["", "Hypotheses (Δ = HyPO − DPO at the same β, gold reward; H3: Δ_global − Δ_partial, scenario worse):", ""]
+        for h in hypotheses:
+            mean, se, low, high = h["delta"]
+            lines.append(f"- {h['hypothesis']} {h['cell']}: {mean:+.3f} ± {se:.3f} [{low:+.3f}, {high:+.3f}] → "
+                         f"{h['verdict']}" + ("" if h["check_passed"] else " (manipulation check failed at this β)"))
+    image = path.parent / "coverage_frontier.png"
+    if image.exists():
+        (DOCS / "coverage_frontier.png").write_bytes(image.read_bytes())
+        lines += ["", "![reward against KL, mean ± SE over seeds](coverage_frontier.png)"]
+    return lines + [""]
 
 
 def main() -> None:
@@ -194,6 +249,8 @@ def main() -> None:
                 lines += ["", f"![{title}]({image})"]
             lines.append("")
     lines += memory_sections()
+    if (RESULTS / "coverage.jsonl").exists():
+        lines += coverage_section(RESULTS / "coverage.jsonl")
     (DOCS / "benchmarks.md").write_text("\n".join(lines))
     print(f"wrote {DOCS / 'benchmarks.md'}")
 
