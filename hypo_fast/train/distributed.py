@@ -23,8 +23,8 @@ def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int]:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        # no LOCAL_SIZE: with it DeepSpeed's CPU backend would set up a shared-memory all-reduce for one rank
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
@@ -39,9 +39,25 @@ def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int]:
         c10d.default_pg_nccl_timeout = timeout
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
+        _unlink_shm_allreduce_buffer()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return dist.get_rank(), dist.get_world_size()
+
+
+def _unlink_shm_allreduce_buffer() -> None:
+    """DeepSpeed's CPU backend gives each rank of a one-machine world a 67 MB ``/dev/shm`` segment for its
+    shared-memory all-reduce and never unlinks it: every run would leave one per rank behind (memory, as
+    /dev/shm is RAM). Once every rank has mapped every segment (``init_distributed`` returns only then, and
+    the barrier waits for all), the names can go: the mappings stay valid and the memory is freed when the
+    processes exit, however they exit."""
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    if torch.cuda.is_available() or not os.path.exists(name):
+        return
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    os.unlink(name)
 
 
 class CollectiveTimeout(RuntimeError):

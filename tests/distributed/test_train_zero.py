@@ -20,6 +20,11 @@ def _losses(folder):
     return {r["step"]: r for r in rows if "loss" in r}
 
 
+def _shm_buffers() -> set[str]:
+    shm = Path("/dev/shm")
+    return {p.name for p in shm.glob("deepspeed_allreduce_buffer_*")} if shm.is_dir() else set()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -35,6 +40,7 @@ def test_two_ranks_match_one_process(tmp_path, stage):
         "ranks": ([str(Path(PYTHON).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(_free_port()),
                    "--module", "hypo_fast.cli"], {"gradient_accumulation_steps": 1}),
     }
+    shm_before = _shm_buffers()
     for name, (launcher, optim) in runs.items():
         cfg = toy_config(tmp_path, name, steps=3, optim={"pairs_per_micro_batch": 2, **optim},
                          deepspeed={"zero_stage": stage})
@@ -49,6 +55,8 @@ def test_two_ranks_match_one_process(tmp_path, stage):
         for key in ("loss", "rewards/margins", "logps/chosen"):
             assert abs(single[step][key] - ranks[step][key]) <= 1e-5 * max(1.0, abs(single[step][key])), (step, key)
     assert (tmp_path / "ranks" / "checkpoint-3" / "model.safetensors").exists()
+    # DeepSpeed's CPU shared-memory all-reduce segments (67 MB of RAM each) do not outlive the runs
+    assert _shm_buffers() <= shm_before
 
 
 def test_two_ranks_hypo_under_zero3_match_one_process(tmp_path):
