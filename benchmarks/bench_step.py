@@ -9,6 +9,9 @@ text, one token per character), the same batch, sequence lengths, fp32, AdamW, a
   hypo_dpo     hypo_fast's trainer with λ = 0 (reference log-probs cached once, as it always does)
   hypo_hypo    hypo_fast with λ > 0: k samples per online prompt; reported split into sampling,
                reference and policy time
+  hypo_exact   the same with algorithm.kl_loss: exact_token (beyond the paper: the samples' exact
+               per-token KL from the fused linear_token_kl op, the reference's hidden rows kept from its
+               one online forward)
 
 Tokens/s counts the prompt + response tokens of chosen and rejected sequences per step (the same
 number for every method; HyPO's online samples come on top and are not counted). Each method runs in a
@@ -36,7 +39,7 @@ CASES = {  # (pairs per step, prompt chars, response chars, V, D, layers)
     "cuda": [(8, 256, 767, 151936, 896, 24)],
 }
 DTYPES = {"cpu": "float32", "cuda": "bfloat16"}
-METHODS = ["trl", "plain", "hypo_dpo", "hypo_hypo"]
+METHODS = ["trl", "plain", "hypo_dpo", "hypo_hypo", "hypo_exact"]
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 BETA, LR, STEPS, WARMUP = 0.1, 1e-5, 6, 2
 
@@ -146,14 +149,14 @@ def run_plain(case, rows, tokenizer):
     return times[WARMUP:], memory.extra
 
 
-def run_hypo_fast(case, folder, tokenizer_dir, data, kl_coef):
+def run_hypo_fast(case, folder, tokenizer_dir, data, kl_coef, kl_loss="rloo"):
     from hypo_fast.train.config import config_from_dict
     from hypo_fast.train.trainer import Trainer
 
     cfg = config_from_dict({
         "model": {"config": model_config(case), "tokenizer": str(tokenizer_dir), "dtype": case["dtype"]},
         "data": {"train_file": str(data), "max_prompt_length": 4096, "max_length": 8192},
-        "algorithm": {"beta": BETA, "kl_coef": kl_coef, "num_samples": 2},
+        "algorithm": {"beta": BETA, "kl_coef": kl_coef, "num_samples": 2, "kl_loss": kl_loss},
         "sampling": {"prompts_per_step": case["pairs"], "max_new_tokens": case["response_chars"] + 1},
         "optim": {"lr": LR, "max_steps": STEPS, "pairs_per_micro_batch": case["pairs"], "scheduler": "constant",
                   "max_grad_norm": 0.0},
@@ -186,7 +189,8 @@ def worker(method: str, case: dict, repeats: int) -> dict:
             times, extra = run_plain(case, rows, tokenizer)
         else:
             times, extra, split = run_hypo_fast(case, folder, folder / "tokenizer", data,
-                                                0.0 if method == "hypo_dpo" else 0.05)
+                                                0.0 if method == "hypo_dpo" else 0.05,
+                                                "exact_token" if method == "hypo_exact" else "rloo")
     step = sorted(times)[len(times) // 2]
     return {"step_s": step, "tokens_per_s": tokens_per_step(case) / step, "peak_extra_bytes": extra, **split}
 
