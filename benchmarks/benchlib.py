@@ -19,8 +19,40 @@ from pathlib import Path
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
+RECORD_DIR = Path(__file__).resolve().parent / "results"  # committed rows: only with --record
+RESULTS_DIR = RECORD_DIR  # the old name (report.py reads the committed rows from here)
+VERSIONED = ("torch", "triton", "transformers", "trl", "deepspeed", "datasets", "liger-kernel")
+
+
+def default_results_dir() -> Path:
+    """Where a run's rows go unless ``--record`` asks for benchmarks/results/: outside the source tree."""
+    return REPO / "runs" / "benchmarks"
+
+
+def package_versions() -> dict:
+    """Installed versions of the packages a benchmark's numbers depend on (None: not installed)."""
+    import importlib.metadata
+
+    versions = {}
+    for package in VERSIONED:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def quiet_progress_bars(force: bool = False) -> None:
+    """Progress bars only on a terminal: a log written to a file or a pipe gets no bar redraws."""
+    if sys.stderr.isatty() and not force:
+        return
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    for module, call in (("datasets", "disable_progress_bars"), ("transformers.utils.logging", "disable_progress_bar")):
+        try:
+            getattr(__import__(module, fromlist=[call]), call)()
+        except (ImportError, AttributeError):
+            pass
 
 
 def machine_name(device: str) -> str:
@@ -48,9 +80,12 @@ def environment(device: str) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    versions = package_versions()
     return {
         "machine": machine_name(device), "device": device, "commit": commit,
         "python": platform.python_version(), "torch": torch.__version__, "triton": triton_version,
+        "transformers": versions["transformers"], "trl": versions["trl"], "deepspeed": versions["deepspeed"],
+        "datasets": versions["datasets"], "liger_kernel": versions["liger-kernel"],
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
 
@@ -85,6 +120,79 @@ class PeakMemory:
         else:
             self.extra = _rss_bytes("VmHWM") - self.base
         return False
+
+
+class PhasePeaks:
+    """Peak memory (bytes) of named, possibly nested phases of one process, without sampling.
+
+    CPU: the kernel's resident-set high-water mark ``VmHWM`` is read and reset (``/proc/self/clear_refs``)
+    at every phase boundary and folded into every phase open at that moment, so each phase gets its own
+    exact peak and ``process_peak`` the peak since the tracker started. CUDA: the same with the caching
+    allocator's peak statistics (``max_memory_allocated``; ``reserved_peak`` tracks
+    ``max_memory_reserved``, what the allocator holds from the driver). ``levels`` holds the current
+    value at each boundary (``name:start`` / ``name:end``) and at each ``mark``.
+    """
+
+    def __init__(self, device: str = "cpu"):
+        self.device = device
+        self.open: list[str] = []
+        self.peaks: dict[str, int] = {}
+        self.levels: dict[str, int] = {}
+        self.reserved_peak = 0
+        self.seconds: dict[str, float] = {}  # wall time per phase (summed over its calls)
+        self._started: dict[str, float] = {}
+        self.process_peak = self._peak()
+        self._reset()
+
+    def _peak(self) -> int:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.reserved_peak = max(self.reserved_peak, torch.cuda.max_memory_reserved())
+            return torch.cuda.max_memory_allocated()
+        return _rss_bytes("VmHWM")
+
+    def _current(self) -> int:
+        return torch.cuda.memory_allocated() if self.device == "cuda" else _rss_bytes("VmRSS")
+
+    def _reset(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+
+    def _fold(self) -> int:
+        peak = self._peak()
+        self.process_peak = max(self.process_peak, peak)
+        for name in self.open:
+            self.peaks[name] = max(self.peaks.get(name, 0), peak)
+        self._reset()
+        return self._current()
+
+    def mark(self, name: str) -> int:
+        self.levels[name] = level = self._fold()
+        return level
+
+    def enter(self, name: str) -> None:
+        self.levels[f"{name}:start"] = level = self._fold()
+        self.open.append(name)
+        self.peaks[name] = max(self.peaks.get(name, 0), level)
+        self._started[name] = time.perf_counter()
+
+    def exit(self, name: str) -> None:
+        if name in self.open:
+            self.levels[f"{name}:end"] = self._fold()
+            self.open.remove(name)
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - self._started.pop(name)
+
+    def wrap(self, name: str, fn):
+        """``fn`` with each call run as phase ``name``."""
+        def wrapped(*args, **kwargs):
+            self.enter(name)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.exit(name)
+        return wrapped
 
 
 def median_time(fn, repeats: int, device: str) -> float:
@@ -170,6 +278,15 @@ def time_and_memory(step, device: str, repeats: int) -> dict:
     return {"time_s": median_time(step, repeats, device), "peak_extra_bytes": mem.extra}
 
 
+def add_results_options(parser: argparse.ArgumentParser) -> None:
+    """``--results-dir DIR`` (default: runs/benchmarks/, outside the source tree) and ``--record`` (the
+    committed benchmarks/results/); both set ``args.results_dir``, None meaning the default."""
+    parser.add_argument("--results-dir", default=None,
+                        help="where rows are appended (default: runs/benchmarks/, outside the source tree)")
+    parser.add_argument("--record", action="store_const", dest="results_dir", const=str(RECORD_DIR),
+                        help="append the rows to benchmarks/results/ (the committed record) instead")
+
+
 def bench_arguments(doc: str, methods: list[str] | None = None) -> argparse.ArgumentParser:
     """The options every benchmark script shares (``--worker`` is how it re-invokes itself per case)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -177,7 +294,7 @@ def bench_arguments(doc: str, methods: list[str] | None = None) -> argparse.Argu
     if methods is not None:
         parser.add_argument("--methods", nargs="*", default=methods)
     parser.add_argument("--no-save", action="store_true", help="do not append rows to the results folder")
-    parser.add_argument("--results-dir", default=RESULTS_DIR, help="default: benchmarks/results/")
+    add_results_options(parser)
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     return parser
 
@@ -186,6 +303,7 @@ def start_run(args: argparse.Namespace) -> dict:
     """Check the device, print the run's header line, return the environment recorded in every row."""
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA GPU here")
+    quiet_progress_bars()
     env = environment(args.device)
     print(f"# {env['machine']} | torch {env['torch']} | triton {env['triton']} | commit {env['commit']}")
     return env
@@ -202,14 +320,15 @@ def serve_worker(args: argparse.Namespace, worker) -> bool:
     """In a ``--worker`` process: run the one case and print its JSON result."""
     if not args.worker:
         return False
+    quiet_progress_bars()
     print(json.dumps(worker(*parse_worker_args(args.worker))))
     return True
 
 
-def append_rows(name: str, rows: list[dict], results_dir: Path = RESULTS_DIR) -> Path:
-    results_dir = Path(results_dir)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    path = results_dir / f"{name}.jsonl"
+def append_rows(name: str, rows: list[dict], folder: Path | None = None) -> Path:
+    folder = Path(folder) if folder is not None else default_results_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.jsonl"
     with path.open("a") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
@@ -226,3 +345,43 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
         print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
         if i == 0:
             print("  ".join("-" * w for w in widths))
+
+
+class HostReads:
+    """Counts the device→host reads a block of code makes (``.item()``, ``.tolist()``, ``.cpu()``, ``bool()``,
+    ``float()``, ``int()`` of a tensor): on a GPU each is a host sync that stalls the launch queue. On a CPU
+    run nothing stalls, but the count is the same code path's, so it says how many syncs a GPU run would
+    make. ``ours`` counts the reads made by hypo_fast's own code; ``total`` includes libraries (DeepSpeed).
+    """
+
+    METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
+
+    def __init__(self):
+        self.ours = self.total = 0
+        self._saved = {}
+
+    def __enter__(self):
+        import sys
+
+        import torch
+
+        package = str(Path(__file__).resolve().parents[1] / "hypo_fast")
+        for name in self.METHODS:
+            original = getattr(torch.Tensor, name)
+            self._saved[name] = original
+
+            def counting(tensor, *args, _original=original, **kwargs):
+                self.total += 1
+                caller = sys._getframe(1).f_code.co_filename
+                if caller.startswith(package) or "/hypo_fast/" in caller and "site-packages" not in caller:
+                    self.ours += 1
+                return _original(tensor, *args, **kwargs)
+
+            setattr(torch.Tensor, name, counting)
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, original)

@@ -279,7 +279,7 @@ def summary(rows: list[dict]) -> dict:
 
 
 def main() -> None:
-    from benchlib import RESULTS_DIR, append_rows, environment, print_table
+    from benchlib import add_results_options, append_rows, environment, print_table
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archs", nargs="+", type=int, default=list(ARCH_NAMES), choices=list(ARCH_NAMES))
@@ -292,7 +292,7 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="exit 1 if any variant fails the gate")
     parser.add_argument("--json", help="also write the rows and the summary to this file")
     parser.add_argument("--no-save", action="store_true", help="do not append rows to the results folder")
-    parser.add_argument("--results-dir", default=RESULTS_DIR, help="default: benchmarks/results/")
+    add_results_options(parser)
     args = parser.parse_args()
 
     env = environment("cpu")

@@ -39,27 +39,14 @@ SPECS = {
                     ("step_s", "step s", ".3f"), ("tokens_per_s", "tokens/s", ".0f"), ("speed_vs_trl", "× TRL speed", ".2f"),
                     ("peak_extra_mb", "extra MiB", ".0f"), ("mem_vs_trl", "mem × TRL", ".2f"),
                     ("time/sampling", "sampling s", ".2f"), ("time/reference", "reference s", ".2f"),
-                    ("time/policy", "policy s", ".2f")], ("speed_vs_trl", "mem_vs_trl")),
+                    ("time/policy", "policy s", ".2f"), ("grad_ckpt_used", "grad. ckpt", ""),
+                    ("lm_head", "log-probs by", "s")], ("speed_vs_trl", "mem_vs_trl")),
     "bench_generate": ("Sampling throughput", "hf_generate",
                        [("V", "V", "d"), ("D", "D", "d"), ("layers", "layers", "d"), ("method", "method", "s"),
                         ("time_s", "time s", ".3f"), ("tokens_per_s", "tokens/s", ".0f"), ("speed_vs_hf", "× HF", ".2f"),
                         ("peak_extra_mb", "extra MiB", ".0f")], ("speed_vs_hf",)),
-    "memory_8b": ("Memory: one HyPO step's measured peak against the estimator", None,
-                  [("shape", "shape", "s"), ("mode", "mode", "s"), ("seq", "seq", "d"), ("dtype", "dtype", "s"),
-                   ("measured_mb", "measured MiB", ".0f"), ("estimate_mb", "estimate MiB", ".0f"),
-                   ("ratio", "measured / estimate", ".2f")], ()),
-    "memory_8b#plan": ("Memory plan: estimated GB per GPU, one HyPO step on Llama-3-8B shapes (bf16, seq 2048, "
-                       "1 pair + 1 prompt × k=2, gradient checkpointing)", None,
-                       [("mode", "mode", "s"), ("gpus", "GPUs", "d"), ("zero", "ZeRO", "d"), ("offload", "offload", "s"),
-                        ("weights_gb", "weights", ".1f"), ("grads_gb", "grads", ".1f"), ("optimizer_gb", "optimizer", ".1f"),
-                        ("reference_gb", "reference", ".1f"), ("activations_gb", "activations", ".1f"),
-                        ("kv_cache_gb", "KV cache", ".2f"), ("generation_gather_gb", "ZeRO-3 gather for sampling", ".1f"),
-                        ("total_gb", "total", ".1f")], ()),
 }
-KEEP = {  # which rows of a shared file each table shows
-    "memory_8b": lambda r: "measured_mb" in r or "error" in r,
-    "memory_8b#plan": lambda r: "total_gb" in r and r["gpus"] in (1, 8),
-}
+KEEP = {}  # which rows of a shared file each table shows (memory_8b has its own sections below)
 
 
 def _fmt(value, spec):
@@ -105,6 +92,136 @@ def _plot(name: str, title: str, rows: list[dict], keys: tuple[str, ...], machin
     return file
 
 
+def SHAPE_ORDER(row: dict) -> float:  # noqa: N802  (a sort key)
+    import memory_8b
+
+    return memory_8b.SHAPES[row["shape"]].params()
+
+
+def memory_sections() -> list[str]:
+    """The memory plan: every measured cell beside the current estimator, and the latest 8B plan table."""
+    import memory_8b
+
+    path = RESULTS / "memory_8b.jsonl"
+    if not path.exists():
+        return []
+    lines = []
+    calibrated = memory_8b.calibrate(memory_8b.measured_rows(RESULTS))
+    columns = [("cell", "cell", "s"), ("params_b", "params (B)", ".2f"), ("malloc", "malloc", "s"),
+               ("measured_mib", "measured MiB", ".0f"), ("estimate_mib", "estimated MiB", ".0f"),
+               ("ratio", "measured / estimated", ".2f"), ("measured_phase", "measured peak in", "s"),
+               ("peak_phase", "estimated peak in", "s")]
+    for machine in sorted({c["machine"] for c in calibrated}):
+        rows = sorted((c for c in calibrated if c["machine"] == machine),
+                      key=lambda c: (c["mode"], c["params_b"], c["seq"], c["malloc"] or ""))
+        lines += ["## Memory: one training step's measured peak per rank against the estimator", "",
+                  f"{machine}; hypo_fast's trainer, one step of each cell (`python benchmarks/memory_8b.py "
+                  "--measure CELL`), the estimate of the current `memory_8b.py`; CPU peaks are the resident set's "
+                  "high-water mark (malloc `mmap`: glibc returns freed tensors, so it tracks live memory; `default`: "
+                  "glibc as shipped)", "",
+                  "| " + " | ".join(h for _, h, _ in columns) + " |", "|" + "---|" * len(columns)]
+        for c in rows:
+            lines.append("| " + " | ".join(_fmt(c.get(k), f) if c.get(k) is not None else
+                                          (c.get("error") or "–") if k == "measured_mib" else "–"
+                                          for k, _, f in columns) + " |")
+        lines.append("")
+        for mode in ("lora", "full"):
+            band = memory_8b.calibration_band(rows, mode, rows[0]["device"])
+            if band:
+                lines.append(f"- {mode}: measured / estimated spans {band[0]:.2f}–{band[1]:.2f} (malloc `mmap`)")
+        default = [c["ratio"] for c in rows if c.get("ratio") and c["malloc"] == "default"]
+        if default:
+            lines.append(f"- glibc's default malloc: measured / estimated {min(default):.2f}–{max(default):.2f}: the "
+                         "resident set keeps freed memory (arenas, fragmentation) that the estimate, which counts live "
+                         "tensors, leaves out")
+        measured = [r for r in memory_8b.measured_rows(RESULTS) if r["machine"] == machine]
+        parts = memory_8b.breakdown_rows(sorted(measured, key=lambda r: (r["mode"], SHAPE_ORDER(r), r["seq"])))
+        keys = [k for k in memory_8b.BREAKDOWN if any(k in p for p in parts)]
+        lines += ["", "Breakdown, MiB measured / estimated, of the rank with the highest peak:", "",
+                  "| cell | malloc | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 2)]
+        for p in parts:
+            lines.append(f"| {p['cell']} | {p['malloc']} | " + " | ".join(p.get(k, "–") for k in keys) + " |")
+        lines += ["", "How each measured number is obtained (phase boundaries are the trainer's own calls, wrapped "
+                  "in the measuring process; RSS high-water marks are reset at each boundary):", ""]
+        lines += [f"- {k}: {memory_8b.BREAKDOWN[k]}" for k in keys]
+        lines += ["", "What these cells check in the estimator:", ""] + [f"- {x}" for x in memory_8b.CHECKED_ON_CPU]
+        lines += ["", "What they cannot (only a GPU can: `bash benchmarks/gpu_suite.sh OUT memory`):", ""]
+        lines += [f"- {x}" for x in memory_8b.UNTESTED_ON_GPU]
+        lines.append("")
+    plans = [json.loads(line) for line in path.read_text().splitlines()]
+    plans = [r for r in plans if r.get("kind") == "plan"]
+    if plans:
+        latest = max(r["date"] for r in plans)
+        rows = [r for r in plans if r["date"] == latest]
+        columns = [("mode", "mode", "s"), ("gpus", "GPUs", "d"), ("zero", "ZeRO", "d"), ("offload", "offload", "s"),
+                   ("peak_gb", "peak GiB (flash-attn)", ".1f"), ("low_gb", "band low", ".1f"),
+                   ("high_gb", "band high", ".1f"), ("peak_sdpa_gb", "peak GiB (SDPA)", ".1f"),
+                   ("peak_phase", "peak in", "s"), ("host_gb", "host GiB per node", ".0f")]
+        lines += ["## Memory plan: estimated peak per GPU, one HyPO step on Llama-3-8B", "",
+                  f"commit {rows[0].get('commit')}, {latest}; bf16, gradient checkpointing, 1 pair + 1 prompt × k = 2 "
+                  "per GPU, every sequence 2048 tokens; band = peak × the spread of measured/estimated over the "
+                  "calibration cells of the same mode; add ~0.5 GiB of CUDA context and the allocator's fragmentation",
+                  "", "| " + " | ".join(h for _, h, _ in columns) + " |", "|" + "---|" * len(columns)]
+        for r in rows:
+            lines.append("| " + " | ".join(_fmt(r.get(k), f) for k, _, f in columns) + " |")
+        lines.append("")
+    return lines
+SETTING_TITLES = {("partial", "worse"): "partial coverage, uncovered responses worse",
+                  ("partial", "better"): "partial coverage, uncovered responses better",
+                  ("global-worse", "worse"): "global coverage (control), uncovered responses worse",
+                  ("global-better", "better"): "global coverage (control), uncovered responses better"}
+
+
+def coverage_section(path: Path) -> list[str]:
+    """The latest full run of benchmarks/coverage.py: the check, a table per setting, the hypotheses, the plot."""
+    runs: dict[str, list[dict]] = defaultdict(list)
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        if not row.get("quick"):
+            runs[row.get("date", "")].append(row)
+    if not runs:
+        return []
+    rows = runs[max(runs)]
+    first = rows[0]
+    seeds = next((r["seeds"] for r in rows if "seeds" in r), [])
+    pm = lambda v, d=3: "–" if v is None else f"{v[0]:+.{d}f} ± {v[1]:.{d}f}"  # noqa: E731
+    lines = ["## Coverage experiment: HyPO vs DPO under partial and global coverage", "",
+             f"{first.get('machine')}; torch {first.get('torch')}, commit {first.get('commit')}, {first.get('date')}; "
+             f"seeds {seeds}. Design, hypotheses and decision rules: the docstring of `benchmarks/coverage.py`, "
+             "committed before the first run. ± is the standard error over seeds; [a, b] a 95% t-interval of the "
+             "per-seed paired difference.", "", "Manipulation check (partial coverage: does DPO put more mass on "
+             "responses the pairs never show than the reference does?):", ""]
+    for r in rows:
+        if r.get("kind") == "manipulation_check":
+            mean, se, low, high = r["diff"]
+            lines.append(f"- {r['policy']}: DPO − reference not-covered mass {mean:+.3f} ± {se:.3f} "
+                         f"[{low:+.3f}, {high:+.3f}]: **{'PASS' if r['pass'] else 'FAIL'}**")
+    for (data, scenario), title in SETTING_TITLES.items():
+        table = [r for r in rows if r.get("kind") == "summary" and r["data"] == data and r["scenario"] == scenario]
+        if not table:
+            continue
+        lines += ["", f"### {title}", "", "| policy | gold reward | per seed | KL(π‖π_ref) | not covered | "
+                  "uncovered templates / off-template | HyPO − DPO (same β), reward [95% CI] |", "|---|---|---|---|---|---|---|"]
+        for r in table:
+            vs = r.get("reward_vs_dpo")
+            paired = f"{vs[0]:+.3f} ± {vs[1]:.3f} [{vs[2]:+.3f}, {vs[3]:+.3f}]" if vs else ""
+            lines.append(f"| {r['policy']} | {pm(r.get('reward'))} | {' '.join(f'{v:+.2f}' for v in r['reward_per_seed'])} "
+                         f"| {pm(r.get('kl'), 2)} | {pm(r.get('mass_not_covered'))} | "
+                         f"{r['mass_uncovered'][0]:.3f} / {r['mass_off'][0]:.3f} | {paired} |")
+    hypotheses = [r for r in rows if r.get("kind") == "hypothesis"]
+    if hypotheses:
+        lines += ["", "Hypotheses (Δ = HyPO − DPO at the same β, gold reward; H3: Δ_global − Δ_partial, scenario worse):", ""]
+        for h in hypotheses:
+            mean, se, low, high = h["delta"]
+            lines.append(f"- {h['hypothesis']} {h['cell']}: {mean:+.3f} ± {se:.3f} [{low:+.3f}, {high:+.3f}] → "
+                         f"{h['verdict']}" + ("" if h["check_passed"] else " (manipulation check failed at this β)"))
+    image = path.parent / "coverage_frontier.png"
+    if image.exists():
+        (DOCS / "coverage_frontier.png").write_bytes(image.read_bytes())
+        lines += ["", "![reward against KL, mean ± SE over seeds](coverage_frontier.png)"]
+    return lines + [""]
+
+
 def main() -> None:
     DOCS.mkdir(exist_ok=True)
     lines = ["# Benchmarks", "", "Generated by `python benchmarks/report.py` from `benchmarks/results/*.jsonl` "
@@ -131,6 +248,9 @@ def main() -> None:
             if image:
                 lines += ["", f"![{title}]({image})"]
             lines.append("")
+    lines += memory_sections()
+    if (RESULTS / "coverage.jsonl").exists():
+        lines += coverage_section(RESULTS / "coverage.jsonl")
     (DOCS / "benchmarks.md").write_text("\n".join(lines))
     print(f"wrote {DOCS / 'benchmarks.md'}")
 

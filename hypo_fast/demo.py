@@ -1,130 +1,104 @@
-"""The embedded demo: DPO vs HyPO on a toy task with a known gold reward and partial data coverage.
+"""The embedded demo: DPO vs HyPO where the preference data cover the response space only partially.
 
-    python -m hypo_fast.demo [--out runs/demo] [--steps 60]
+    python -m hypo_fast.demo [--out runs/demo] [--seed 0]
 
-A tiny Llama-style policy is built from a config over an 8-letter alphabet. The gold reward of a
-response is the mean over its letters of +1 for a "good" letter (a, b, c, d) and −1 for a "bad" one
-(e, f, g, h). The offline pairs cover the response space only partially: their responses use just the
-letters a, b, e, f, and the preferred one has the higher gold reward. DPO (λ = 0) and HyPO (λ > 0) train
-from the same reference with the same hyper-parameters; the table reports the gold reward and the
-reverse KL to the reference measured on fresh samples, the DPO accuracy on held-out pairs, and
-throughput; a PNG plots KL and gold reward over steps.
+One seed of the coverage experiment (``benchmarks/coverage.py`` runs it over five seeds and a grid; the
+task is described in ``hypo_fast/examples/coverage_task.py``). Responses are whole sequences: 27 six-letter
+templates. An SFT reference is trained on them (90% of its mass on six *covered* templates, 10% on the
+21 others); the offline pairs are the reference's own samples, kept only when they are covered templates
+and labelled by a gold reward. The data say nothing about the 21 uncovered templates, so their reward is
+set two ways: *worse* than every covered one, or *better* than the best. DPO (β = 0.1) and HyPO (β = 0.1,
+λ = 0.1) train from the reference on these pairs, and again on a global-coverage control whose pairs also
+show the uncovered templates. Every policy is scored on 2,048 fresh samples: gold reward, reverse KL to
+the reference, and how much of its mass sits on responses the pairs never showed. A PNG plots reward
+against KL.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import random
+import time
 from pathlib import Path
 
-ALPHABET = "abcdefgh"
-GOOD = set("abcd")
-COVERED = "abef"  # the letters the offline responses use
+from hypo_fast.examples.coverage_task import SCENARIOS, Cell, TaskSpec, TrainSpec
+
+CELLS = (Cell(0.1), Cell(0.1, 0.1))  # DPO β = 0.1; HyPO β = 0.1, λ = 0.1
+TITLES = {("partial", "worse"): "partial coverage, uncovered templates worse",
+          ("partial", "better"): "partial coverage, uncovered templates better",
+          ("global-worse", "worse"): "global coverage (control), uncovered worse",
+          ("global-better", "better"): "global coverage (control), uncovered better"}
 
 
-def gold_reward(prompts: list[str], responses: list[str]) -> list[float]:
-    """Mean over response letters of +1 (a–d) / −1 (e–h); 0 for an empty response."""
-    return [sum(1.0 if ch in GOOD else -1.0 for ch in r) / len(r) if r else 0.0 for r in responses]
-
-
-def write_task(folder: Path, n_prompts: int = 96, pairs_per_prompt: int = 4, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n_prompts):
-        prompt = "".join(rng.choice(ALPHABET) for _ in range(rng.randint(3, 5)))
-        for _ in range(pairs_per_prompt):
-            while True:
-                a, b = ("".join(rng.choice(COVERED) for _ in range(rng.randint(4, 6))) for _ in range(2))
-                ra, rb = gold_reward([prompt] * 2, [a, b])
-                if ra != rb:
-                    break
-            chosen, rejected = (a, b) if ra > rb else (b, a)
-            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-    path = folder / "pairs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def demo_config(out: Path, data: Path, tokenizer: Path, kl_coef: float, steps: int) -> dict:
-    return {
-        "model": {"config": {"model_type": "llama", "vocab_size": 12, "hidden_size": 64, "intermediate_size": 128,
-                             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                             "max_position_embeddings": 64, "tie_word_embeddings": False},
-                  "tokenizer": str(tokenizer), "init_seed": 0},
-        "data": {"train_file": str(data), "eval_fraction": 0.125, "max_prompt_length": 8, "max_length": 24},
-        "algorithm": {"beta": 0.1, "kl_coef": kl_coef, "num_samples": 4},
-        "sampling": {"prompts_per_step": 4, "max_new_tokens": 8},
-        "optim": {"lr": 1e-3, "max_steps": steps, "pairs_per_micro_batch": 8, "warmup_steps": 5,
-                  "scheduler": "constant_with_warmup", "seed": 0},
-        "eval": {"every": max(1, steps // 6), "kl_prompts": 32, "kl_samples": 4, "reward": "hypo_fast.demo:gold_reward"},
-        "output": {"dir": str(out), "save_every": 0, "keep_last": 1, "resume": "never", "overwrite": True,
-                   "report_to": []},
-    }
-
-
-def _plot(histories: dict[str, list[dict]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for name, history in histories.items():
-        evals = [h for h in history if "eval/kl/k1" in h]
-        steps = [h["step"] for h in evals]
-        axes[0].plot(steps, [h["eval/kl/k1"] for h in evals], marker="o", label=name)
-        axes[1].plot(steps, [h["eval/reward"] for h in evals], marker="o", label=name)
-    axes[0].set(title="reverse KL(π ‖ π_ref), fresh samples", xlabel="step")
-    axes[1].set(title="gold reward of fresh samples", xlabel="step")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+def table(rows: list[dict]) -> str:
+    """One block per setting: gold reward, KL and not-covered mass, each ± its prompt-clustered SE."""
+    reference = next(r for r in rows if r["policy"] == "reference")
+    lines = []
+    for (data, scenario), title in TITLES.items():
+        policies = [reference] + [r for r in rows if r["data"] == data]
+        if len(policies) == 1:
+            continue
+        lines += [f"{title}:",
+                  f"  {'policy':<18} {'gold reward':>16} {'KL(π‖π_ref)':>14} {'not covered':>15} {'uncov. / off':>14}"]
+        for r in policies:
+            lines.append(f"  {r['policy']:<18} {r[f'reward_{scenario}']:>+9.3f} ± {r[f'reward_{scenario}_se']:.3f} "
+                         f"{r['kl']:>7.2f} ± {r['kl_se']:.2f} {r['mass_not_covered']:>8.3f} ± {r['mass_not_covered_se']:.3f} "
+                         f"{r['mass_uncovered']:>6.3f} / {r['mass_off']:.3f}")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo")
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--kl-coef", type=float, default=0.02, help="λ for the HyPO run")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=TrainSpec.steps, help="training steps per policy")
+    parser.add_argument("--sft-steps", type=int, default=TaskSpec.sft_steps)
+    parser.add_argument("--eval-prompts", type=int, default=TaskSpec.eval_prompts, help="× 8 samples each")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this tiny model)")
     args = parser.parse_args(argv)
 
     import logging
+    import os
 
-    from hypo_fast.examples.toy import char_tokenizer
-    from hypo_fast.train.config import config_from_dict
-    from hypo_fast.train.trainer import Trainer
+    import torch
 
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed then skips its "no GPU found" warning
+
+    from hypo_fast.examples.coverage_task import plot_frontier, quiet_progress_bars, run_seed
+
+    torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
+    quiet_progress_bars()
+    start = time.time()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer_dir = out / "tokenizer"
-    char_tokenizer(ALPHABET).save_pretrained(tokenizer_dir)
-    data = write_task(out)
-    print(f"hypo_fast demo: DPO vs HyPO (λ={args.kl_coef}) on a toy task with a known gold reward; "
-          f"offline responses use only the letters {COVERED!r}\n")
-    histories, table = {}, []
-    for name, kl_coef in (("DPO", 0.0), (f"HyPO λ={args.kl_coef}", args.kl_coef)):
-        cfg = config_from_dict(demo_config(out / name.split()[0].lower(), data, tokenizer_dir, kl_coef, args.steps))
-        history = Trainer(cfg).train()
-        histories[name] = history
-        final = history[-1]
-        train_rows = [h for h in history if "tokens_per_s" in h]
-        table.append((name, final["eval/reward"], final["eval/kl/k1"], final["eval/kl/k3"],
-                      final.get("eval/rewards/accuracies", float("nan")),
-                      sum(h["tokens_per_s"] for h in train_rows) / len(train_rows)))
-    start = histories["DPO"][0] if "eval/reward" in histories["DPO"][0] else None  # step 0: the reference
-    print(f"\n{'method':<14} {'gold reward':>11} {'KL k1':>8} {'KL k3':>8} {'DPO acc':>8} {'train tok/s':>12}")
-    for name, reward, kl1, kl3, acc, tps in table:
-        print(f"{name:<14} {reward:>11.3f} {kl1:>8.3f} {kl3:>8.3f} {acc:>8.2f} {tps:>12.0f}")
-    if start is not None:
-        print(f"{'reference':<14} {start['eval/reward']:>11.3f} {start['eval/kl/k1']:>8.3f} {start['eval/kl/k3']:>8.3f}")
-    plot = out / "hypo_vs_dpo.png"
-    _plot(histories, plot)
-    print(f"\nplot: {plot}; metrics: {out}/*/metrics.jsonl; checkpoints: {out}/*/checkpoint-*")
-    return {"table": table, "plot": str(plot)}
+    spec = TaskSpec(sft_steps=args.sft_steps, eval_prompts=args.eval_prompts)
+    print("hypo_fast demo: DPO vs HyPO (Song et al. 2024) when the preference data cover only part of the "
+          "response space.\nAn SFT reference, pairs drawn from it, both reward scenarios and a global-coverage "
+          f"control (seed {args.seed}; 5 seeds and a grid: benchmarks/coverage.py).\n", flush=True)
+    rows = run_seed(args.seed, list(CELLS), out, spec, TrainSpec(steps=args.steps))
+    print("\n" + table(rows))
+    reference = rows[0]
+    dpo = next(r for r in rows if r["data"] == "partial" and r["method"] == "DPO")
+    hypo = next(r for r in rows if r["data"] == "partial" and r["method"] == "HyPO")
+    print(f"uncovered mass on the partial-coverage pairs (share of samples that are not a covered template): "
+          f"reference {reference['mass_not_covered']:.3f}, DPO {dpo['mass_not_covered']:.3f}, "
+          f"HyPO {hypo['mass_not_covered']:.3f}")
+    print("most frequent responses (partial coverage; share of the 2,048 samples, class):")
+    for r in (reference, dpo, hypo):
+        shown = ", ".join(f"{text!r} {share:.2f} {cls}" for text, share, cls in r["top_responses"][:3])
+        print(f"  {r['policy']:<18} {shown}")
+    moved = dpo["mass_not_covered"] - reference["mass_not_covered"]
+    se = (dpo["mass_not_covered_se"] ** 2 + reference["mass_not_covered_se"] ** 2) ** 0.5
+    print(f"manipulation check: DPO − reference = {moved:+.3f} (± {se:.3f}): DPO "
+          f"{'moved mass onto' if moved > 2 * se else 'did not clearly move mass onto'} responses the pairs never showed")
+    panels = {TITLES[(data, scenario)]: {r["policy"]: ((r["kl"], r["kl_se"]),
+                                                       (r[f"reward_{scenario}"], r[f"reward_{scenario}_se"]))
+                                         for r in rows if r["data"] in (data, "reference")}
+              for data, scenario in TITLES if any(r["data"] == data for r in rows)}
+    plot = plot_frontier(panels, out / "frontier.png", f"DPO vs HyPO, one seed (seed {args.seed}); ± prompt-clustered SE")
+    print(f"\nplot: {plot}; runs: {out}/seed{args.seed}/; wall time {time.time() - start:.0f} s")
+    return {"rows": rows, "plot": str(plot), "scenarios": SCENARIOS}
 
 
 if __name__ == "__main__":

@@ -81,9 +81,15 @@ class PreferenceAux(NamedTuple):
     online_kl_exact: torch.Tensor | None = None  # scalar mean over samples of Σ_t KL_t (exact per-token KLs)
 
     def metrics(self, prefix: str = "") -> dict[str, float]:
-        """Scalar metrics under TRL's names plus ``loss/dpo``, ``loss/kl``, ``kl/online`` (and ``kl/online_exact``
-        when exact per-token KLs were computed): the one place they are computed (training logs, the fused
-        modules and evaluation all call this)."""
+        """Scalar metrics under TRL's names plus ``loss/dpo``, ``loss/kl``, ``kl/online`` (and
+        ``kl/online_exact`` when exact per-token KLs were computed): the one place they are computed (training logs, the fused modules and evaluation all call this). One device→host
+        transfer for all of them."""
+        tensors = self.metric_tensors()
+        values = torch.stack([t.float() for t in tensors.values()]).tolist() if tensors else []
+        return {prefix + k: v for k, v in zip(tensors, values)}
+
+    def metric_tensors(self) -> dict[str, torch.Tensor]:
+        """The metrics as 0-d tensors on the device (no host sync; the trainer transfers them once a step)."""
         margins = self.chosen_rewards - self.rejected_rewards
         out = {
             "rewards/chosen": self.chosen_rewards.mean(),
@@ -103,7 +109,7 @@ class PreferenceAux(NamedTuple):
         if self.advantages is not None and self.advantages.numel():
             out["advantages/mean"] = self.advantages.mean()
             out["advantages/std"] = self.advantages.std(unbiased=False)
-        return {prefix + k: float(v) for k, v in out.items() if v is not None}
+        return {k: v.detach().reshape(()) for k, v in out.items() if v is not None}
 
 
 class DPOAux(NamedTuple):

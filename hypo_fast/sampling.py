@@ -33,14 +33,20 @@ class SamplingConfig:
     stop_token_ids: tuple[int, ...] = ()
     seed: int = 0
     cache: str = "auto"  # "static" (preallocated, compile-friendly), "dynamic", or auto: static on CUDA
-    compile_decode: bool = False  # CUDA: torch.compile the decode step (CUDA graphs via mode="reduce-overhead")
+    compile_decode: bool = False  # torch.compile the decode step (on CUDA with CUDA graphs, "reduce-overhead")
     gather_zero3: bool = True  # ZeRO-3: gather all weights once per generate() (False: per module, per token)
+    shared_prefill: bool = True  # prefill a prompt once for its k samples (False: k copies; the same draws)
+    compact_below: float = 0.5  # drop finished rows from the decode batch when fewer than this share is alive
+                                # (dynamic cache, eager decode; 0 never). Changes which noise a row draws, not
+                                # the distribution
 
     def __post_init__(self):
         if self.num_samples < 1:
             raise ValueError(f"num_samples (k) must be ≥ 1, got {self.num_samples}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be ≥ 1, got {self.max_new_tokens}")
+        if not 0.0 <= self.compact_below < 1.0:
+            raise ValueError(f"compact_below must be in [0, 1), got {self.compact_below}")
         if self.cache not in ("auto", "static", "dynamic"):
             raise ValueError(f"cache must be 'auto', 'static' or 'dynamic', got {self.cache!r}")
 
@@ -53,7 +59,14 @@ class Samples:
     mask: torch.Tensor  # [M, T] bool: generated tokens (the stop token included)
 
     def responses(self) -> list[list[int]]:
-        return [row[m].tolist() for row, m in zip(self.tokens, self.mask)]
+        """Each sample's generated tokens (tokens and mask come to the host once, then are split there)."""
+        tokens, mask = self.tokens.cpu(), self.mask.cpu()
+        flat = tokens[mask].tolist()  # rows' tokens, in order: the mask is a prefix of each row
+        out, start = [], 0
+        for n in mask.sum(1).tolist():
+            out.append(flat[start:start + n])
+            start += n
+        return out
 
     def num_tokens(self) -> int:
         return int(self.mask.sum())
@@ -82,7 +95,7 @@ class Sampler:
         # transformers ≥ 5.2x renames the decoder's ``past_key_values`` argument to ``cache``
         self._cache_arg = "cache" if "cache" in inspect.signature(self.decoder.forward).parameters else "past_key_values"
         self._decode = self.decoder
-        if config.compile_decode and torch.cuda.is_available():
+        if config.compile_decode:
             self._decode = torch.compile(self.decoder, mode="reduce-overhead", dynamic=False)
 
     def _check_prompts(self, prompts: Sequence[Sequence[int]]) -> None:
@@ -96,9 +109,7 @@ class Sampler:
                 raise ValueError(f"prompt {i}: {len(prompt)} tokens + max_new_tokens={self.config.max_new_tokens} "
                                  f"exceed the model's context of {context}")
 
-    def _left_padded(self, prompts, device):
-        k = self.config.num_samples
-        rows = [p for p in prompts for _ in range(k)]  # each prompt's k samples consecutive
+    def _left_padded(self, rows, device):
         L = max(len(p) for p in rows)
         input_ids = torch.full((len(rows), L), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), L), dtype=torch.long)
@@ -124,39 +135,83 @@ class Sampler:
         prompt_index = torch.arange(len(prompts), device=device).repeat_interleave(cfg.num_samples)
         return Samples(prompt_index, tokens, logps, mask)
 
+    def _prefill(self, prompts, device):
+        """Prefill the prompts; returns ``(cache, hidden [M, D], attention [M, L], positions [M, L])`` for the
+        M = prompts·k rows. With ``shared_prefill`` each prompt is prefilled once and its KV cache repeated k
+        times (k× fewer prefill FLOPs); otherwise every sample prefills its own copy."""
+        cfg, k = self.config, self.config.num_samples
+        rows = list(prompts) if cfg.shared_prefill else [p for p in prompts for _ in range(k)]
+        input_ids, attention = self._left_padded(rows, device)
+        L = input_ids.shape[1]
+        positions = (attention.cumsum(1) - 1).clamp_min(0)
+        cache = DynamicCache()
+        out = self.decoder(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True,
+                           cache_position=torch.arange(L, device=device), **{self._cache_arg: cache})
+        hidden = out.last_hidden_state[:, -1]  # [P or M, D]
+        if cfg.shared_prefill and k > 1:  # each prompt's k samples consecutive
+            cache.batch_repeat_interleave(k)
+            hidden, attention, positions = (t.repeat_interleave(k, 0) for t in (hidden, attention, positions))
+        # a static cache attends over its whole preallocated length each step: slower on CPU (measured in
+        # benchmarks/bench_generate.py), but it gives the fixed shapes CUDA graphs need
+        if cfg.cache == "static" or (cfg.cache == "auto" and device.type == "cuda"):
+            cache = _as_static(cache, self.model.config, L + cfg.max_new_tokens)
+        return cache, hidden, attention, positions
+
     def _generate(self, prompts, seed, device):
         cfg = self.config
-        input_ids, attn = self._left_padded(prompts, device)
-        M, L = input_ids.shape
-        # a static cache attends over its whole preallocated length each step: slower on CPU (measured
-        # in benchmarks/bench_generate.py), but it gives the fixed shapes CUDA graphs need
-        static = cfg.cache == "static" or (cfg.cache == "auto" and device.type == "cuda")
-        if static:
-            cache = StaticCache(config=self.model.config, max_cache_len=L + cfg.max_new_tokens)
-        else:
-            cache = DynamicCache()
-        position = (attn.cumsum(1) - 1).clamp_min(0)
-        out = self.decoder(input_ids=input_ids, attention_mask=attn, position_ids=position, use_cache=True,
-                           cache_position=torch.arange(L, device=device), **{self._cache_arg: cache})
-        hidden = out.last_hidden_state[:, -1]  # [M, D]
-        next_position = position[:, -1:] + 1
-        stops = torch.tensor(cfg.stop_token_ids, dtype=torch.long, device=device)
+        cache, hidden, attention, positions = self._prefill(prompts, device)
+        (M, L), T = attention.shape, cfg.max_new_tokens
+        tokens = torch.full((M, T), self.pad_id, dtype=torch.long, device=device)
+        logps = torch.zeros((M, T), dtype=torch.float32, device=device)
+        live = torch.zeros((M, T), dtype=torch.bool, device=device)
+        mask = torch.zeros((M, L + T), dtype=torch.long, device=device)  # preallocated: no per-step concatenation
+        mask[:, :L] = attention
+        rows = torch.arange(M, device=device)  # decode-batch row → output row (changes when finished rows leave)
         finished = torch.zeros(M, dtype=torch.bool, device=device)
-        tokens, logps, live = [], [], []
-        for step in range(cfg.max_new_tokens):
+        next_position = positions[:, -1:] + 1
+        cache_positions = torch.arange(L, L + T, device=device)
+        stops = torch.tensor(cfg.stop_token_ids, dtype=torch.long, device=device)
+        check_every = 1 if device.type == "cpu" else 8  # each check is a host sync on a GPU
+        compact = cfg.compact_below > 0 and isinstance(cache, DynamicCache) and self._decode is self.decoder
+        used = 0
+        for step in range(T):
             token, logp = self.head.sample(hidden, temperature=self.policy.temperature,
                                            seed=derive_seed(seed, "decode", step), greedy=cfg.greedy)
             alive = ~finished
-            tokens.append(torch.where(alive, token, self.pad_id))
-            logps.append(torch.where(alive, logp, 0.0))
-            live.append(alive)
-            finished = finished | torch.isin(token, stops)
-            if step + 1 == cfg.max_new_tokens or (stops.numel() and bool(finished.all())):
+            fed = torch.where(alive, token, self.pad_id)
+            tokens[rows, step] = fed
+            logps[rows, step] = torch.where(alive, logp, 0.0)
+            live[rows, step] = alive
+            used = step + 1
+            if stops.numel():
+                finished = finished | torch.isin(token, stops)
+            if step + 1 == T:
                 break
-            attn = torch.cat([attn, alive.long()[:, None]], 1)
-            out = self._decode(input_ids=tokens[-1][:, None], attention_mask=attn, position_ids=next_position,
-                               use_cache=True, cache_position=torch.tensor([L + step], device=device),
-                               **{self._cache_arg: cache})
+            if stops.numel() and used % check_every == 0:
+                n_alive = int((~finished).sum())
+                if n_alive == 0:
+                    break
+                if compact and n_alive <= cfg.compact_below * rows.numel():  # stop spending work on finished rows
+                    keep = (~finished).nonzero().squeeze(1)
+                    cache.batch_select_indices(keep)
+                    rows, fed, finished, mask, next_position, alive = (
+                        t[keep] for t in (rows, fed, finished, mask, next_position, alive))
+            mask[:, L + step] = alive.long()
+            out = self._decode(input_ids=fed[:, None], attention_mask=mask[:, :L + step + 1],
+                               position_ids=next_position, use_cache=True,
+                               cache_position=cache_positions[step:step + 1], **{self._cache_arg: cache})
             hidden = out.last_hidden_state[:, -1]
             next_position = next_position + 1
-        return torch.stack(tokens, 1), torch.stack(logps, 1).float(), torch.stack(live, 1)
+        return tokens[:, :used], logps[:, :used], live[:, :used]
+
+
+def _as_static(dynamic: DynamicCache, config, max_len: int) -> StaticCache:
+    """The prefilled (and repeated) dynamic cache copied into a static one of ``max_len`` positions."""
+    static = StaticCache(config=config, max_cache_len=max_len)
+    for src, dst in zip(dynamic.layers, static.layers):
+        dst.lazy_initialization(src.keys, src.values)
+        length = src.keys.shape[-2]
+        dst.keys[:, :, :length] = src.keys
+        dst.values[:, :, :length] = src.values
+        dst.cumulative_length.fill_(length)
+    return static

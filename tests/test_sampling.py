@@ -92,3 +92,52 @@ def test_temperature_belongs_to_the_policy():
         Policy(tiny_llama(), temperature=0.0)
     with pytest.raises(ValueError, match="greedy"):
         Sampler(Policy(tiny_llama(), temperature=0.7), SamplingConfig(greedy=True))
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_sharing_a_prompts_prefill_changes_no_draw(cache):
+    """One prefill per prompt, its KV cache repeated k times, draws exactly what k separate prefills draw."""
+    model = tiny_llama().eval()
+    runs = {}
+    for shared in (True, False):
+        config = SamplingConfig(max_new_tokens=12, num_samples=3, cache=cache, shared_prefill=shared, compact_below=0.0,
+                                stop_token_ids=(3, 17))
+        runs[shared] = Sampler(Policy(model), config).generate(PROMPTS, seed=11)
+    assert torch.equal(runs[True].tokens, runs[False].tokens) and torch.equal(runs[True].mask, runs[False].mask)
+    torch.testing.assert_close(runs[True].logps, runs[False].logps, atol=1e-5, rtol=0)
+
+
+def test_dropping_finished_rows_keeps_the_draws_exact():
+    """With finished rows leaving the decode batch, two-token responses still follow π exactly (χ² against the
+    enumerated distribution) and their recorded log-probs equal the model's."""
+    from scipy.stats import chisquare
+
+    vocab, eos, prompt = 5, 0, [1, 2]
+    model = tiny_llama(vocab_size=vocab, hidden_size=16, layers=1).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(4.0)  # a peaked, non-uniform distribution
+        first = torch.log_softmax(model(torch.tensor([prompt])).logits[0, -1], -1)
+        seconds = torch.log_softmax(model(torch.tensor([[*prompt, t] for t in range(vocab)])).logits[:, -1], -1)
+    exact = {(eos,): first[eos].exp().item()}
+    exact.update({(a, b): (first[a] + seconds[a, b]).exp().item() for a in range(vocab) if a != eos for b in range(vocab)})
+    config = SamplingConfig(max_new_tokens=2, num_samples=3000, stop_token_ids=(eos,), compact_below=0.99)
+    samples = Sampler(Policy(model), config).generate([prompt], seed=4)
+    responses = [tuple(r) for r in samples.responses()]
+    observed = [responses.count(seq) for seq in exact]
+    total = sum(exact.values())
+    assert abs(total - 1) < 1e-5  # the enumeration covers every response
+    expected = [p / total * len(responses) for p in exact.values()]
+    assert chisquare(observed, expected).pvalue > 1e-4
+    recorded = samples.logps.sum(1)
+    for seq, logp in zip(responses[:50], recorded[:50]):
+        assert abs(logp.item() - torch.tensor(exact[seq]).log().item()) < 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA graphs)")
+def test_compiled_decode_draws_what_the_eager_decode_draws_on_cuda():
+    model = tiny_llama().cuda().eval()
+    policy = Policy(model)
+    runs = [Sampler(policy, SamplingConfig(max_new_tokens=16, num_samples=2, cache="static", compile_decode=c))
+            .generate(PROMPTS, seed=9) for c in (False, True)]
+    assert torch.equal(runs[0].tokens, runs[1].tokens)
+    torch.testing.assert_close(runs[0].logps, runs[1].logps, atol=1e-4, rtol=0)

@@ -137,7 +137,7 @@ class HyPOTrainer(DPOTrainer):
             hidden = decoder_of(model)(input_ids=ids[start:], attention_mask=attention[start:],
                                        use_cache=False).last_hidden_state[:, :-1]
         weight = output_embeddings(model).weight
-        hidden, rows = hidden.to(weight.dtype), targets[start:]
+        weight, rows = (weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)), targets[start:]  # as the policy
         if need_pairs:
             tokens = linear_logprobs(hidden[:2 * pairs], weight, rows[:2 * pairs])  # [2B, T], 0 where ignored
             ref["chosen"], ref["rejected"] = tokens.sum(-1).split(pairs)

@@ -72,14 +72,15 @@ def any_rank(flag: bool, device) -> bool:
     return not all_agree(not flag, device)
 
 
-def mean_over_ranks(values: dict[str, float], device) -> dict[str, float]:
-    """The mean of each scalar over ranks; every rank must hold the same keys (training metrics)."""
-    if world_size() == 1:
-        return values
+def mean_over_ranks(values: dict, device) -> dict[str, float]:
+    """The mean of each scalar (a number or a 0-d tensor) over ranks, read back to the host in one transfer;
+    every rank must hold the same keys (training metrics)."""
     keys = sorted(values)
-    stacked = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(stacked)
-    return dict(zip(keys, (stacked / world_size()).tolist()))
+    stacked = torch.stack([torch.as_tensor(values[k], dtype=torch.float64, device=device).reshape(()) for k in keys])
+    if world_size() > 1:
+        dist.all_reduce(stacked)
+        stacked /= world_size()
+    return dict(zip(keys, stacked.tolist()))
 
 
 def mean_over_ranks_that_have(values: dict[str, float]) -> dict[str, float]:

@@ -209,7 +209,7 @@ class Trainer:
         step = batch.step_logps(token_logps, self.ref_train[pair_index].to(self.device), ref_online, logit_means,
                                 token_kls[0] if token_kls else None)
         loss, aux = self.objective(step)
-        metrics = {"loss": loss.detach(), **aux.metrics()}
+        metrics = {"loss": loss.detach(), **aux.metric_tensors()}  # on the device: transferred once per step
         pair_tokens = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
         return StepResult(loss, metrics, int(batch.tokens.input_ids.numel()), pair_tokens, generated, gen_seconds,
                           ref_seconds)
@@ -235,19 +235,20 @@ class Trainer:
             with optimizer_step_skipped(self.engine) if bad and micro == ga - 1 else contextlib.nullcontext():
                 self.engine.step()
             for k, v in out.metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / ga
+                sums[k] = sums.get(k, 0.0) + v.float() / ga
             tokens, pair_tokens, generated = tokens + out.tokens, pair_tokens + out.pair_tokens, generated + out.generated
             gen_seconds, ref_seconds = gen_seconds + out.gen_seconds, ref_seconds + out.ref_seconds
         seconds = time.perf_counter() - start
         self.step += 1
         self.phase = "the metrics' mean over ranks"
-        sums["num_tokens"] = float(pair_tokens)  # this step's share; summed over ranks below
-        sums = distributed.mean_over_ranks(sums, self.device)  # the global batch's metrics, not rank 0's share
-        self.num_tokens += round(sums.pop("num_tokens") * self.world)
-        if not bad:  # the norm before clipping, as HF's Trainer logs it
+        sums["num_tokens"] = pair_tokens  # this step's share; summed over ranks below
+        if not bad:  # the norm before clipping, as HF's Trainer logs it (the same on every rank)
             grad_norm = self.engine.get_global_grad_norm() if grad_norm is None else grad_norm
             if grad_norm is not None:
-                sums["grad_norm"] = float(grad_norm)
+                sums["grad_norm"] = grad_norm
+        # the global batch's metrics, not rank 0's share, in one device→host transfer for the whole step
+        sums = distributed.mean_over_ranks(sums, self.device)
+        self.num_tokens += round(sums.pop("num_tokens") * self.world)
         sums.update({"skipped_nonfinite": float(bad), "tokens_per_s": tokens * self.world / seconds,
                      "learning_rate": learning_rate, "epoch": self.pairs.epoch + self.pairs.position / self.pairs.n,
                      "num_tokens": float(self.num_tokens), "peak_memory_mb": peak_memory_mb(), "step_seconds": seconds,
@@ -259,13 +260,13 @@ class Trainer:
             log.warning("step %d: non-finite loss: optimizer step skipped, weights unchanged", self.step)
         return sums
 
-    def _local_grad_norm(self) -> float | None:
+    def _local_grad_norm(self) -> torch.Tensor | None:
         """Without ZeRO, DeepSpeed keeps no gradient norm: take it from the (already reduced) gradients.
         ZeRO's optimizers record it themselves during the step (``engine.get_global_grad_norm``)."""
         if self.cfg.deepspeed.zero_stage != 0:
             return None
         grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))) \
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) \
             if grads else None
 
     def _zero_loss(self) -> torch.Tensor:
