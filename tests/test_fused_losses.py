@@ -186,7 +186,9 @@ def test_same_call_same_results_as_liger(liger, loss_type, nll, average, use_bia
         if theirs is None:
             assert ours is None
         else:
-            torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+            # both fp32, neither an oracle: absolute error relative to the gradient's scale (sppo_hard's are ~5×)
+            scale = max(1.0, theirs.abs().max().item())
+            torch.testing.assert_close(ours, theirs, atol=1e-5 * scale, rtol=1e-4)
 
 
 def test_constructor_and_forward_take_liger_s_arguments_in_liger_s_order(liger):
