@@ -12,7 +12,7 @@ with a random per-position upstream gradient of the KL and of the target log-pro
 
 Each case runs in a fresh process: a cold run measures peak extra memory, then warm repeats give the
 median time. Prints a table with ratios to naive and appends rows to
-benchmarks/results/bench_linear_token_kl.jsonl.
+bench_linear_token_kl.jsonl under --results-dir (default runs/benchmarks/; --record: benchmarks/results/).
 
     python benchmarks/bench_linear_token_kl.py                 # CPU
     python benchmarks/bench_linear_token_kl.py --device cuda   # GPU shapes incl. the Llama-3-8B head

@@ -6,17 +6,18 @@ time (the DPO part, where present, is deterministic: the spread is the KL term's
   toy2      the enumerable two-token policy of tests/test_losses.py (3 symbols, one prompt per draw)
   trainer   the enumerable tiny Llama of tests/train/test_objective.py, through the trainer's own step
             (4 prompts of k samples, responses of at most 2 tokens), τ = 1 and τ = 0.6
-  demo      the demo's model (hypo_fast.demo: 8-letter task, 2-layer Llama, responses of up to 8 tokens),
-            first trained with DPO so that it has moved away from its reference, then 4 prompts of k
-            samples per draw through the trainer's step
+  demo      the demo's task and model (hypo_fast.demo, seed 0: SFT reference on six-letter templates, 2-layer
+            Llama, responses of up to 8 tokens), first trained 40 steps with DPO on its partial-coverage pairs
+            so that it has moved away from its reference, then 4 prompts of k samples per draw through the
+            trainer's step
 
 For each: the trace of the covariance of the flat gradient over draws (the summed per-parameter
 variance), and the same times the number of samples behind one draw (the variance per sample). The
 two estimators' mean gradients are compared too (max |z| over the mean direction and random ones): both
-are unbiased, so it should be small. Prints a table and appends rows to
-benchmarks/results/kl_estimator_variance.jsonl.
+are unbiased, so it should be small. Prints a table and appends rows to kl_estimator_variance.jsonl under
+--results-dir (default runs/benchmarks/) or, with --record, benchmarks/results/.
 
-    python benchmarks/kl_estimator_variance.py [--draws 200] [--settings toy2 trainer demo]
+    python benchmarks/kl_estimator_variance.py [--draws 200] [--settings toy2 trainer demo] [--record]
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from benchlib import RESULTS_DIR, append_rows, environment, print_table
+from benchlib import add_results_options, append_rows, environment, print_table
 
 ESTIMATORS = ("rloo", "exact_token")
 
@@ -122,16 +123,24 @@ def trainer_toy(k: int, draws: int, temperature: float, folder: Path) -> dict:
 
 
 def demo(k: int, draws: int, folder: Path, dpo_steps: int = 40) -> dict:
-    from hypo_fast.demo import ALPHABET, demo_config, write_task
-    from hypo_fast.examples.toy import char_tokenizer
+    """The demo's task (seed 0): its SFT reference, its partial-coverage pairs, DPO (β = 0.1) trained for
+    ``dpo_steps`` so that the policy has left the reference (the demo's DPO drifts off-template), then the
+    online term's gradient on 4 training prompts × k samples per draw."""
+    from transformers import AutoTokenizer
+
+    from hypo_fast.examples.coverage_task import (TaskSpec, TrainSpec, draw_pairs, make_task, policy_config,
+                                                   reference_policy, train_sft, write_rows)
     from hypo_fast.train.config import config_from_dict
     from hypo_fast.train.trainer import Trainer
 
-    char_tokenizer(ALPHABET).save_pretrained(folder / "tokenizer")
-    cfg = demo_config(folder / "run", write_task(folder), folder / "tokenizer", kl_coef=0.0, steps=dpo_steps)
-    cfg["eval"]["every"] = 0
+    spec, task = TaskSpec(), make_task(0, TaskSpec())
+    train_sft(task, folder / "sft", spec)
+    tokenizer = AutoTokenizer.from_pretrained(folder / "sft")
+    pairs, _ = draw_pairs(task, reference_policy(folder / "sft"), tokenizer, spec, "partial", "worse")
+    data = write_rows(pairs, folder / "partial.jsonl")
+    cfg = policy_config(folder / "run", data, folder / "sft", 0.1, 0.0, 0, TrainSpec(steps=dpo_steps), spec)
     trainer = Trainer(config_from_dict(cfg))
-    for _ in range(dpo_steps):  # DPO moves the policy away from its reference (the demo's DPO run drifts)
+    for _ in range(dpo_steps):
         trainer.train_step()
     return _step_draws(trainer, k, list(range(8)), [0, 1, 2, 3], draws)
 
@@ -142,7 +151,7 @@ def main() -> None:
     parser.add_argument("--ks", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--settings", nargs="+", default=["toy2", "trainer", "demo"])
     parser.add_argument("--no-save", action="store_true")
-    parser.add_argument("--results-dir", default=RESULTS_DIR)
+    add_results_options(parser)
     args = parser.parse_args()
     import logging
 

@@ -82,8 +82,8 @@ class PreferenceAux(NamedTuple):
 
     def metrics(self, prefix: str = "") -> dict[str, float]:
         """Scalar metrics under TRL's names plus ``loss/dpo``, ``loss/kl``, ``kl/online`` (and
-        ``kl/online_exact`` when exact per-token KLs were computed): the one place they are computed (training logs, the fused modules and evaluation all call this). One device→host
-        transfer for all of them."""
+        ``kl/online_exact`` when exact per-token KLs were computed): the one place they are computed
+        (training logs, the fused modules and evaluation all call this). One device→host transfer for all."""
         tensors = self.metric_tensors()
         values = torch.stack([t.float() for t in tensors.values()]).tolist() if tensors else []
         return {prefix + k: v for k, v in zip(tensors, values)}
