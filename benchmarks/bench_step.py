@@ -9,6 +9,9 @@ text, one token per character), the same batch, sequence lengths, fp32, AdamW, a
   hypo_dpo     hypo_fast's trainer with λ = 0 (reference log-probs cached once, as it always does)
   hypo_hypo    hypo_fast with λ > 0: k samples per online prompt; reported split into sampling,
                reference and policy time
+  hypo_exact   the same with algorithm.kl_loss: exact_token (beyond the paper: the samples' exact
+               per-token KL from the fused linear_token_kl op, the reference's hidden rows kept from its
+               one online forward)
 
 Same settings for every method: gradient checkpointing off unless ``--gradient-checkpointing`` (TRL 1.16's
 ``DPOConfig`` defaults it to True, so it is set explicitly for TRL); dropout off; no gradient clipping
@@ -49,7 +52,7 @@ CASES = {  # (pairs per step, prompt chars, response chars, V, D, layers)
 }
 QUICK_CASE = (2, 32, 63, 4096, 128, 2)
 DTYPES = {"cpu": "float32", "cuda": "bfloat16"}
-METHODS = ["trl", "plain", "hypo_dpo", "hypo_hypo"]
+METHODS = ["trl", "plain", "hypo_dpo", "hypo_hypo", "hypo_exact"]
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 BETA, LR = 0.1, 1e-5
 STEPS, WARMUP = 6, 2  # timed steps = STEPS − WARMUP; --quick: 3 and 1
@@ -196,7 +199,7 @@ def run_plain(case, rows, tokenizer):
                                                    "grad_ckpt_used": _checkpointing(policy)}
 
 
-def run_hypo_fast(case, folder, tokenizer_dir, data, kl_coef):
+def run_hypo_fast(case, folder, tokenizer_dir, data, kl_coef, kl_loss="rloo"):
     from hypo_fast.train.config import config_from_dict
     from hypo_fast.train.trainer import Trainer
 
@@ -204,7 +207,7 @@ def run_hypo_fast(case, folder, tokenizer_dir, data, kl_coef):
         "model": {"config": model_config(case), "tokenizer": str(tokenizer_dir), "dtype": case["dtype"],
                   "gradient_checkpointing": bool(case["grad_ckpt"])},
         "data": {"train_file": str(data), "max_prompt_length": 4096, "max_length": 8192},
-        "algorithm": {"beta": BETA, "kl_coef": kl_coef, "num_samples": 2},
+        "algorithm": {"beta": BETA, "kl_coef": kl_coef, "num_samples": 2, "kl_loss": kl_loss},
         "sampling": {"prompts_per_step": case["pairs"], "max_new_tokens": case["response_chars"] + 1},
         "optim": {"lr": LR, "max_steps": case["steps"], "pairs_per_micro_batch": case["pairs"],
                   "scheduler": "constant", "max_grad_norm": 0.0},
@@ -242,7 +245,8 @@ def worker(method: str, case: dict, repeats: int) -> dict:
             times, extra, split = run_plain(case, rows, tokenizer)
         else:
             times, extra, split = run_hypo_fast(case, folder, folder / "tokenizer", data,
-                                                0.0 if method == "hypo_dpo" else 0.05)
+                                                0.0 if method == "hypo_dpo" else 0.05,
+                                                "exact_token" if method == "hypo_exact" else "rloo")
     step = sorted(times)[len(times) // 2]
     return {"step_s": step, "tokens_per_s": tokens_per_step(case) / step, "peak_extra_bytes": extra, **split}
 

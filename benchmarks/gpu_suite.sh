@@ -42,13 +42,13 @@ if [[ $parts == *" tests "* ]]; then
 
   echo "== compile gate: every launched kernel variant compiled for sm_80/sm_90a/sm_100a with this image's triton"
   # predicted (registers, spills, MMA kind) beside the measured times below; its rows carry this triton's version
-  timeout 120 python3 benchmarks/kernel_resources.py --results-dir "$out" -j "$(nproc)" 2>&1 \
+  timeout 150 python3 benchmarks/kernel_resources.py --results-dir "$out" -j "$(nproc)" 2>&1 \
     | tee "$out/kernel_resources.txt" | tail -12
 fi
 
 if [[ $parts == *" bench "* ]]; then
   echo "== benchmarks (each capped so that tests, compile gate and benchmarks stay under 9 minutes)"
-  for bench in bench_linear_logprobs:70 bench_sample_head:50 bench_dpo_loss:60 bench_generate:50 bench_step:60 memory_8b:40; do
+  for bench in bench_linear_logprobs:70 bench_linear_token_kl:40 bench_sample_head:50 bench_dpo_loss:60 bench_generate:50 bench_step:60 memory_8b:40; do
     name=${bench%%:*}
     timeout "${bench##*:}" python3 "benchmarks/$name.py" --device cuda --results-dir "$out" 2>&1 | tee "$out/$name.txt"
   done

@@ -12,9 +12,11 @@ hints a real launch gets), compiled with ``triton.compile`` for a ``GPUTarget`` 
   smem            dynamic shared memory (bytes), checked against the arch's per-block limit
   MMA             tcgen05 | wgmma | mma.sync | none (FMA dots), from the SASS
 
-Variants: dtype × kernel mode (backward: dh+dW, dh only, dW only; head: Gumbel, greedy) × extras (bias,
-entropy, logit mean, low-precision dW): ``--level ci`` none and all extras per mode, ``default`` also
-each extra alone in the main mode, ``exhaustive`` every subset. Shapes: N, V, D = 8192, 128256, 4096
+Kernels: ``linear_logprobs`` fwd/bwd, ``linear_token_kl`` fwd/bwd (its reference head: the same shape),
+the sampling head and its merge. Variants: dtype × kernel mode (backward: dh+dW, dh only, dW only; head:
+Gumbel, greedy) × extras (bias, entropy, logit mean, target log-probs, low-precision dW): ``--level ci``
+none and all extras per mode, ``default`` also each extra alone in the main mode, ``exhaustive`` every
+subset. Shapes: N, V, D = 8192, 128256, 4096
 (a Llama-3-8B head) and, for the sampling head, one decode batch per row-tile bucket. Prints one table,
 appends the rows to ``benchmarks/results/kernel_resources.jsonl`` and, with ``--check``, exits 1 on a
 compile error, a local-memory instruction or a GPU-wide fence inside a loop, a CAS atomic, or shared
@@ -52,12 +54,14 @@ ARCH_NAMES = {80: "sm_80", 90: "sm_90a", 100: "sm_100a"}
 SMEM_LIMIT = {80: 101376, 90: 232448, 100: 232448}
 N, V, D = 8192, 128256, 4096
 DTYPES = ("bfloat16", "float16", "float32", "tf32")  # tf32: fp32 inputs with allow_tf32=True
-KERNELS = ("fwd", "bwd", "head", "merge")
-NAMES = {"fwd": "linear_logprobs fwd", "bwd": "linear_logprobs bwd", "head": "sample_head",
-         "merge": "sample_head merge"}
-MODES = {"bwd": [(), ("dh_only",), ("dw_only",)], "head": [(), ("greedy",)]}  # what the kernel computes
-FEATURES = {"fwd": ("bias", "entropy", "logit_mean"), "bwd": ("bias", "entropy", "low_dw"), "head": ("bias", "entropy"),
-            "merge": ("entropy",)}  # optional extras, combined with every mode
+KERNELS = ("fwd", "bwd", "kl_fwd", "kl_bwd", "head", "merge")
+NAMES = {"fwd": "linear_logprobs fwd", "bwd": "linear_logprobs bwd", "kl_fwd": "linear_token_kl fwd",
+         "kl_bwd": "linear_token_kl bwd", "head": "sample_head", "merge": "sample_head merge"}
+MODES = {"bwd": [(), ("dh_only",), ("dw_only",)], "kl_bwd": [(), ("dh_only",), ("dw_only",)],
+         "head": [(), ("greedy",)]}  # what the kernel computes
+FEATURES = {"fwd": ("bias", "entropy", "logit_mean"), "bwd": ("bias", "entropy", "low_dw"),
+            "kl_fwd": ("bias", "logp"), "kl_bwd": ("bias", "logp", "low_dw"), "head": ("bias", "entropy"),
+            "merge": ("entropy",)}  # optional extras, combined with every mode (kl: bias = both heads' biases)
 LEVELS = ("ci", "default", "exhaustive")  # features per mode: none + all | none, each (main mode), all | every subset
 
 
@@ -111,7 +115,7 @@ def variants(kernels, dtypes, archs, level: str = "default") -> list[Variant]:
 
 def plan(v: Variant):
     """The launcher's own Launch for this variant, planned on meta tensors."""
-    from hypo_fast.kernels import linear_logprobs, sample_head
+    from hypo_fast.kernels import linear_logprobs, linear_token_kl, sample_head
 
     dtype = torch.float32 if v.dtype == "tf32" else getattr(torch, v.dtype)
     tf32 = v.dtype == "tf32"
@@ -124,12 +128,23 @@ def plan(v: Variant):
             allow_tf32=tf32)
         return tiles if v.kernel == "head" else merge
     hidden, targets = meta(v.rows, D), meta(v.rows, dt=torch.int64)
+    rows = meta(v.rows, dt=torch.float32)
+    if v.kernel in ("kl_fwd", "kl_bwd"):  # the reference: another head of the same shape
+        heads = (hidden, weight, meta(v.rows, D), meta(V, D), targets, bias, meta(V) if "bias" in f else None)
+        if v.kernel == "kl_fwd":
+            launch, _ = linear_token_kl.fwd_launch(*heads, arch=v.arch, return_logprobs="logp" in f,
+                                                   allow_tf32=tf32)
+            return launch
+        needs = (("dw_only" not in f), ("dh_only" not in f), True)
+        launch, _ = linear_token_kl.bwd_launch(
+            *heads, rows, rows, rows, rows if "logp" in f else None, arch=v.arch, needs_grad=needs,
+            fp32_weight_grad="low_dw" not in f, allow_tf32=tf32)
+        return launch
     if v.kernel == "fwd":
         launch, _ = linear_logprobs.fwd_launch(
             hidden, weight, targets, bias, arch=v.arch, return_entropy="entropy" in f,
             return_logit_mean="logit_mean" in f, allow_tf32=tf32)
         return launch
-    rows = meta(v.rows, dt=torch.float32)
     entropy = rows if "entropy" in f else None
     needs = (("dw_only" not in f), ("dh_only" not in f), True)
     launch, _ = linear_logprobs.bwd_launch(

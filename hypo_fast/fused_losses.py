@@ -18,7 +18,7 @@ import torch
 
 from hypo_fast.losses import sequence_logps
 from hypo_fast.objective import DPOAux, HyPOObjective, OnlineLogps, StepLogps
-from hypo_fast.ops import linear_logprobs
+from hypo_fast.ops import linear_logprobs, linear_token_kl
 
 _DEFAULT = HyPOObjective  # keyword defaults below are read from the objective's fields: one default each
 
@@ -48,6 +48,7 @@ class ScoredPairs(NamedTuple):
     online_logps: torch.Tensor | None  # [M, T'] policy token log-probs of online samples at τ (with grad)
     chosen_tokens: torch.Tensor  # [B] scored tokens per sequence (1 each with average_log_prob: already means)
     rejected_tokens: torch.Tensor  # [B]
+    online_kls: torch.Tensor | None = None  # [M, T'] exact KL_t of the online samples at τ (exact_token), with grad
 
     def step_logps(self, online: OnlineLogps | None = None) -> StepLogps:
         return StepLogps(self.chosen, self.rejected, self.ref_chosen, self.ref_rejected, online,
@@ -85,17 +86,28 @@ class PairScorer:
         return (self._logprobs(weight, bias, offline, logit_mean) if offline else [],
                 self._logprobs(weight, bias, online, logit_mean, self.temperature) if online else [])
 
+    def _exact_online(self, weight, bias, ref_weight, ref_bias, online):
+        """The samples through the fused KL op at τ: ``(kl, logp, ref_logp)`` ``[M, T']``, the reference's
+        log-probs from the same pass (no separate reference call)."""
+        online_input, online_target, ref_online_input, _ = online
+        return linear_token_kl(online_input, weight, ref_online_input.detach(), ref_weight.detach(), online_target,
+                               bias=bias, ref_bias=None if ref_bias is None else ref_bias.detach(),
+                               temperature=self.temperature, ignore_index=self.ignore_index, return_logprobs=True,
+                               impl="auto" if self.impl == "native" else self.impl)
+
     def score(self, lin_weight, _input, target, bias, ref_input, ref_weight, ref_bias, ref_chosen, ref_rejected,
-              online=None):
-        """online: None or (online_input, online_target, ref_online_input, online_ref_logps).
+              online=None, exact=False):
+        """online: None or (online_input, online_target, ref_online_input, online_ref_logps); ``exact``: score
+        the samples with the fused exact-KL op (needs ref_online_input).
 
         Returns ``(ScoredPairs, online_ref_logps | None)``.
         """
         n_pairs = _check_pairs(_input, target)
         mask = target != self.ignore_index
         ref_weight = lin_weight if ref_weight is None else ref_weight
+        exact_online = self._exact_online(lin_weight, bias, ref_weight, ref_bias, online) if online and exact else None
         pairs, samples = self._by_temperature(lin_weight, bias, [(_input, target)],
-                                              [online[:2]] if online else None, logit_mean=True)
+                                              [online[:2]] if online and not exact else None, logit_mean=True)
         token_logps, logit_means = pairs[0]
         seq = sequence_logps(token_logps, mask, average=self.average_log_prob)
 
@@ -110,6 +122,8 @@ class PairScorer:
                                  f"D={ref_weight.shape[-1]}")
             offline_ref.append((ref_input.detach(), target))
         online_ref = online[3] if online else None
+        if exact_online is not None and online_ref is None:
+            online_ref = exact_online[2]
         live_online_ref = [(online[2].detach(), online[1])] if online is not None and online_ref is None else None
         with torch.no_grad():
             ref_bias = None if ref_bias is None else ref_bias.detach()
@@ -125,7 +139,8 @@ class PairScorer:
             seq[:n_pairs], seq[n_pairs:], ref_chosen, ref_rejected,
             _masked_mean(logit_means[:n_pairs], mask[:n_pairs]), _masked_mean(logit_means[n_pairs:], mask[n_pairs:]),
             -_masked_mean(token_logps[:n_pairs], mask[:n_pairs]),
-            samples[0][0] if online else None, counts[:n_pairs], counts[n_pairs:])
+            exact_online[1] if exact_online else samples[0][0] if online else None, counts[:n_pairs], counts[n_pairs:],
+            exact_online[0] if exact_online else None)
         return scored_pairs, online_ref
 
     def _pair_reference(self, n_pairs, seq, mask, ref_scored, ref_chosen, ref_rejected):
@@ -242,6 +257,11 @@ class FusedLinearHyPOLoss(torch.nn.Module):
     at τ = 1. ``kl_coef = 0`` skips the online term (plain DPO). The DPO term takes the same ``loss_type``
     (a name or a list, with keyword-only ``loss_weights`` and ``discopop_tau``) and ``average_log_prob`` as
     :class:`FusedLinearDPOLoss`.
+
+    ``kl_loss="exact_token"`` (not from the paper; :func:`hypo_fast.losses.exact_token_kl_loss`) needs
+    ``ref_online_input``: the samples are then scored by the fused exact-KL op (policy log-probs, the exact
+    per-token KL against ``ref_weight``/``ref_bias`` applied to ``ref_online_input``, and the reference
+    log-probs, all from one pass), and ``aux.metrics()`` adds ``kl/online_exact``.
     """
 
     def __init__(self, beta: float = _DEFAULT.beta, kl_coef: float = _DEFAULT.kl_coef,
@@ -268,11 +288,13 @@ class FusedLinearHyPOLoss(torch.nn.Module):
             self._check_online(*given, need_reference=self.objective.samples_online)
             if self.objective.samples_online:  # λ = 0 is DPO: the samples are not scored at all
                 online = given
+        exact = self.objective.kl_loss == "exact_token"
         s, online_ref = self.scorer.score(lin_weight, _input, target, bias, ref_input, ref_weight, ref_bias,
-                                          ref_chosen_logps, ref_rejected_logps, online)
+                                          ref_chosen_logps, ref_rejected_logps, online, exact)
         online_logps = None
         if online is not None:
-            online_logps = OnlineLogps(s.online_logps, online_ref, online_target != self.ignore_index)
+            online_logps = OnlineLogps(s.online_logps, online_ref, online_target != self.ignore_index,
+                                       token_kls=s.online_kls)
         return self.objective(s.step_logps(online_logps), s.chosen_nll)
 
     def _check_online(self, online_input, online_target, ref_online_input, online_ref_logps, need_reference):
@@ -288,6 +310,9 @@ class FusedLinearHyPOLoss(torch.nn.Module):
             raise ValueError(f"num_samples={k} must divide the number of online samples M={online_input.shape[0]}")
         if need_reference and online_ref_logps is None and ref_online_input is None:
             raise ValueError("online samples need online_ref_logps or ref_online_input")
+        if need_reference and self.objective.kl_loss == "exact_token" and ref_online_input is None:
+            raise ValueError("kl_loss='exact_token' needs ref_online_input [M, T', D] (the reference's hidden states "
+                             "of the samples; online_ref_logps alone cannot give the exact per-token KL)")
         if online_ref_logps is not None and online_ref_logps.shape != online_target.shape:
             raise ValueError(f"online_ref_logps must be token-level {tuple(online_target.shape)}, "
                              f"got {tuple(online_ref_logps.shape)}")

@@ -42,6 +42,7 @@ class OnlineLogps(NamedTuple):
     ref_token_logps: torch.Tensor  # same shape: log π_ref,τ(y_t | x, y_<t)
     mask_or_segment_ids: torch.Tensor  # [M, T] bool mask, or packed [N] int sample index
     num_sequences: int | None = None  # M (required with packed segment ids)
+    token_kls: torch.Tensor | None = None  # same shape: exact KL_t at each sampled prefix, with grad (exact_token)
 
     def kl(self, estimator: str = "k1") -> torch.Tensor:
         """``[M]`` per-sample estimates of KL(π_τ ‖ π_ref,τ) (detached); evaluation reports the same."""
@@ -76,12 +77,13 @@ class PreferenceAux(NamedTuple):
     dpo_loss: torch.Tensor | None = None  # scalar mean ℓ_dpo
     kl_loss: torch.Tensor | None = None  # scalar ℓ_kl (its value, not the KL)
     online_kl: torch.Tensor | None = None  # scalar mean k1 estimate of KL(π_τ ‖ π_ref,τ) on the samples
-    advantages: torch.Tensor | None = None  # [M] RLOO advantages r_i − b_i
+    advantages: torch.Tensor | None = None  # [M] RLOO advantages r_i − b_i (exact_token: per scored token)
+    online_kl_exact: torch.Tensor | None = None  # scalar mean over samples of Σ_t KL_t (exact per-token KLs)
 
     def metrics(self, prefix: str = "") -> dict[str, float]:
-        """Scalar metrics under TRL's names plus ``loss/dpo``, ``loss/kl``, ``kl/online``: the one place
-        they are computed (training logs, the fused modules and evaluation all call this). One device→host
-        transfer for all of them."""
+        """Scalar metrics under TRL's names plus ``loss/dpo``, ``loss/kl``, ``kl/online`` (and
+        ``kl/online_exact`` when exact per-token KLs were computed): the one place they are computed
+        (training logs, the fused modules and evaluation all call this). One device→host transfer for all."""
         tensors = self.metric_tensors()
         values = torch.stack([t.float() for t in tensors.values()]).tolist() if tensors else []
         return {prefix + k: v for k, v in zip(tensors, values)}
@@ -100,7 +102,8 @@ class PreferenceAux(NamedTuple):
             "logits/rejected": self.rejected_logits_mean,
             "nll_loss": self.nll_loss.detach(),
         }
-        for key, value in (("loss/dpo", self.dpo_loss), ("loss/kl", self.kl_loss), ("kl/online", self.online_kl)):
+        for key, value in (("loss/dpo", self.dpo_loss), ("loss/kl", self.kl_loss), ("kl/online", self.online_kl),
+                           ("kl/online_exact", self.online_kl_exact)):
             if value is not None:
                 out[key] = value.detach()
         if self.advantages is not None and self.advantages.numel():
@@ -141,7 +144,10 @@ class HyPOObjective:
     label_smoothing: float = 0.0  # ε of cdpo, robust, exo_pair (> 0), aot, aot_unpaired; in [0, 0.5)
     kl_coef: float = 0.0  # λ. 0 is DPO and never samples; the paper tunes λ per task (no universal value)
     num_samples: int = 2  # k online samples per prompt (the RLOO baseline needs k ≥ 2)
-    kl_loss: str = "rloo"  # rloo (the paper) | k3 (not from the paper: per-token k3 as a direct loss)
+    # the online term ℓ_kl: rloo (the paper: REINFORCE on the sampled log-ratio, leave-one-out baseline) |
+    # exact_token (not from the paper: exact per-token KLs from a fused kernel, analytic term + REINFORCE on
+    # the exact future KL; unbiased, lower variance) | k3 (not from the paper: per-token k3 as a direct loss)
+    kl_loss: str = "rloo"
     discopop_tau: float = 0.05  # τ of discopop (TRL's default)
 
     def __post_init__(self):
@@ -191,12 +197,16 @@ class HyPOObjective:
                              "chosen_tokens and rejected_tokens (and summed, not averaged, log-probs)")
         online = logps.online if self.samples_online else None
         online_args = (None, None, None) if online is None else online[:3]
+        if online is not None and self.kl_loss == "exact_token" and online.token_kls is None:
+            raise ValueError("kl_loss 'exact_token' needs the exact per-token KLs of the online samples "
+                             "(OnlineLogps.token_kls, from hypo_fast.linear_token_kl)")
         result = hypo_loss(logps.chosen, logps.rejected, logps.ref_chosen, logps.ref_rejected, *online_args,
                            num_online=None if online is None else online.num_sequences,
                            beta=self.beta, kl_coef=self.kl_coef, num_samples=self.num_samples,
                            loss_type=self.loss_type, label_smoothing=self.label_smoothing, kl_loss=self.kl_loss,
                            discopop_tau=self.discopop_tau, loss_weights=self.loss_weights,
-                           chosen_tokens=logps.chosen_tokens, rejected_tokens=logps.rejected_tokens)
+                           chosen_tokens=logps.chosen_tokens, rejected_tokens=logps.rejected_tokens,
+                           online_token_kls=None if online is None else online.token_kls)
         zero = result.loss.new_zeros(()).detach()
         aux = PreferenceAux(
             logps.chosen.detach(), logps.rejected.detach(),
@@ -206,5 +216,5 @@ class HyPOObjective:
             result.chosen_rewards, result.rejected_rewards, result.dpo_losses.mean().detach(),
             None if online is None else result.kl_loss,
             None if online is None else result.online_kl,
-            result.advantages)
+            result.advantages, result.online_kl_exact)
         return result.loss, aux

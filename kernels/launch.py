@@ -49,6 +49,17 @@ TILES: dict[str, dict] = {
         "ieee": {80: _T(64, 128, 16, 8, 3), 90: _T(64, 128, 16, 8, 3), 100: _T(64, 128, 16, 8, 3)},
         "tf32": {80: _T(64, 128, 32, 8, 2), 90: _T(128, 64, 32, 8, 3), 100: _T(64, 128, 32, 8, 3)},
     },
+    # linear_token_kl: two logits tiles (policy and reference) live at once, so half the vocabulary tile
+    "linear_token_kl_fwd": {
+        "half": {80: _T(128, 64, 64, 8, 3), 90: _T(128, 64, 64, 8, 3), 100: _T(128, 64, 64, 8, 3)},
+        "ieee": {80: _T(128, 32, 16, 8, 3), 90: _T(128, 32, 16, 8, 3), 100: _T(128, 32, 16, 8, 3)},
+        "tf32": {80: _T(128, 64, 32, 8, 3), 90: _T(128, 64, 32, 8, 3), 100: _T(128, 64, 16, 8, 3)},
+    },
+    "linear_token_kl_bwd": {
+        "half": {80: _T(64, 128, 32, 8, 3), 90: _T(64, 128, 64, 8, 3), 100: _T(64, 128, 64, 8, 3)},
+        "ieee": {80: _T(64, 64, 16, 8, 3), 90: _T(64, 64, 16, 8, 3), 100: _T(64, 64, 16, 8, 3)},
+        "tf32": {80: _T(64, 128, 32, 8, 2), 90: _T(64, 128, 32, 8, 3), 100: _T(64, 128, 32, 8, 3)},
+    },
     # sample_head: block_v (64) is the sampling tile width, part of what a seed reproduces: the same for
     # every row tile. Few rows: vocabulary-major tiles, so wgmma/tcgen05 get 64 vocabulary rows per MMA.
     "sample_head": {

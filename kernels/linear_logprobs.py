@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from .launch import Launch, check_inputs, device_arch, dot_flags, num_splits, tile_config, weight_grad_dtype
-from .tiles import grouped_tile, logits_tile, online_softmax_update, rows_of_tile
+from .tiles import grouped_tile, head_grads_tile, logits_tile, online_softmax_update, rows_of_tile
 
 
 @triton.jit
@@ -128,34 +128,8 @@ def _linear_logprobs_bwd_kernel(
         log_p = tl.where(v_ok[None, :], z - lse[:, None], 0.0)
         dz -= g_ent[:, None] * p * (log_p + ent[:, None])  # ∂H/∂z_v = −p_v·(log p_v + H)
     dz = tl.where(row_ok[:, None] & v_ok[None, :], dz * inv_temp, 0.0)
-
-    # relaxed atomics: the sums need no ordering with other memory traffic (acq_rel, Triton's default,
-    # puts GPU-wide fences and L1 invalidations around every one of them)
-    if HAS_BIAS and B_GRAD:
-        tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=v_ok, sem="relaxed")
-    dz_op = dz.to(h_ptr.dtype.element_ty)
-    if DOT_IN_FP32:
-        dz_op = dz
-    h_rows = h_ptr + rows[:, None] * stride_hn
-    w_rows = w_ptr + offs_v[:, None].to(tl.int64) * stride_wv
-    dh_rows = dh_ptr + rows[:, None] * D
-    dw_rows = dw_ptr + offs_v[:, None].to(tl.int64) * D
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        d_ok = offs_d < D
-        if H_GRAD:
-            w = tl.load(w_rows + offs_d[None, :], mask=v_ok[:, None] & d_ok[None, :], other=0.0)
-            if DOT_IN_FP32:
-                w = w.to(tl.float32)
-            dh = tl.dot(dz_op, w, input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_D]
-            tl.atomic_add(dh_rows + offs_d[None, :], dh, mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
-        if W_GRAD:
-            h = tl.load(h_rows + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            if DOT_IN_FP32:
-                h = h.to(tl.float32)
-            dw = tl.dot(tl.trans(dz_op), h, input_precision=DOT_PRECISION)  # [BLOCK_V, BLOCK_D]
-            tl.atomic_add(dw_rows + offs_d[None, :], dw.to(dw_ptr.dtype.element_ty),
-                          mask=v_ok[:, None] & d_ok[None, :], sem="relaxed")
+    head_grads_tile(dz, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr, rows, row_ok, offs_v, v_ok, D, stride_hn, stride_wv,
+                    BLOCK_D, HAS_BIAS, H_GRAD, W_GRAD, B_GRAD, DOT_IN_FP32, DOT_PRECISION)
 
 
 def row_order(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:

@@ -88,6 +88,44 @@ def online_softmax_update(m, s, t, z, z_finite, HAS_ENTROPY: tl.constexpr):
 
 
 @triton.jit
+def head_grads_tile(
+    dz, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr, rows, row_ok, offs_v, v_ok, D, stride_hn, stride_wv,
+    BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, H_GRAD: tl.constexpr, W_GRAD: tl.constexpr,
+    B_GRAD: tl.constexpr, DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Add one ``[BLOCK_N, BLOCK_V]`` logits-gradient tile ``dz`` (fp32, zero outside the tile's rows and
+    columns, 1/τ applied) into ``dh += dz·W``, ``dW += dzᵀ·h`` and ``db += Σ_n dz`` with relaxed atomics
+    (the sums need no ordering with other memory traffic; acq_rel, Triton's default, puts GPU-wide fences
+    and L1 invalidations around every one of them). ``dh``/``db`` are fp32, ``dW`` fp32 or the weight dtype.
+    """
+    if HAS_BIAS and B_GRAD:
+        tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=v_ok, sem="relaxed")
+    dz_op = dz.to(h_ptr.dtype.element_ty)
+    if DOT_IN_FP32:
+        dz_op = dz
+    h_rows = h_ptr + rows[:, None] * stride_hn
+    w_rows = w_ptr + offs_v[:, None].to(tl.int64) * stride_wv
+    dh_rows = dh_ptr + rows[:, None] * D
+    dw_rows = dw_ptr + offs_v[:, None].to(tl.int64) * D
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        if H_GRAD:
+            w = tl.load(w_rows + offs_d[None, :], mask=v_ok[:, None] & d_ok[None, :], other=0.0)
+            if DOT_IN_FP32:
+                w = w.to(tl.float32)
+            dh = tl.dot(dz_op, w, input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_D]
+            tl.atomic_add(dh_rows + offs_d[None, :], dh, mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
+        if W_GRAD:
+            h = tl.load(h_rows + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            if DOT_IN_FP32:
+                h = h.to(tl.float32)
+            dw = tl.dot(tl.trans(dz_op), h, input_precision=DOT_PRECISION)  # [BLOCK_V, BLOCK_D]
+            tl.atomic_add(dw_rows + offs_d[None, :], dw.to(dw_ptr.dtype.element_ty),
+                          mask=v_ok[:, None] & d_ok[None, :], sem="relaxed")
+
+
+@triton.jit
 def grouped_tile(pid, num_pid_n, num_pid_other, GROUP_N: tl.constexpr):
     """Grouped launch order: GROUP_N token tiles run together so their h rows stay in L2."""
     per_group = GROUP_N * num_pid_other

@@ -9,7 +9,8 @@ import torch
 
 from hypo_fast import FusedLinearDPOLoss, FusedLinearHyPOLoss
 from hypo_fast.dpo_losses import USES_LABEL_SMOOTHING
-from hypo_fast.losses import LOSS_TYPES, dpo_loss, rloo_kl_loss
+from hypo_fast.losses import LOSS_TYPES, dpo_loss, exact_token_kl_loss, rloo_kl_loss
+from hypo_fast.reference import linear_token_kl_reference
 
 B, T, D, V = 3, 11, 24, 97
 IGNORE = -100
@@ -281,6 +282,40 @@ def test_hypo_module_matches_naive_float64(impl, k, seed):
         assert isinstance(metrics[key], float)
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_hypo_module_exact_token_matches_naive_float64(impl, k, seed):
+    """kl_loss='exact_token' at τ = 0.7: DPO on the pairs + λ·ℓ_kl from the exact per-token KLs of the
+    samples against the reference head, scored in one fused pass; values, gradients and both KL metrics."""
+    hidden, target, online_hidden, online_target, weight, bias = _on_device(
+        impl, *_batch(2 * B, T), *_batch(2 * k, T + 4, prompt=5), *_head())
+    ref_weight, ref_bias = weight + 0.05 * torch.randn_like(weight), bias + 0.1 * torch.randn_like(bias)
+    ref_hidden = hidden + 0.1 * torch.randn_like(hidden)
+    ref_online = online_hidden + 0.1 * torch.randn_like(online_hidden)
+    tau, mask = 0.7, online_target != IGNORE
+    leaves = [t.clone().requires_grad_() for t in (weight, hidden, online_hidden)]
+    fn = FusedLinearHyPOLoss(beta=0.2, kl_coef=0.3, num_samples=k, kl_loss="exact_token", temperature=tau, impl=impl)
+    loss, aux = fn(leaves[0], leaves[1], target, None, ref_hidden, ref_weight, ref_bias, online_input=leaves[2],
+                   online_target=online_target, ref_online_input=ref_online)
+    loss.backward()
+
+    w, h, oh = [t.detach().double().requires_grad_() for t in (weight, hidden, online_hidden)]
+    seq = naive_token_logps(h, w, None, target)[0].sum(-1)
+    ref_seq = naive_token_logps(ref_hidden, ref_weight, ref_bias, target)[0].sum(-1)  # the pairs' reference too
+    dpo = dpo_loss(seq[:B], seq[B:], ref_seq[:B], ref_seq[B:], beta=0.2)[0].mean()
+    kl, logp, ref_logp = linear_token_kl_reference(oh, w, ref_online.double(), ref_weight.double(), online_target,
+                                                   None, ref_bias.double(), tau)
+    exact = exact_token_kl_loss(logp, kl, mask, k)
+    (dpo + 0.3 * exact.loss).backward()
+    torch.testing.assert_close(loss.double(), dpo + 0.3 * exact.loss, atol=1e-5, rtol=1e-5)
+    for ours, expected in zip(leaves, (w, h, oh)):
+        torch.testing.assert_close(ours.grad.double(), expected.grad, atol=1e-5, rtol=1e-4)
+    metrics = aux.metrics()
+    assert metrics["kl/online_exact"] == pytest.approx(exact.sequence_kls.mean().item(), rel=1e-5)
+    assert metrics["kl/online"] == pytest.approx(((logp - ref_logp) * mask).sum(-1).mean().item(), rel=1e-4, abs=1e-5)
+    assert metrics["loss/kl"] == pytest.approx(metrics["kl/online_exact"], rel=1e-5)
+
+
 def test_hypo_with_precomputed_online_reference_and_zero_kl_coef(seed):
     hidden, target = _batch(2 * B, T)
     online_hidden, online_target = _batch(4, T)
@@ -337,6 +372,13 @@ def test_bad_input_names_the_argument(change, match):
     change(call)
     with pytest.raises(ValueError, match=match):
         FusedLinearHyPOLoss(kl_coef=0.1, num_samples=2)(**call)
+
+
+def test_exact_token_needs_the_reference_hidden_states():
+    call = _good_call()
+    call.update(ref_online_input=None, online_ref_logps=torch.zeros(call["online_target"].shape))
+    with pytest.raises(ValueError, match="ref_online_input"):
+        FusedLinearHyPOLoss(kl_coef=0.1, num_samples=2, kl_loss="exact_token")(**call)
 
 
 @pytest.mark.parametrize("kwargs,match", [({"loss_type": "kto"}, "loss_type"), ({"num_samples": 0}, "num_samples"),

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from hypo_fast.losses import LOSS_TYPES, dpo_loss, hypo_loss, k3_kl_loss, rloo_kl_loss, sampled_kl, sequence_logps
+from hypo_fast.losses import (LOSS_TYPES, dpo_loss, exact_token_kl_loss, hypo_loss, k3_kl_loss, rloo_kl_loss,
+                              sampled_kl, sequence_logps)
 
 
 def test_sequence_logps_mask_and_segments_agree(seed):
@@ -280,6 +281,107 @@ def test_rloo_advantages_by_hand():
     assert torch.equal(rloo_kl_loss(seq, ref, 1).advantages, seq.detach())
 
 
+def _token_kls(theta, ref, y):  # [M, 2]: exact KL of the next-token distributions at each sampled prefix
+    def kl(a, b):
+        log_p, log_q = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
+        return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+    return torch.stack([kl(theta[0], ref[0]).expand(y.shape[0]), kl(theta[1][y[:, 0]], ref[1][y[:, 0]])], 1)
+
+
+def _exact_token_loss(theta, ref, y, num_samples):
+    return exact_token_kl_loss(_token_logps(theta, y), _token_kls(theta, ref, y), torch.ones(y.shape, dtype=torch.bool),
+                               num_samples).loss
+
+
+@pytest.mark.parametrize("num_samples", [1, 2, 4])
+def test_exact_token_gradient_is_unbiased_for_the_kl_gradient(num_samples):
+    """E[∇ℓ_kl] = ∇KL(π‖π_ref) for the exact_token estimator, enumerated as for RLOO (fixed seed)."""
+    V, batches, per_batch = 3, 40, 3000
+    theta = [t.requires_grad_() for t in _tiny_policy(V, 1)]
+    ref = _tiny_policy(V, 2)
+    exact = torch.cat([g.reshape(-1) for g in torch.autograd.grad(_exact_kl(theta, ref, V), theta)])
+    generator = torch.Generator().manual_seed(0)
+    estimates = []
+    for _ in range(batches):
+        y = _sample([t.detach() for t in theta], per_batch, generator)
+        estimates.append(torch.cat([g.reshape(-1) for g in
+                                    torch.autograd.grad(_exact_token_loss(theta, ref, y, num_samples), theta)]))
+    estimates = torch.stack(estimates)
+    mean, stderr = estimates.mean(0), estimates.std(0) / batches**0.5
+    assert ((mean - exact).abs() <= 5 * stderr + 1e-6).all(), (mean, exact, stderr)
+    assert (exact.abs() > 20 * stderr).any()  # the test has power: a wrong term would be many SEs off
+
+
+@pytest.mark.parametrize("num_samples", [2, 4])
+def test_exact_token_gradient_varies_less_than_rloo(num_samples):
+    """The variance (trace of the covariance) of one prompt's gradient estimate from k samples: the exact
+    per-token estimator at most half RLOO's on the toy (measured 0.11 at k = 2 and 0.13 at k = 4)."""
+    V, draws = 3, 2000
+    theta = [t.requires_grad_() for t in _tiny_policy(V, 1)]
+    ref = _tiny_policy(V, 2)
+    variance = {}
+    for name in ("rloo", "exact_token"):
+        generator = torch.Generator().manual_seed(0)
+        estimates = []
+        for _ in range(draws):
+            y = _sample([t.detach() for t in theta], num_samples, generator)
+            loss = (rloo_kl_loss(_seq_logp(theta, y), _seq_logp(ref, y), num_samples).loss if name == "rloo"
+                    else _exact_token_loss(theta, ref, y, num_samples))
+            estimates.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, theta)]))
+        variance[name] = torch.stack(estimates).var(0).sum().item()
+    assert variance["exact_token"] < 0.5 * variance["rloo"], variance
+
+
+def test_exact_token_advantages_by_hand():
+    """k = 2, two prompts, ragged lengths: future KL minus the other sample's at the same position."""
+    kls = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 0.0], [1.0, 1.0, 1.0], [7.0, 0.0, 0.0]], requires_grad=True)
+    logps = torch.zeros(4, 3, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 1], [1, 0, 0]], dtype=torch.bool)
+    out = exact_token_kl_loss(logps, kls, mask, num_samples=2)
+    # futures: [5, 3, 0], [5, 0]; [2, 1, 0], [0] → minus the partner's future at the same position (0 past its end)
+    expected = torch.tensor([[0.0, 3.0, 0.0], [0.0, -3.0, 0.0], [2.0, 1.0, 0.0], [-2.0, 0.0, 0.0]])
+    torch.testing.assert_close(out.advantages, expected)
+    torch.testing.assert_close(out.sequence_kls, torch.tensor([6.0, 9.0, 3.0, 7.0]))
+    assert out.loss.item() == pytest.approx(25.0 / 4)  # the value is the mean exact sequence KL
+    out.loss.backward()
+    torch.testing.assert_close(logps.grad, expected / 4)
+    torch.testing.assert_close(kls.grad, mask.float() / 4)
+    no_baseline = exact_token_kl_loss(logps, kls, mask, num_samples=1)
+    torch.testing.assert_close(no_baseline.advantages,
+                               torch.tensor([[5.0, 3.0, 0.0], [5.0, 0.0, 0.0], [2.0, 1.0, 0.0], [0.0, 0.0, 0.0]]))
+
+
+def test_exact_token_packed_segments_equal_the_mask(seed):
+    """Packed [N] tokens with segment ids (interleaved samples, unscored tokens between) give what the
+    [M, T] mask gives."""
+    M, T = 6, 5
+    logps, kls = -torch.rand(M, T, dtype=torch.float64), torch.rand(M, T, dtype=torch.float64)
+    lengths = torch.tensor([5, 2, 3, 1, 4, 5])
+    mask = torch.arange(T)[None, :] < lengths[:, None]
+    padded = exact_token_kl_loss(logps, kls, mask, num_samples=3)
+    ids = torch.arange(M)[None, :].expand(T, M)  # column-major: sample tokens interleave, order kept
+    packed_ids = torch.where(mask.t(), ids, -1).reshape(-1)
+    packed = exact_token_kl_loss(logps.t().reshape(-1), kls.t().reshape(-1), packed_ids, num_samples=3,
+                                 num_segments=M)
+    torch.testing.assert_close(packed.loss, padded.loss)
+    torch.testing.assert_close(packed.sequence_kls, padded.sequence_kls)
+    torch.testing.assert_close(packed.advantages, padded.advantages.t().reshape(-1))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"num_samples": 4}, "num_samples"),
+    ({"num_samples": 0}, "num_samples"),
+    ({"token_kls": torch.zeros(6, 2)}, "token_kls"),
+    ({"mask_or_segment_ids": torch.ones(6, 2, dtype=torch.bool)}, "mask_or_segment_ids"),
+])
+def test_exact_token_bad_input(kwargs, match):
+    args = {"token_logps": torch.zeros(6, 3), "token_kls": torch.zeros(6, 3),
+            "mask_or_segment_ids": torch.ones(6, 3, dtype=torch.bool), "num_samples": 2, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        exact_token_kl_loss(**args)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"num_samples": 4}, "num_samples"),
     ({"num_samples": 0}, "num_samples"),
@@ -306,5 +408,15 @@ def test_hypo_loss_composes_dpo_and_rloo(seed):
     torch.testing.assert_close(k3.loss, dpo_loss(*pairs)[0].mean() + 0.5 * k3_kl_loss(online, online_ref, mask))
     with pytest.raises(ValueError, match="kl_loss"):
         hypo_loss(*pairs, online, online_ref, mask, kl_coef=0.5, num_samples=3, kl_loss="k2")
+    kls = torch.rand(6, 5, dtype=torch.float64, requires_grad=True)
+    exact = hypo_loss(*pairs, online, online_ref, mask, kl_coef=0.5, num_samples=3, kl_loss="exact_token",
+                      online_token_kls=kls)
+    expected = exact_token_kl_loss(online, kls, mask, 3)
+    torch.testing.assert_close(exact.loss, dpo_loss(*pairs)[0].mean() + 0.5 * expected.loss)
+    torch.testing.assert_close(exact.online_kl_exact, expected.sequence_kls.mean())
+    torch.testing.assert_close(exact.online_kl, rloo.rewards.mean())  # the k1 estimate is still reported
+    assert out.online_kl_exact is None
+    with pytest.raises(ValueError, match="online_token_kls"):
+        hypo_loss(*pairs, online, online_ref, mask, kl_coef=0.5, num_samples=3, kl_loss="exact_token")
     with pytest.raises(ValueError, match="num_samples"):
         hypo_loss(*pairs, online, online_ref, mask, kl_coef=0.5, num_samples=4)

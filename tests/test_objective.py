@@ -46,6 +46,24 @@ def test_the_online_term_adds_to_any_loss_list(seed):
     assert not torch.allclose(loss, dpo_only)
 
 
+def test_exact_token_needs_the_token_kls_and_reports_the_exact_kl(seed):
+    mask = torch.rand(4, 6) < 0.8
+    logps = (-torch.rand(4, 6, dtype=torch.float64)).requires_grad_()
+    kls = torch.rand(4, 6, dtype=torch.float64, requires_grad=True)
+    objective = HyPOObjective(kl_coef=0.4, num_samples=2, kl_loss="exact_token")
+    with pytest.raises(ValueError, match="token_kls"):
+        objective(_step(online=OnlineLogps(logps, -torch.rand(4, 6, dtype=torch.float64), mask)))
+    online = OnlineLogps(logps, -torch.rand(4, 6, dtype=torch.float64), mask, token_kls=kls)
+    loss, aux = objective(_step(online=online))
+    metrics = aux.metrics()
+    exact_kl = (kls * mask).sum(-1).mean().item()
+    assert metrics["kl/online_exact"] == pytest.approx(exact_kl) and metrics["loss/kl"] == pytest.approx(exact_kl)
+    loss.backward()
+    assert kls.grad is not None and logps.grad is not None  # the analytic term and the score-function term
+    rloo_metrics = HyPOObjective(kl_coef=0.4, num_samples=2)(_step(online=online))[1].metrics()
+    assert rloo_metrics["kl/online_exact"] == pytest.approx(exact_kl)  # logged whenever the KLs are there
+
+
 @pytest.mark.parametrize("loss_type", ["ipo", "sigmoid_norm", "sft", ["sigmoid", "sft"]])
 def test_length_normalised_types_need_token_counts(loss_type):
     objective = HyPOObjective(loss_type=loss_type)
@@ -79,6 +97,8 @@ def test_label_smoothing_with_plain_sigmoid_warns_and_points_at_cdpo():
     ({"label_smoothing": 0.5}, "label_smoothing"),
     ({"discopop_tau": -1.0}, "discopop_tau"),
     ({"beta": float("inf")}, "beta"),
+    ({"kl_loss": "exact"}, "kl_loss"),
+    ({"kl_loss": "kl_estimator"}, "kl_loss"),
 ])
 def test_bad_options_name_the_option(options, option):
     with pytest.raises(OptionError) as err:

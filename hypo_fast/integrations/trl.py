@@ -65,6 +65,9 @@ class HyPOTrainer(DPOTrainer):
                                              kl_loss=getattr(a, "kl_loss", "rloo"),
                                              temperature=getattr(a, "temperature", 1.0))
         self.objective = self.hypo_loss.objective
+        if self.objective.kl_loss == "exact_token" and self.objective.samples_online:
+            raise ValueError("kl_loss='exact_token' needs the reference's hidden states of the samples, which this "
+                             "integration does not compute yet: use hypo-fast train or FusedLinearHyPOLoss")
         self._draws = 0  # online draws so far on this rank (part of each draw's seed)
         if self.objective.samples_online and self.ref_model is None and not self._is_peft():
             raise ValueError("HyPO's online term needs a reference model during training: pass ref_model=, train "

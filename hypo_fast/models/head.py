@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from hypo_fast.ops import linear_logprobs
+from hypo_fast.ops import linear_logprobs, linear_token_kl
 from hypo_fast.ops.sample_head import sample_tokens
 
 
@@ -34,6 +34,23 @@ class FusedLogprobHead(torch.nn.Module):
         rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # [N, D]
         return linear_logprobs(rows, self.weight, targets, bias=self.bias, temperature=temperature,
                                return_logit_mean=return_logit_mean, impl=self.impl, check_targets=False)
+
+    def token_kl(self, hidden: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor, ref_rows: torch.Tensor,
+                 ref_head: "FusedLogprobHead", temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(kl [N], logp [N])`` at ``positions``: the exact KL(π_τ ‖ π_ref,τ) of the next-token distributions
+        against ``ref_head`` applied to ``ref_rows [N, D_ref]`` (the reference's hidden states at the same
+        positions; no grad), and the targets' log-probs under π_τ, from one fused pass (not from the paper:
+        the ``exact_token`` estimator's input). The reference head's weight is brought to this head's
+        device and dtype (a copy per call if the reference lives elsewhere).
+        """
+        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # [N, D]
+        like = dict(device=rows.device, dtype=rows.dtype)
+        ref_bias = None if ref_head.bias is None else ref_head.bias.detach().to(**like)
+        kl, logp, _ = linear_token_kl(rows, self.weight, ref_rows.to(**like), ref_head.weight.detach().to(**like),
+                                      targets, bias=self.bias, ref_bias=ref_bias, temperature=temperature,
+                                      return_logprobs=True, impl="auto" if self.impl == "native" else self.impl,
+                                      check_targets=False)
+        return kl, logp
 
     @torch.no_grad()
     def sample(self, hidden: torch.Tensor, *, temperature: float = 1.0, seed: int = 0, greedy: bool = False):

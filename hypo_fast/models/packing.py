@@ -143,7 +143,7 @@ class StepBatch:
         return counts[:self.num_pairs], counts[self.num_pairs:]
 
     def step_logps(self, token_logps: torch.Tensor, ref_pairs: torch.Tensor, ref_online: torch.Tensor | None = None,
-                   logit_means: torch.Tensor | None = None) -> StepLogps:
+                   logit_means: torch.Tensor | None = None, online_token_kls: torch.Tensor | None = None) -> StepLogps:
         """The objective's input, by segment, from one forward's ``[N]`` outputs (no host sync).
 
         The pairs' log-probs are sums with their token counts beside them: each loss type of the objective
@@ -154,6 +154,7 @@ class StepBatch:
             ref_pairs: ``[B, 2]`` reference (chosen, rejected) summed sequence log-probs.
             ref_online: ``[N_on]`` reference token log-probs of the online samples at τ.
             logit_means: ``[N]`` mean logit per position (for the ``logits/*`` metrics).
+            online_token_kls: ``[N_on]`` exact KL_t at the online positions, with grad (``exact_token``).
         """
         offline, online = self.split(token_logps)
         chosen, rejected = self.pair_logps(offline)
@@ -161,7 +162,9 @@ class StepBatch:
         if self.num_online:
             if ref_online is None or ref_online.shape != online.shape:
                 raise ValueError(f"ref_online must hold the {online.shape[0]} online positions' reference log-probs")
-            online_logps = OnlineLogps(online, ref_online, self.online_segment_ids, self.num_online)
+            if online_token_kls is not None and online_token_kls.shape != online.shape:
+                raise ValueError(f"online_token_kls must hold the {online.shape[0]} online positions' KLs")
+            online_logps = OnlineLogps(online, ref_online, self.online_segment_ids, self.num_online, online_token_kls)
         means = (None, None)
         if logit_means is not None:
             ids = self.tokens.segment_ids[:self.offline_positions]

@@ -24,10 +24,23 @@ def final_hidden(model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
 
 
 def step_token_logprobs(head: FusedLogprobHead, hidden: torch.Tensor, batch: StepBatch, temperature: float,
-                        return_logit_mean: bool = False):
+                        return_logit_mean: bool = False, ref_online: tuple | None = None):
     """``[N]`` log-probs at a step batch's loss positions: the pairs' under π (τ = 1), the online
-    samples' under π_τ. With ``return_logit_mean``, also ``[N]`` mean logits (a metric)."""
+    samples' under π_τ. With ``return_logit_mean``, also ``[N]`` mean logits (a metric).
+
+    With ``ref_online = (ref_rows [N_on, D_ref], ref_head)`` (the ``exact_token`` estimator), the online rows
+    go through the fused KL op instead (log-prob and exact KL_t against the reference in one pass; their
+    logit means are 0, the metric reads the pairs' only) and ``[N_on]`` token KLs come last in the tuple.
+    """
     tokens = batch.tokens
+    if ref_online is not None and batch.num_online:
+        n = batch.offline_positions
+        offline = head(hidden, tokens.targets[:n], tokens.loss_positions[:n], return_logit_mean=return_logit_mean)
+        kls, online = head.token_kl(hidden, tokens.targets[n:], tokens.loss_positions[n:], *ref_online,
+                                    temperature=temperature)
+        if not return_logit_mean:
+            return torch.cat([offline, online]), kls
+        return torch.cat([offline[0], online]), torch.cat([offline[1], torch.zeros_like(online)]), kls
     if temperature == 1.0 or batch.num_online == 0:
         return head(hidden, tokens.targets, tokens.loss_positions, return_logit_mean=return_logit_mean)
     n = batch.offline_positions
@@ -84,10 +97,16 @@ class Policy:
         """``[N]`` log π(target | prefix) at the batch's loss positions (τ = 1), with grad."""
         return self.head(final_hidden(self.model, batch), batch.targets, batch.loss_positions)
 
-    def step_logprobs(self, batch: StepBatch, return_logit_mean: bool = False):
-        """``[N]`` log-probs of a step batch, with grad: pairs under π, online samples under π_τ."""
+    def step_logprobs(self, batch: StepBatch, return_logit_mean: bool = False,
+                      ref_online_hidden: torch.Tensor | None = None):
+        """``[N]`` log-probs of a step batch, with grad: pairs under π, online samples under π_τ.
+
+        With ``ref_online_hidden`` (``[N_on, D_ref]``, from ``reference_online_logprobs(return_hidden=True)``)
+        also ``[N_on]`` exact per-token KL(π_τ ‖ π_ref,τ) of the online samples, last in the tuple.
+        """
+        ref_online = None if ref_online_hidden is None else (ref_online_hidden, self._reference_head())
         return step_token_logprobs(self.head, final_hidden(self.model, batch.tokens), batch, self.temperature,
-                                   return_logit_mean)
+                                   return_logit_mean, ref_online)
 
     @torch.no_grad()
     def reference_token_logprobs(self, batch: TokenBatch) -> torch.Tensor:
@@ -95,17 +114,28 @@ class Policy:
         return self._reference(batch, 1.0)
 
     @torch.no_grad()
-    def reference_online_logprobs(self, batch: StepBatch) -> torch.Tensor:
-        """``[N_on]`` log π_ref,τ of the step batch's online samples (one no-grad forward over them only)."""
-        return self._reference(batch.online_tokens(), self.temperature)
+    def reference_online_logprobs(self, batch: StepBatch, return_hidden: bool = False):
+        """``[N_on]`` log π_ref,τ of the step batch's online samples (one no-grad forward over them only).
 
-    def _reference(self, batch: TokenBatch, temperature: float) -> torch.Tensor:
+        ``return_hidden`` also returns the reference's final hidden states at those positions ``[N_on, D_ref]``
+        (from the same forward), which the exact per-token KL needs.
+        """
+        return self._reference(batch.online_tokens(), self.temperature, return_hidden)
+
+    def _reference_head(self) -> FusedLogprobHead:
         if self.reference is None:
             raise ValueError("this policy has no reference (pass a FrozenReference or use LoRA)")
+        return self.reference.head
+
+    def _reference(self, batch: TokenBatch, temperature: float, return_hidden: bool = False):
         ref = self.reference
+        head = self._reference_head()
         device = next(ref.model.parameters()).device
         with ref.context():
             batch_on = batch.to(device)
             hidden = final_hidden(ref.model, batch_on)
-            out = ref.head(hidden, batch_on.targets, batch_on.loss_positions, temperature=temperature)
-        return out.to(batch.targets.device)
+            out = head(hidden, batch_on.targets, batch_on.loss_positions, temperature=temperature)
+        if not return_hidden:
+            return out.to(batch.targets.device)
+        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch_on.loss_positions)
+        return out.to(batch.targets.device), rows.to(batch.targets.device)

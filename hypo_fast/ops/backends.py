@@ -26,9 +26,10 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve_impl(impl: str, device: torch.device) -> str:
+def resolve_impl(impl: str, device: torch.device, has_native: bool = True) -> str:
     """``auto`` → Triton on CUDA, the native op on CPU when it was built, the chunked PyTorch path otherwise.
 
+    ``has_native=False`` is for an op with no native CPU op (``auto`` then means the chunked path on CPU).
     An explicit impl is returned as is when it can run on ``device``; otherwise ValueError says why.
     """
     if impl not in IMPLS:
@@ -36,7 +37,9 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     if impl == "auto":
         if device.type == "cuda":
             return "triton"
-        return "native" if device.type == "cpu" and native.available() else "torch"
+        return "native" if device.type == "cpu" and has_native and native.available() else "torch"
+    if impl == "native" and not has_native:
+        raise ValueError("impl='native': this op has no native CPU op; use impl='torch' (or 'auto') on CPU")
     if impl == "native" and (device.type != "cpu" or not native.available()):
         raise ValueError(f"impl='native' needs CPU tensors and the compiled hypo_fast._C "
                          f"(device {device}, built: {native.available()}); reinstall with cmake and a C++ compiler")

@@ -1,4 +1,5 @@
-"""Vocabulary-chunked PyTorch paths of ``linear_logprobs`` and ``sample_tokens`` (the ``"torch"`` backend).
+"""Vocabulary-chunked PyTorch paths of ``linear_logprobs``, ``linear_token_kl`` and ``sample_tokens`` (the
+``"torch"`` backend).
 
 The same two-pass algorithm as the Triton kernels, one ``[N, chunk]`` logits block at a time:
 
@@ -12,6 +13,11 @@ The same two-pass algorithm as the Triton kernels, one ``[N, chunk]`` logits blo
 Peak extra memory is ``O(N·chunk + N·D)`` plus the gradients, never ``O(N·V)``. Ignored rows are
 dropped before any vocabulary work. On CPU the GEMMs run in fp32 (faster than bf16 without AMX, and
 exact enough to be an oracle); on CUDA they run in the input dtype with fp32 statistics.
+
+``linear_token_kl`` streams both heads' logits chunk by chunk: per row a running max and sum-exp of each
+(the same fold for both, so identical heads give exactly 0) and ``u = Σ e^(z−m)·(z − r)``; then
+``KL = u/s − (lse_z − lse_r)``. Its backward recomputes both chunks and forms ``dz = p·(g·(z − r − μ) − g_logp)``
+(``μ = u/s``), the true-class ``+g_logp`` added once outside the loop as for the log-probs.
 """
 
 from __future__ import annotations
@@ -191,6 +197,152 @@ def chunked_bwd(
         dw.index_add_(0, tgt, (g[:, None] * h.float()).to(dw_dtype))
     if want_b:
         db.index_add_(0, tgt, g)
+
+    d_hidden = None
+    if want_h:
+        d_hidden = torch.zeros_like(hidden).index_copy_(0, rows, dh.to(hidden.dtype))
+    return (
+        d_hidden,
+        dw.to(weight.dtype) if want_w else None,
+        db.to(bias.dtype) if want_b else None,
+    )
+
+
+def _fold_max_sum(state, z):
+    """Fold a logits chunk into ``(m, s)`` = (max, Σ e^(z−m)); returns the state and ``e^(z − m_new)``.
+
+    Consumes ``z`` (exponentiated in place).
+    """
+    m_c = z.amax(dim=1)
+    m_new = m_c if state is None else torch.maximum(state[0], m_c)
+    e = z.sub_(m_new[:, None]).exp_()
+    s_c = e.sum(1)
+    if state is None:
+        return (m_new, s_c), e
+    return (m_new, state[1] * torch.exp(state[0] - m_new) + s_c), e
+
+
+def chunked_token_kl_fwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ref_hidden: torch.Tensor,
+    ref_weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_logprobs: bool = False,
+    allow_tf32: bool = False,
+    chunk_elements: int | None = None,
+):
+    """Same contract as ``hypo_fast.kernels.linear_token_kl_fwd``: ``(kl, lse, mu, logp, ref_logp)``, fp32
+    ``[N]`` (the last two None unless ``return_logprobs``); 0 in ignored rows."""
+    N, V = hidden.shape[0], weight.shape[0]
+    inv_temp = 1.0 / temperature
+    rows = _valid_rows(targets, ignore_index)
+    h, h_ref = hidden.index_select(0, rows), ref_hidden.index_select(0, rows)
+    cdtype = _compute_dtype(hidden)
+    h_scaled, ref_scaled = h.to(cdtype) * inv_temp, h_ref.to(cdtype) * inv_temp
+
+    state = ref_state = u = None  # u = Σ e^(z − m)·(z − r), rescaled with the policy's running max
+    chunk = _chunk_size(h.shape[0], V, chunk_elements or DEFAULT_CHUNK_ELEMENTS)
+    for lo in range(0, V, chunk):
+        hi = min(lo + chunk, V)
+        z = _logits_chunk(h_scaled, weight[lo:hi].to(cdtype), bias, lo, hi, inv_temp)  # [n, chunk]
+        r = _logits_chunk(ref_scaled, ref_weight[lo:hi].to(cdtype), ref_bias, lo, hi, inv_temp)
+        delta = torch.sub(z, r)
+        ref_state, _ = _fold_max_sum(ref_state, r)
+        m_old = None if state is None else state[0]
+        state, e = _fold_max_sum(state, z)
+        u_c = (e * delta).sum(1)
+        u = u_c if u is None else u * torch.exp(m_old - state[0]) + u_c
+    (m, s), (m_ref, s_ref) = state, ref_state
+    mu = u / s  # E_π[z − r]
+    kl = (mu - (m - m_ref)) - (torch.log(s) - torch.log(s_ref))  # μ − (lse_z − lse_r), small terms first
+
+    def scatter(values):  # valid rows → [N], 0 elsewhere
+        return torch.zeros(N, device=hidden.device).index_copy_(0, rows, values)
+
+    logp = ref_logp = None
+    if return_logprobs:
+        tgt = targets.index_select(0, rows).long()
+        logp = scatter(_target_logits(h.float(), weight, bias, tgt, inv_temp) - (m + torch.log(s)))
+        ref_logp = scatter(_target_logits(h_ref.float(), ref_weight, ref_bias, tgt, inv_temp)
+                           - (m_ref + torch.log(s_ref)))
+    return scatter(kl), scatter(m + torch.log(s)), scatter(mu), logp, ref_logp
+
+
+def chunked_token_kl_bwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ref_hidden: torch.Tensor,
+    ref_weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    ref_bias: torch.Tensor | None,
+    lse: torch.Tensor,
+    mu: torch.Tensor,
+    grad_kl: torch.Tensor,
+    grad_logp: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    needs_grad: tuple[bool, bool, bool] = (True, True, True),
+    fp32_weight_grad: bool = True,
+    allow_tf32: bool = False,
+    chunk_elements: int | None = None,
+):
+    """Same contract as ``hypo_fast.kernels.linear_token_kl_bwd``: ``(d_hidden, d_weight, d_bias)``.
+
+    ``∂KL/∂z_v = p_v·(z_v − r_v − μ)`` and ``∂logp/∂z_v = onehot_v − p_v``, scaled by 1/τ.
+    """
+    want_h, want_w, want_b = needs_grad
+    want_b = want_b and bias is not None
+    V, D = weight.shape
+    inv_temp = 1.0 / temperature
+    cdtype = _compute_dtype(hidden)
+    rows = _valid_rows(targets, ignore_index)
+    h, h_ref = hidden.index_select(0, rows), ref_hidden.index_select(0, rows)
+    h_c = h.to(cdtype)
+    h_scaled, ref_scaled = h_c * inv_temp, h_ref.to(cdtype) * inv_temp
+    lse, mu = lse.index_select(0, rows), mu.index_select(0, rows)
+    g = grad_kl.index_select(0, rows).float() * inv_temp  # [n], 1/τ folded in
+    g_logp = None if grad_logp is None else grad_logp.index_select(0, rows).float() * inv_temp
+
+    dh = torch.zeros((h.shape[0], D), device=hidden.device, dtype=torch.float32) if want_h else None
+    dw_dtype = torch.float32 if fp32_weight_grad or hidden.device.type == "cpu" else weight.dtype
+    dw = torch.zeros((V, D), device=hidden.device, dtype=dw_dtype) if want_w else None
+    db = torch.zeros(V, device=hidden.device, dtype=torch.float32) if want_b else None
+    chunk = _chunk_size(h.shape[0], V, chunk_elements or DEFAULT_CHUNK_ELEMENTS)
+    for lo in range(0, V, chunk):
+        hi = min(lo + chunk, V)
+        w_c = weight[lo:hi].to(cdtype)
+        z = _logits_chunk(h_scaled, w_c, bias, lo, hi, inv_temp)  # [n, chunk]
+        r = _logits_chunk(ref_scaled, ref_weight[lo:hi].to(cdtype), ref_bias, lo, hi, inv_temp)
+        coef = r.neg_().add_(z).sub_(mu[:, None]).mul_(g[:, None])  # g·(z − r − μ), in place of r
+        if g_logp is not None:
+            coef.sub_(g_logp[:, None])
+        dz = z.sub_(lse[:, None]).exp_().mul_(coef)  # p·coef, in place of z
+        if want_b:
+            db[lo:hi] = dz.sum(0)
+        dz = dz.to(cdtype)
+        if want_h and cdtype == torch.float32:
+            dh.addmm_(dz, w_c)
+        elif want_h:
+            dh += dz @ w_c
+        if want_w:
+            dw[lo:hi] = (dz.t() @ h_c).to(dw_dtype)
+
+    if g_logp is not None:  # the true-class term +g_logp·onehot, exactly and once
+        tgt = targets.index_select(0, rows).long()
+        if want_h:
+            dh += g_logp[:, None] * weight.index_select(0, tgt).float()
+        if want_w:
+            dw.index_add_(0, tgt, (g_logp[:, None] * h.float()).to(dw_dtype))
+        if want_b:
+            db.index_add_(0, tgt, g_logp)
 
     d_hidden = None
     if want_h:

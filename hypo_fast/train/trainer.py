@@ -40,8 +40,8 @@ class TrainModule(torch.nn.Module):
         self.model, self.head = policy.model, policy.head
         self.policy = policy
 
-    def forward(self, batch: StepBatch):
-        return self.policy.step_logprobs(batch, return_logit_mean=True)
+    def forward(self, batch: StepBatch, ref_online_hidden: torch.Tensor | None = None):
+        return self.policy.step_logprobs(batch, return_logit_mean=True, ref_online_hidden=ref_online_hidden)
 
 
 @dataclass
@@ -195,14 +195,19 @@ class Trainer:
             online = [(prompts[i].ids, r) for i, r in zip(samples.prompt_index.tolist(), samples.responses())]
         batch = pack_step([(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in pairs], online,
                           pad_id=self.pad_id).to(self.device)
-        ref_online = None
+        ref_online = ref_hidden = None
+        exact = self.objective.kl_loss == "exact_token"  # needs the reference's hidden states of the samples
         if online:
             start = time.perf_counter()
-            ref_online = self.policy.reference_online_logprobs(batch)  # one no-grad forward over the samples
+            ref_online = self.policy.reference_online_logprobs(batch, return_hidden=exact)  # one no-grad forward
+            if exact:
+                ref_online, ref_hidden = ref_online
             ref_seconds = time.perf_counter() - start
         self.phase = "the policy forward"
-        token_logps, logit_means = self.engine(batch)  # ONE policy forward over pairs and samples together
-        step = batch.step_logps(token_logps, self.ref_train[pair_index].to(self.device), ref_online, logit_means)
+        # ONE policy forward over pairs and samples together (exact_token: plus the samples' exact KL_t)
+        token_logps, logit_means, *token_kls = self.engine(batch, ref_online_hidden=ref_hidden)
+        step = batch.step_logps(token_logps, self.ref_train[pair_index].to(self.device), ref_online, logit_means,
+                                token_kls[0] if token_kls else None)
         loss, aux = self.objective(step)
         metrics = {"loss": loss.detach(), **aux.metric_tensors()}  # on the device: transferred once per step
         pair_tokens = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)

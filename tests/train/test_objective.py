@@ -4,7 +4,7 @@ A two-letter task with responses of at most two tokens has 31 possible responses
 KL(π_τ ‖ π_ref,τ) can be summed exactly from the Hugging Face model's own logits (an oracle that shares
 no code with the packer, the fused head or the sampler). The gradient of the trainer's step loss,
 averaged over many draws, must equal the exact gradient of mean ℓ_dpo + λ·KL within its standard error,
-at τ = 1 and at τ ≠ 1.
+at τ = 1 and at τ ≠ 1, for both estimators of the online term (the paper's RLOO and exact_token).
 """
 
 from __future__ import annotations
@@ -98,15 +98,26 @@ def _gradient(trainer: Trainer, loss: torch.Tensor) -> torch.Tensor:
     return grad
 
 
+@pytest.mark.parametrize("kl_loss", ["rloo", "exact_token"])
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
-def test_step_gradient_is_unbiased_for_dpo_plus_lambda_kl(tmp_path, temperature):
-    trainer = _tiny_task(tmp_path, temperature, kl_coef=1.0)
+def test_step_gradient_is_unbiased_for_dpo_plus_lambda_kl(tmp_path, temperature, kl_loss):
+    trainer = _tiny_task(tmp_path, temperature, kl_coef=1.0, kl_loss=kl_loss)
     pair_index, prompt_index = [0, 1, 2, 3], [0, 1, 2, 3]
 
-    exact = _gradient(trainer, _exact_objective(trainer, pair_index, prompt_index))
-    dpo_only = _gradient(trainer, trainer.step_loss(pair_index, [], seed=0).loss)
-    draws = torch.stack([_gradient(trainer, trainer.step_loss(pair_index, prompt_index, seed=s).loss)
-                         for s in range(120)])  # [draws, params]
+    exact_objective = _exact_objective(trainer, pair_index, prompt_index)
+    exact = _gradient(trainer, exact_objective)
+    dpo_only_loss = trainer.step_loss(pair_index, [], seed=0).loss
+    dpo_only = _gradient(trainer, dpo_only_loss)
+    steps = [trainer.step_loss(pair_index, prompt_index, seed=s) for s in range(120)]
+    draws = torch.stack([_gradient(trainer, step.loss) for step in steps])  # [draws, params]
+    if kl_loss == "exact_token":  # the logged exact KL estimates the same KL as the k1 one, with less noise
+        exact_kl = (exact_objective - dpo_only_loss).item()
+        for key in ("kl/online_exact", "kl/online"):
+            values = torch.tensor([float(step.metrics[key]) for step in steps])
+            se = values.std() / len(values) ** 0.5
+            assert abs(values.mean() - exact_kl) < 4.5 * se, (key, values.mean(), exact_kl, se)
+        assert all(abs(float(step.metrics["loss/kl"]) - float(step.metrics["kl/online_exact"])) < 1e-5
+                   for step in steps)  # the surrogate's value is the exact KL estimate
 
     kl_direction = (exact - dpo_only) / (exact - dpo_only).norm()  # where the KL term moves the gradient
     directions = torch.cat([kl_direction[None], torch.randn(4, exact.numel(), generator=torch.Generator().manual_seed(0))])
