@@ -24,7 +24,9 @@ row names what the run actually used (read from the patched forward).
 Tokens/s counts the prompt + response tokens of chosen and rejected sequences per step (the same
 number for every method; HyPO's online samples come on top and are not counted). Each method runs in a
 fresh process: median step time after warm-up steps, and peak resident memory above the level reached
-once set-up finished (model, reference, data, optimizer). Rows go to --results-dir (default
+once set-up finished (model, reference, data, optimizer). hypo_fast's rows also count the device→host
+reads of one more (untimed) step (``HostReads``: host syncs on a GPU; hypo_fast's own and in total, with
+DeepSpeed's; the sampler checks for finished rows after every token on CPU, every 8 on a GPU). Rows go to --results-dir (default
 runs/benchmarks/bench_step.jsonl) or, with --record, to benchmarks/results/bench_step.jsonl.
 
     python benchmarks/bench_step.py                  # CPU: V=32000, D=256, 2 layers, sequences of 513
@@ -44,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from benchlib import (PeakMemory, bench_arguments, finish_run, run_worker, serve_worker, start_run)
+from benchlib import HostReads, PeakMemory, bench_arguments, finish_run, run_worker, serve_worker, start_run
 
 CASES = {  # (pairs per step, prompt chars, response chars, V, D, layers)
     "cpu": [(2, 128, 383, 32000, 256, 2)],
@@ -220,8 +222,11 @@ def run_hypo_fast(case, folder, tokenizer_dir, data, kl_coef, kl_loss="rloo"):
             memory.__enter__()
         rows.append(trainer.train_step())
     memory.__exit__(None, None, None)
+    with HostReads() as reads:  # one more step, untimed: its device→host reads (host syncs on a GPU)
+        trainer.train_step()
     rows = rows[case["warmup"]:]
     split = {k: sorted(r[k] for r in rows)[len(rows) // 2] for k in ("time/sampling", "time/reference", "time/policy")}
+    split.update(host_reads_hypo_fast=reads.ours, host_reads_total=reads.total)
     from hypo_fast.ops.backends import resolve_impl
 
     impl = resolve_impl(trainer.policy.head.impl if hasattr(trainer.policy.head, "impl") else "auto",
@@ -297,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
     finish_run("bench_step", rows, [("V", "V", "d"), ("seq_len", "seq", "d"), ("method", "method", "s"),
                        ("step_s", "step s", ".3f"), ("tokens_per_s", "tokens/s", ".0f"),
                        ("speed_vs_trl", "×TRL speed", ".2f"), ("peak_extra_mb", "extra MiB", ".0f"),
-                       ("mem_vs_trl", "mem×TRL", ".2f"), ("cost_vs_hypo_dpo", "×DPO step", ".2f"),
+                       ("mem_vs_trl", "mem×TRL", ".2f"), ("cost_vs_hypo_dpo", "×DPO step", ".2f"), ("host_reads_hypo_fast", "syncs", "d"),
                        ("time/sampling", "sample s", ".3f"), ("time/reference", "ref s", ".3f"),
                        ("time/policy", "policy s", ".3f"), ("grad_ckpt_used", "ckpt", ""),
                        ("error", "error", "s")], args)
