@@ -26,7 +26,8 @@ number for every method; HyPO's online samples come on top and are not counted).
 fresh process: median step time after warm-up steps, and peak resident memory above the level reached
 once set-up finished (model, reference, data, optimizer). hypo_fast's rows also count the device→host
 reads of one more (untimed) step (``HostReads``: host syncs on a GPU; hypo_fast's own and in total, with
-DeepSpeed's; the sampler checks for finished rows after every token on CPU, every 8 on a GPU). Rows go to --results-dir (default
+DeepSpeed's; the sampler checks for finished rows after every token on CPU, every 8 on a GPU: a last
+untimed step with the GPU's interval counts what a GPU step would read, ``host_reads_gpu_path``). Rows go to --results-dir (default
 runs/benchmarks/bench_step.jsonl) or, with --record, to benchmarks/results/bench_step.jsonl.
 
     python benchmarks/bench_step.py                  # CPU: V=32000, D=256, 2 layers, sequences of 513
@@ -38,6 +39,7 @@ runs/benchmarks/bench_step.jsonl) or, with --record, to benchmarks/results/bench
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import tempfile
@@ -224,9 +226,14 @@ def run_hypo_fast(case, folder, tokenizer_dir, data, kl_coef, kl_loss="rloo"):
     memory.__exit__(None, None, None)
     with HostReads() as reads:  # one more step, untimed: its device→host reads (host syncs on a GPU)
         trainer.train_step()
+    gpu_reads = reads
+    if kl_coef > 0:  # and one with the GPU's stop-check interval (same samples): the reads of a GPU step
+        trainer.sampler.config = dataclasses.replace(trainer.sampler.config, stop_check_every=8)
+        with HostReads() as gpu_reads:
+            trainer.train_step()
     rows = rows[case["warmup"]:]
     split = {k: sorted(r[k] for r in rows)[len(rows) // 2] for k in ("time/sampling", "time/reference", "time/policy")}
-    split.update(host_reads_hypo_fast=reads.ours, host_reads_total=reads.total)
+    split.update(host_reads_hypo_fast=reads.ours, host_reads_total=reads.total, host_reads_gpu_path=gpu_reads.ours)
     from hypo_fast.ops.backends import resolve_impl
 
     impl = resolve_impl(trainer.policy.head.impl if hasattr(trainer.policy.head, "impl") else "auto",
@@ -303,6 +310,7 @@ def main(argv: list[str] | None = None) -> None:
                        ("step_s", "step s", ".3f"), ("tokens_per_s", "tokens/s", ".0f"),
                        ("speed_vs_trl", "×TRL speed", ".2f"), ("peak_extra_mb", "extra MiB", ".0f"),
                        ("mem_vs_trl", "mem×TRL", ".2f"), ("cost_vs_hypo_dpo", "×DPO step", ".2f"), ("host_reads_hypo_fast", "syncs", "d"),
+                       ("host_reads_gpu_path", "syncs/GPU", "d"),
                        ("time/sampling", "sample s", ".3f"), ("time/reference", "ref s", ".3f"),
                        ("time/policy", "policy s", ".3f"), ("grad_ckpt_used", "ckpt", ""),
                        ("error", "error", "s")], args)

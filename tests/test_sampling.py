@@ -70,6 +70,25 @@ def test_rows_finish_at_their_stop_token():
     assert out.mask[0].sum() == 3
 
 
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_stop_check_interval_changes_no_sample(cache):
+    """Checking for finished rows every 8 steps (a GPU's interval: one host sync per 8 tokens) draws what
+    checking every step draws: finished rows keep being fed pad and masked, and the loop still ends early."""
+    model = tiny_llama().eval()
+    free = _sampler(model, max_new_tokens=24, num_samples=2).generate(PROMPTS, seed=3)
+    stop = int(free.tokens[0, 1])
+    runs = [_sampler(model, max_new_tokens=24, num_samples=2, stop_token_ids=(stop,), cache=cache, compact_below=0.0,
+                     stop_check_every=every).generate(PROMPTS, seed=3) for every in (1, 8)]
+    assert runs[0].mask[0].sum() == 2  # the first row stops at step 1
+    for field in ("tokens", "logps", "mask"):
+        a, b = getattr(runs[0], field), getattr(runs[1], field)
+        width = min(a.shape[1], b.shape[1])  # the per-step loop may end a few steps sooner; nothing is live there
+        assert torch.equal(a[:, :width], b[:, :width])
+        assert not runs[0].mask[:, width:].any() and not runs[1].mask[:, width:].any()
+    with pytest.raises(ValueError, match="stop_check_every"):
+        SamplingConfig(stop_check_every=-1)
+
+
 @pytest.mark.parametrize("prompts,config,match", [
     ([], {}, "prompts is empty"),
     ([[1, 2], []], {}, "prompt 1 is empty"),
