@@ -24,6 +24,18 @@ SPECS = {
                                ("time_vs_naive", "× naive", ".2f"), ("peak_extra_mb", "extra MiB", ".0f"),
                                ("mem_vs_naive", "mem × naive", ".3f"), ("pct_of_matmul", "% matmul", ".0f")],
                               ("time_vs_naive", "mem_vs_naive")),
+    "bench_linear_token_kl": ("Exact per-token KL between two LM heads (kl_loss: exact_token), forward + backward",
+                              "naive",
+                              [("N", "N", "d"), ("V", "V", "d"), ("D", "D", "d"), ("dtype", "dtype", "s"),
+                               ("method", "method", "s"), ("impl", "impl", "s"), ("time_s", "time s", ".3f"),
+                               ("time_vs_naive", "× naive", ".2f"), ("peak_extra_mb", "extra MiB", ".0f"),
+                               ("mem_vs_naive", "mem × naive", ".3f")], ("time_vs_naive", "mem_vs_naive")),
+    "kl_estimator_variance": ("Gradient variance of the online term: exact_token against RLOO at equal k", None,
+                              [("setting", "setting", "s"), ("k", "k", "d"), ("temperature", "τ", ".1f"),
+                               ("draws", "draws", "d"), ("var_per_sample_rloo", "variance per sample, RLOO", ".4g"),
+                               ("var_per_sample_exact_token", "variance per sample, exact_token", ".4g"),
+                               ("variance_ratio", "exact_token / RLOO", ".3f"),
+                               ("max_abs_z_mean_difference", "max |z| of the mean difference", ".2f")], ()),
     "bench_sample_head": ("Sampling head: one decode step's draw and log-prob from hidden states", "naive",
                           [("N", "B", "d"), ("V", "V", "d"), ("D", "D", "d"), ("dtype", "dtype", "s"),
                            ("method", "method", "s"), ("impl", "impl", "s"), ("time_s", "time s", ".4f"),
@@ -39,14 +51,16 @@ SPECS = {
                     ("step_s", "step s", ".3f"), ("tokens_per_s", "tokens/s", ".0f"), ("speed_vs_trl", "× TRL speed", ".2f"),
                     ("peak_extra_mb", "extra MiB", ".0f"), ("mem_vs_trl", "mem × TRL", ".2f"),
                     ("time/sampling", "sampling s", ".2f"), ("time/reference", "reference s", ".2f"),
-                    ("time/policy", "policy s", ".2f"), ("grad_ckpt_used", "grad. ckpt", ""),
+                    ("time/policy", "policy s", ".2f"), ("cost_vs_hypo_dpo", "× DPO step", ".2f"),
+                    ("host_reads_hypo_fast", "host reads", "d"), ("host_reads_gpu_path", "host reads, GPU interval", "d"),
+                    ("grad_ckpt_used", "grad. ckpt", ""),
                     ("lm_head", "log-probs by", "s")], ("speed_vs_trl", "mem_vs_trl")),
     "bench_generate": ("Sampling throughput", "hf_generate",
                        [("V", "V", "d"), ("D", "D", "d"), ("layers", "layers", "d"), ("method", "method", "s"),
                         ("time_s", "time s", ".3f"), ("tokens_per_s", "tokens/s", ".0f"), ("speed_vs_hf", "× HF", ".2f"),
                         ("peak_extra_mb", "extra MiB", ".0f")], ("speed_vs_hf",)),
 }
-KEEP = {}  # which rows of a shared file each table shows (memory_8b has its own sections below)
+KEEP = {"kl_estimator_variance": lambda r: "variance_ratio" in r}  # which rows of a shared file each table shows (memory_8b has its own sections below)
 
 
 def _fmt(value, spec):
@@ -58,13 +72,20 @@ def _fmt(value, spec):
         return str(value)
 
 
-def latest_runs(path: Path) -> dict[str, list[dict]]:
-    """machine → rows of its latest invocation."""
+def latest_runs(path: Path, baseline: str | None = None) -> list[tuple[str, list[dict]]]:
+    """Per machine: its latest invocation that ran ``baseline`` (any, without one), then every later
+    invocation (runs of a subset of the methods), each as its own table: no table mixes runs."""
     by_machine: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for line in path.read_text().splitlines():
         row = json.loads(line)
         by_machine[row.get("machine", "?")][row.get("date", "")].append(row)
-    return {m: runs[max(runs)] for m, runs in by_machine.items()}
+    out = []
+    for machine, runs in by_machine.items():
+        dates = sorted(runs)
+        full = [d for d in dates if baseline is None or any(r.get("method") == baseline for r in runs[d])]
+        start = full[-1] if full else dates[-1]
+        out += [(machine, runs[d]) for d in dates if d >= start]
+    return out
 
 
 def _plot(name: str, title: str, rows: list[dict], keys: tuple[str, ...], machine: str) -> str | None:
@@ -232,7 +253,8 @@ def main() -> None:
         if not path.exists():
             continue
         keep = KEEP.get(name, lambda r: "method" in r)
-        for machine, rows in latest_runs(path).items():
+        seen: dict[str, int] = {}
+        for machine, rows in latest_runs(path, baseline):
             rows = [r for r in rows if keep(r)]
             if not rows:
                 continue
@@ -244,6 +266,8 @@ def main() -> None:
                 cells = [r.get("error", "–") if k == "time_s" and "error" in r else _fmt(r.get(k), f) for k, _, f in columns]
                 lines.append("| " + " | ".join(cells) + " |")
             slug = re.sub(r"[^a-z0-9]+", "-", machine.lower()).strip("-")[:40]
+            seen[slug] = seen.get(slug, 0) + 1
+            slug += f"-{seen[slug]}" if seen[slug] > 1 else ""  # a later run on the same machine: its own plot
             image = _plot(f"{name.split('#')[0]}-{slug}", title, rows, plot_keys, machine)
             if image:
                 lines += ["", f"![{title}]({image})"]
