@@ -36,7 +36,7 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | 
 
 if [[ $parts == *" tests "* ]]; then
   echo "== CUDA tests"
-  timeout 150 python3 -m pytest -q -x -p no:cacheprovider -k "not compile_gate" tests/kernels tests/ops \
+  timeout 180 python3 -m pytest -q -x -p no:cacheprovider -k "not compile_gate" tests/kernels tests/ops tests/test_sampling.py \
     tests/test_fused_losses.py 2>&1 \
     | tee "$out/tests.log" | tail -15
 
