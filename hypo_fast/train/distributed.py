@@ -38,6 +38,8 @@ def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int]:
     if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), datetime.timedelta):
         c10d.default_pg_nccl_timeout = timeout
     if not dist.is_initialized():
+        if not torch.cuda.is_available():
+            _skip_shm_allreduce_op()
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
         _unlink_shm_allreduce_buffer()
     if torch.cuda.is_available():
@@ -45,9 +47,24 @@ def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def _skip_shm_allreduce_op() -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op at its first init (about 35 s in
+    a fresh environment) for ``inference_all_reduce``, which training never calls (its collectives are
+    gloo's). Marking the op incompatible skips the build and the shared-memory segments it would create.
+    ``__compatible_ops__`` is DeepSpeed's own probe table; without it nothing changes."""
+    import deepspeed.ops
+
+    try:
+        compatible = deepspeed.ops.__compatible_ops__
+    except AttributeError:
+        return
+    if isinstance(compatible, dict):
+        compatible["deepspeed_shm_comm"] = False
+
+
 def _unlink_shm_allreduce_buffer() -> None:
-    """DeepSpeed's CPU backend gives each rank of a one-machine world a 67 MB ``/dev/shm`` segment for its
-    shared-memory all-reduce and never unlinks it: every run would leave one per rank behind (memory, as
+    """Where the op above was built anyway, DeepSpeed's CPU backend gives each rank of a one-machine world a
+    67 MB ``/dev/shm`` segment for its shared-memory all-reduce and never unlinks it: every run would leave one per rank behind (memory, as
     /dev/shm is RAM). Once every rank has mapped every segment (``init_distributed`` returns only then, and
     the barrier waits for all), the names can go: the mappings stay valid and the memory is freed when the
     processes exit, however they exit."""
