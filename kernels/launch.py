@@ -8,6 +8,7 @@ sm_100a, so the registers, spills and MMA instructions it reports are those of r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 
@@ -164,6 +165,43 @@ def num_splits(n_tiles: int, v_tiles: int, device: torch.device, arch: int | Non
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else SM_COUNT[arch]
     return max(1, min(v_tiles, -(-2 * sms // n_tiles)))
+
+
+def vocab_splits(n_rows: int, vocab: int, cfg: TileConfig, device: torch.device, arch: int | None,
+                 splits: int | None = None) -> tuple[int, int, int]:
+    """``(token tiles, vocabulary splits, columns per split)`` of a split forward (``splits``: None for
+    :func:`num_splits`'s choice); every split holds at least one column."""
+    n_tiles, v_tiles = -(-n_rows // cfg.block_n), -(-vocab // cfg.block_v)
+    splits = splits or num_splits(n_tiles, v_tiles, device, arch)
+    v_per_split = -(-v_tiles // splits) * cfg.block_v
+    return n_tiles, -(-vocab // v_per_split), v_per_split
+
+
+def tile_constexprs(cfg: TileConfig) -> dict:
+    """A head kernel's tile constexprs and launch options."""
+    return dict(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_N=cfg.group_n,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def head_grad_buffers(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      needs_grad: tuple[bool, bool, bool], dw_dtype: torch.dtype,
+                      unused: torch.Tensor) -> SimpleNamespace:
+    """Zeroed accumulators of an LM head's backward (``tiles.head_grads_tile`` adds into them): ``dh``
+    ``[N, D]`` fp32, ``dw`` ``[V, D]`` in ``dw_dtype``, ``db`` ``[V]`` fp32, with ``unused`` standing in for
+    those not wanted (the kernel never touches them); ``want`` = (H_GRAD, W_GRAD, B_GRAD)."""
+    (N, D), V = hidden.shape, weight.shape[0]
+    want_h, want_w, want_b = needs_grad[0], needs_grad[1], needs_grad[2] and bias is not None
+    zeros = lambda shape, dtype: torch.zeros(shape, device=hidden.device, dtype=dtype)  # noqa: E731
+    return SimpleNamespace(dh=zeros((N, D), torch.float32) if want_h else unused,
+                           dw=zeros((V, D), dw_dtype) if want_w else unused,
+                           db=zeros((V,), torch.float32) if want_b else unused, want=(want_h, want_w, want_b))
+
+
+def head_grads(out: SimpleNamespace, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """``(d_hidden, d_weight, d_bias)`` from :func:`head_grad_buffers`, in the inputs' dtypes (None: not wanted)."""
+    want_h, want_w, want_b = out.want
+    return (out.dh.to(hidden.dtype) if want_h else None, out.dw.to(weight.dtype) if want_w else None,
+            out.db.to(bias.dtype) if want_b else None)
 
 
 def check_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

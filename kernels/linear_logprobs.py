@@ -33,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import Launch, check_inputs, device_arch, dot_flags, num_splits, tile_config, weight_grad_dtype
+from .launch import (Launch, check_inputs, device_arch, dot_flags, head_grad_buffers, head_grads, tile_config,
+                     tile_constexprs, vocab_splits, weight_grad_dtype)
 from .tiles import grouped_tile, head_grads_tile, logits_tile, online_softmax_update, rows_of_tile
 
 
@@ -157,10 +158,7 @@ def fwd_launch(
     (N, D), V = hidden.shape, weight.shape[0]
     device = hidden.device
     cfg = tile_config("linear_logprobs_fwd", hidden.dtype, arch, allow_tf32)
-    n_tiles, v_tiles = triton.cdiv(N, cfg.block_n), triton.cdiv(V, cfg.block_v)
-    splits = splits or num_splits(n_tiles, v_tiles, device, arch)
-    v_per_split = triton.cdiv(v_tiles, splits) * cfg.block_v
-    splits = triton.cdiv(V, v_per_split)  # every split holds at least one column
+    n_tiles, splits, v_per_split = vocab_splits(N, V, cfg, device, arch, splits)
     if order is None:
         order = row_order(targets, ignore_index)
     partial = lambda: torch.empty((splits, N), device=device, dtype=torch.float32)  # noqa: E731
@@ -175,8 +173,7 @@ def fwd_launch(
          N, V, D, hidden.stride(0), weight.stride(0), 1.0 / temperature, ignore_index, v_per_split, splits),
         dict(HAS_BIAS=bias is not None, HAS_ENTROPY=return_entropy, HAS_LOGIT_SUM=return_logit_mean,
              DOT_IN_FP32=dot_in_fp32, DOT_PRECISION=dot_precision,
-             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_N=cfg.group_n,
-             num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+             **tile_constexprs(cfg)),
     )
     return launch, out
 
@@ -243,18 +240,12 @@ def bwd_launch(
     """Plan the backward launch on ``arch``: the Launch and its (zeroed) fp32/low-precision accumulators."""
     check_inputs(hidden, weight, bias, targets)
     (N, D), V = hidden.shape, weight.shape[0]
-    device = hidden.device
     cfg = tile_config("linear_logprobs_bwd", hidden.dtype, arch, allow_tf32)
     if order is None:
         order = row_order(targets, ignore_index)
-    want_h, want_w, want_b = needs_grad
-    want_b = want_b and bias is not None
-    dw_dtype = weight_grad_dtype(weight.dtype, arch, fp32_weight_grad)
-    out = SimpleNamespace(
-        dh=torch.zeros((N, D), device=device, dtype=torch.float32) if want_h else lse,
-        dw=torch.zeros((V, D), device=device, dtype=dw_dtype) if want_w else lse,
-        db=torch.zeros((V,), device=device, dtype=torch.float32) if want_b else lse,
-    )
+    out = head_grad_buffers(hidden, weight, bias, needs_grad, weight_grad_dtype(weight.dtype, arch, fp32_weight_grad),
+                            unused=lse)
+    want_h, want_w, want_b = out.want
     has_entropy_grad = grad_entropy is not None
     dot_in_fp32, dot_precision = dot_flags(hidden.dtype, arch, allow_tf32)
     launch = Launch(
@@ -268,8 +259,7 @@ def bwd_launch(
         dict(HAS_BIAS=bias is not None, HAS_ENTROPY_GRAD=has_entropy_grad,
              H_GRAD=want_h, W_GRAD=want_w, B_GRAD=want_b,
              DOT_IN_FP32=dot_in_fp32, DOT_PRECISION=dot_precision,
-             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_N=cfg.group_n,
-             num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+             **tile_constexprs(cfg)),
     )
     return launch, out
 
@@ -301,10 +291,4 @@ def linear_logprobs_bwd(
         grad_entropy=grad_entropy, temperature=temperature, ignore_index=ignore_index, needs_grad=needs_grad,
         fp32_weight_grad=fp32_weight_grad, allow_tf32=allow_tf32, order=order)
     launch()
-    want_h, want_w, want_b = needs_grad
-    want_b = want_b and bias is not None
-    return (
-        out.dh.to(hidden.dtype) if want_h else None,
-        out.dw.to(weight.dtype) if want_w else None,
-        out.db.to(bias.dtype) if want_b else None,
-    )
+    return head_grads(out, hidden, weight, bias)

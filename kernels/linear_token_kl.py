@@ -32,7 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import Launch, check_inputs, device_arch, dot_flags, num_splits, tile_config, weight_grad_dtype
+from .launch import (Launch, check_inputs, device_arch, dot_flags, head_grad_buffers, head_grads, tile_config,
+                     tile_constexprs, vocab_splits, weight_grad_dtype)
 from .linear_logprobs import row_order
 from .tiles import grouped_tile, head_grads_tile, logits_tile, online_softmax_update, rows_of_tile
 
@@ -187,10 +188,7 @@ def fwd_launch(
     (N, D), V, DR = hidden.shape, weight.shape[0], ref_weight.shape[1]
     device = hidden.device
     cfg = tile_config("linear_token_kl_fwd", hidden.dtype, arch, allow_tf32)
-    n_tiles, v_tiles = triton.cdiv(N, cfg.block_n), triton.cdiv(V, cfg.block_v)
-    splits = splits or num_splits(n_tiles, v_tiles, device, arch)
-    v_per_split = triton.cdiv(v_tiles, splits) * cfg.block_v
-    splits = triton.cdiv(V, v_per_split)  # every split holds at least one column
+    n_tiles, splits, v_per_split = vocab_splits(N, V, cfg, device, arch, splits)
     if order is None:
         order = row_order(targets, ignore_index)
     partial = lambda: torch.empty((splits, N), device=device, dtype=torch.float32)  # noqa: E731
@@ -207,8 +205,7 @@ def fwd_launch(
          1.0 / temperature, ignore_index, v_per_split, splits),
         dict(HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None, HAS_LOGP=return_logprobs,
              DOT_IN_FP32=dot_in_fp32, DOT_PRECISION=dot_precision,
-             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_N=cfg.group_n,
-             num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+             **tile_constexprs(cfg)),
     )
     return launch, out
 
@@ -281,18 +278,12 @@ def bwd_launch(
     check_inputs(hidden, weight, bias, targets)
     _check_reference(hidden, weight, ref_hidden, ref_weight, ref_bias)
     (N, D), V, DR = hidden.shape, weight.shape[0], ref_weight.shape[1]
-    device = hidden.device
     cfg = tile_config("linear_token_kl_bwd", hidden.dtype, arch, allow_tf32)
     if order is None:
         order = row_order(targets, ignore_index)
-    want_h, want_w, want_b = needs_grad
-    want_b = want_b and bias is not None
-    dw_dtype = weight_grad_dtype(weight.dtype, arch, fp32_weight_grad)
-    out = SimpleNamespace(
-        dh=torch.zeros((N, D), device=device, dtype=torch.float32) if want_h else lse,
-        dw=torch.zeros((V, D), device=device, dtype=dw_dtype) if want_w else lse,
-        db=torch.zeros((V,), device=device, dtype=torch.float32) if want_b else lse,
-    )
+    out = head_grad_buffers(hidden, weight, bias, needs_grad, weight_grad_dtype(weight.dtype, arch, fp32_weight_grad),
+                            unused=lse)
+    want_h, want_w, want_b = out.want
     has_logp_grad = grad_logp is not None
     dot_in_fp32, dot_precision = dot_flags(hidden.dtype, arch, allow_tf32)
     launch = Launch(
@@ -306,8 +297,7 @@ def bwd_launch(
         dict(HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None, HAS_LOGP_GRAD=has_logp_grad,
              H_GRAD=want_h, W_GRAD=want_w, B_GRAD=want_b,
              DOT_IN_FP32=dot_in_fp32, DOT_PRECISION=dot_precision,
-             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_N=cfg.group_n,
-             num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+             **tile_constexprs(cfg)),
     )
     return launch, out
 
@@ -339,10 +329,4 @@ def linear_token_kl_bwd(
         arch=device_arch(hidden.device), temperature=temperature, ignore_index=ignore_index, needs_grad=needs_grad,
         fp32_weight_grad=fp32_weight_grad, allow_tf32=allow_tf32, order=order)
     launch()
-    want_h, want_w, want_b = needs_grad
-    want_b = want_b and bias is not None
-    return (
-        out.dh.to(hidden.dtype) if want_h else None,
-        out.dw.to(weight.dtype) if want_w else None,
-        out.db.to(bias.dtype) if want_b else None,
-    )
+    return head_grads(out, hidden, weight, bias)

@@ -129,6 +129,50 @@ def chunked_fwd(
     return scatter(logp), scatter(lse), entropy, logit_mean
 
 
+class _HeadGradSums:
+    """The backward's sums for an LM head over the ``rows`` kept by :func:`_valid_rows`, chunk by chunk of
+    the vocabulary: ``dh`` ``[n, D]``, ``dw`` ``[V, D]`` and ``db`` ``[V]`` from ``dz = ∂L/∂z`` (1/τ folded in)."""
+
+    def __init__(self, hidden, weight, bias, rows, needs_grad, fp32_weight_grad, cdtype):
+        self.want_h, self.want_w = needs_grad[0], needs_grad[1]
+        self.want_b = needs_grad[2] and bias is not None
+        (V, D), n, device = weight.shape, rows.numel(), hidden.device
+        self.rows, self.cdtype = rows, cdtype
+        self.dw_dtype = torch.float32 if fp32_weight_grad or device.type == "cpu" else weight.dtype
+        self.dh = torch.zeros((n, D), device=device, dtype=torch.float32) if self.want_h else None
+        self.dw = torch.zeros((V, D), device=device, dtype=self.dw_dtype) if self.want_w else None
+        self.db = torch.zeros(V, device=device, dtype=torch.float32) if self.want_b else None
+
+    def add_chunk(self, dz: torch.Tensor, lo: int, hi: int, w_c: torch.Tensor, h_c: torch.Tensor) -> None:
+        """``dz`` ``[n, hi − lo]`` fp32 of vocabulary columns ``lo:hi``; ``w_c``, ``h_c`` in the compute dtype."""
+        if self.want_b:
+            self.db[lo:hi] = dz.sum(0)
+        dz = dz.to(self.cdtype)
+        if self.want_h and self.cdtype == torch.float32:
+            self.dh.addmm_(dz, w_c)
+        elif self.want_h:
+            self.dh += dz @ w_c
+        if self.want_w:
+            self.dw[lo:hi] = (dz.t() @ h_c).to(self.dw_dtype)
+
+    def add_targets(self, coef: torch.Tensor, tgt: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> None:
+        """The ``+coef·onehot(tgt)`` term of ``dz``, exactly and once (``coef`` ``[n]`` fp32)."""
+        if self.want_h:
+            self.dh += coef[:, None] * weight.index_select(0, tgt).float()
+        if self.want_w:
+            self.dw.index_add_(0, tgt, (coef[:, None] * h.float()).to(self.dw_dtype))
+        if self.want_b:
+            self.db.index_add_(0, tgt, coef)
+
+    def result(self, hidden, weight, bias):
+        """``(d_hidden, d_weight, d_bias)`` in the inputs' dtypes, ``d_hidden`` 0 in skipped rows."""
+        d_hidden = None
+        if self.want_h:
+            d_hidden = torch.zeros_like(hidden).index_copy_(0, self.rows, self.dh.to(hidden.dtype))
+        return (d_hidden, self.dw.to(weight.dtype) if self.want_w else None,
+                self.db.to(bias.dtype) if self.want_b else None)
+
+
 def chunked_bwd(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -150,9 +194,7 @@ def chunked_bwd(
 
     ``dz = g·(onehot − p) − g_H·p·(log p + H)``, scaled by 1/τ. ``allow_tf32`` as in :func:`chunked_fwd`.
     """
-    want_h, want_w, want_b = needs_grad
-    want_b = want_b and bias is not None
-    V, D = weight.shape
+    V = weight.shape[0]
     inv_temp = 1.0 / temperature
     cdtype = _compute_dtype(hidden)
     rows = _valid_rows(targets, ignore_index)
@@ -166,10 +208,7 @@ def chunked_bwd(
     g_ent = None if grad_entropy is None else grad_entropy.index_select(0, rows).float() * inv_temp
     ent = None if grad_entropy is None else entropy.index_select(0, rows)
 
-    dh = torch.zeros((h.shape[0], D), device=hidden.device, dtype=torch.float32) if want_h else None
-    dw_dtype = torch.float32 if fp32_weight_grad or hidden.device.type == "cpu" else weight.dtype
-    dw = torch.zeros((V, D), device=hidden.device, dtype=dw_dtype) if want_w else None
-    db = torch.zeros(V, device=hidden.device, dtype=torch.float32) if want_b else None
+    grads = _HeadGradSums(hidden, weight, bias, rows, needs_grad, fp32_weight_grad, cdtype)
     chunk = _chunk_size(h.shape[0], V, chunk_elements or DEFAULT_CHUNK_ELEMENTS)
     for lo in range(0, V, chunk):
         hi = min(lo + chunk, V)
@@ -179,33 +218,9 @@ def chunked_bwd(
             coef = g[:, None]
         else:
             coef = (log_p + ent[:, None]).mul_(g_ent[:, None]).add_(g[:, None])
-        dz = log_p.exp_().mul_(coef).neg_()  # −p·coef, in place
-        if want_b:
-            db[lo:hi] = dz.sum(0)
-        dz = dz.to(cdtype)
-        if want_h and cdtype == torch.float32:
-            dh.addmm_(dz, w_c)
-        elif want_h:
-            dh += dz @ w_c
-        if want_w:
-            dw[lo:hi] = (dz.t() @ h_c).to(dw_dtype)
-
-    # the true-class term +g·onehot, exactly and once
-    if want_h:
-        dh += g[:, None] * weight.index_select(0, tgt).float()
-    if want_w:
-        dw.index_add_(0, tgt, (g[:, None] * h.float()).to(dw_dtype))
-    if want_b:
-        db.index_add_(0, tgt, g)
-
-    d_hidden = None
-    if want_h:
-        d_hidden = torch.zeros_like(hidden).index_copy_(0, rows, dh.to(hidden.dtype))
-    return (
-        d_hidden,
-        dw.to(weight.dtype) if want_w else None,
-        db.to(bias.dtype) if want_b else None,
-    )
+        grads.add_chunk(log_p.exp_().mul_(coef).neg_(), lo, hi, w_c, h_c)  # dz = −p·coef, in place
+    grads.add_targets(g, tgt, h, weight)  # the true-class term +g·onehot
+    return grads.result(hidden, weight, bias)
 
 
 def _fold_max_sum(state, z):
@@ -298,9 +313,7 @@ def chunked_token_kl_bwd(
 
     ``∂KL/∂z_v = p_v·(z_v − r_v − μ)`` and ``∂logp/∂z_v = onehot_v − p_v``, scaled by 1/τ.
     """
-    want_h, want_w, want_b = needs_grad
-    want_b = want_b and bias is not None
-    V, D = weight.shape
+    V = weight.shape[0]
     inv_temp = 1.0 / temperature
     cdtype = _compute_dtype(hidden)
     rows = _valid_rows(targets, ignore_index)
@@ -311,10 +324,7 @@ def chunked_token_kl_bwd(
     g = grad_kl.index_select(0, rows).float() * inv_temp  # [n], 1/τ folded in
     g_logp = None if grad_logp is None else grad_logp.index_select(0, rows).float() * inv_temp
 
-    dh = torch.zeros((h.shape[0], D), device=hidden.device, dtype=torch.float32) if want_h else None
-    dw_dtype = torch.float32 if fp32_weight_grad or hidden.device.type == "cpu" else weight.dtype
-    dw = torch.zeros((V, D), device=hidden.device, dtype=dw_dtype) if want_w else None
-    db = torch.zeros(V, device=hidden.device, dtype=torch.float32) if want_b else None
+    grads = _HeadGradSums(hidden, weight, bias, rows, needs_grad, fp32_weight_grad, cdtype)
     chunk = _chunk_size(h.shape[0], V, chunk_elements or DEFAULT_CHUNK_ELEMENTS)
     for lo in range(0, V, chunk):
         hi = min(lo + chunk, V)
@@ -324,34 +334,10 @@ def chunked_token_kl_bwd(
         coef = r.neg_().add_(z).sub_(mu[:, None]).mul_(g[:, None])  # g·(z − r − μ), in place of r
         if g_logp is not None:
             coef.sub_(g_logp[:, None])
-        dz = z.sub_(lse[:, None]).exp_().mul_(coef)  # p·coef, in place of z
-        if want_b:
-            db[lo:hi] = dz.sum(0)
-        dz = dz.to(cdtype)
-        if want_h and cdtype == torch.float32:
-            dh.addmm_(dz, w_c)
-        elif want_h:
-            dh += dz @ w_c
-        if want_w:
-            dw[lo:hi] = (dz.t() @ h_c).to(dw_dtype)
-
-    if g_logp is not None:  # the true-class term +g_logp·onehot, exactly and once
-        tgt = targets.index_select(0, rows).long()
-        if want_h:
-            dh += g_logp[:, None] * weight.index_select(0, tgt).float()
-        if want_w:
-            dw.index_add_(0, tgt, (g_logp[:, None] * h.float()).to(dw_dtype))
-        if want_b:
-            db.index_add_(0, tgt, g_logp)
-
-    d_hidden = None
-    if want_h:
-        d_hidden = torch.zeros_like(hidden).index_copy_(0, rows, dh.to(hidden.dtype))
-    return (
-        d_hidden,
-        dw.to(weight.dtype) if want_w else None,
-        db.to(bias.dtype) if want_b else None,
-    )
+        grads.add_chunk(z.sub_(lse[:, None]).exp_().mul_(coef), lo, hi, w_c, h_c)  # dz = p·coef, in place of z
+    if g_logp is not None:  # the true-class term +g_logp·onehot
+        grads.add_targets(g_logp, targets.index_select(0, rows).long(), h, weight)
+    return grads.result(hidden, weight, bias)
 
 
 def chunked_sample_head(hidden, weight, bias=None, *, temperature=1.0, seed=0, greedy=False, return_entropy=False,
