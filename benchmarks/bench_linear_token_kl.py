@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import torch
 
-from benchlib import bench_arguments, compare_methods, finish_run, serve_worker, start_run, time_and_memory
+from benchlib import head_op_main, time_and_memory
 
 SHAPES = {  # (N, V, D)
     "cpu": [(2048, 32000, 512), (1024, 151936, 896)],
     "cuda": [(8192, 128256, 4096), (16384, 151936, 896)],
 }
 DTYPES = {"cpu": ["float32"], "cuda": ["bfloat16"]}
-METHODS = ["naive", "ours", "logprobs"]
+METHODS = {"cpu": ["naive", "ours", "logprobs"], "cuda": ["naive", "ours", "logprobs"]}
 FLOPS_PER_NVD = {"naive": 8, "ours": 12, "logprobs": 8}
 
 
@@ -87,30 +87,8 @@ def worker(method: str, case: dict, repeats: int) -> dict:
 
 
 def main() -> None:
-    parser = bench_arguments(__doc__, [])
-    parser.add_argument("--shapes", nargs="*", help="N,V,D triples (default: per device)")
-    parser.add_argument("--dtypes", nargs="*", help="default: float32 on CPU, bfloat16 on CUDA")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 3 CPU, 10 CUDA)")
-    args = parser.parse_args()
-    if serve_worker(args, worker):
-        return
-
-    device = args.device
-    methods = args.methods or METHODS
-    shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else SHAPES[device]
-    repeats = args.repeats or (3 if device == "cpu" else 10)
-    env = start_run(args)
-    rows = []
-    for dtype in args.dtypes or DTYPES[device]:
-        for N, V, D in shapes:
-            case = {"bench": "linear_token_kl", "N": N, "V": V, "D": D, "dtype": dtype, "device": device}
-            flops = {m: FLOPS_PER_NVD[m] * N * V * D for m in methods}
-            rows += compare_methods(__file__, methods, case, repeats, "naive", flops, env)
-    finish_run("bench_linear_token_kl", rows, [
-        ("dtype", "dtype", "s"), ("N", "N", "d"), ("V", "V", "d"), ("D", "D", "d"), ("method", "method", "s"),
-        ("impl", "impl", "s"), ("time_s", "time s", ".3f"), ("time_vs_naive", "×naive", ".2f"),
-        ("peak_extra_mb", "extra MiB", ".0f"), ("mem_vs_naive", "mem×naive", ".3f"), ("gflops", "GFLOP/s", ".0f"),
-        ("pct_of_matmul", "%matmul", ".0f"), ("error", "error", "s")], args)
+    head_op_main(__doc__, __file__, "linear_token_kl", worker, methods=METHODS, shapes=SHAPES, dtypes=DTYPES,
+                 flops_per_nvd=FLOPS_PER_NVD)
 
 
 if __name__ == "__main__":

@@ -385,3 +385,34 @@ class HostReads:
 
         for name, original in self._saved.items():
             setattr(torch.Tensor, name, original)
+
+
+def head_op_main(doc: str, script: str, bench: str, worker, *, methods: dict[str, list[str]],
+                 shapes: dict[str, list[tuple[int, int, int]]], dtypes: dict[str, list[str]],
+                 flops_per_nvd: dict[str, int]) -> None:
+    """``main`` of a benchmark of an op on ``[N, D]`` hidden states and a ``[V, D]`` head: every method at
+    every (dtype, N, V, D), in its own process, against ``naive``; ``methods``, ``shapes`` and ``dtypes``
+    are per device, and a method's FLOPs are ``flops_per_nvd[method]·N·V·D``."""
+    parser = bench_arguments(doc, [])
+    parser.add_argument("--shapes", nargs="*", help="N,V,D triples (default: per device)")
+    parser.add_argument("--dtypes", nargs="*", help="default: float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 3 CPU, 10 CUDA)")
+    args = parser.parse_args()
+    if serve_worker(args, worker):
+        return
+    device = args.device
+    chosen = args.methods or methods[device]
+    cases = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else shapes[device]
+    repeats = args.repeats or (3 if device == "cpu" else 10)
+    env = start_run(args)
+    rows = []
+    for dtype in args.dtypes or dtypes[device]:
+        for N, V, D in cases:
+            case = {"bench": bench, "N": N, "V": V, "D": D, "dtype": dtype, "device": device}
+            flops = {m: flops_per_nvd[m] * N * V * D for m in chosen}
+            rows += compare_methods(script, chosen, case, repeats, "naive", flops, env)
+    finish_run(f"bench_{bench}", rows, [
+        ("dtype", "dtype", "s"), ("N", "N", "d"), ("V", "V", "d"), ("D", "D", "d"), ("method", "method", "s"),
+        ("impl", "impl", "s"), ("time_s", "time s", ".3f"), ("time_vs_naive", "×naive", ".2f"),
+        ("peak_extra_mb", "extra MiB", ".0f"), ("mem_vs_naive", "mem×naive", ".3f"), ("gflops", "GFLOP/s", ".0f"),
+        ("pct_of_matmul", "%matmul", ".0f"), ("error", "error", "s")], args)

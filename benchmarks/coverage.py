@@ -281,7 +281,7 @@ def early_stopping(seeds: list[int], work: Path, main_rows: list[dict], env: dic
     the evaluation samples is an oracle, so that comparison favours DPO."""
     from transformers import AutoTokenizer
 
-    from hypo_fast.examples.coverage_task import TaskSpec, TrainSpec, evaluate_policy, make_task, policy_config, train_sft
+    from hypo_fast.examples.coverage_task import TaskSpec, TrainSpec, evaluate_policy, make_task, policy_config
     from hypo_fast.train.config import config_from_dict
     from hypo_fast.train.trainer import Trainer
 

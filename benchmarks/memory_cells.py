@@ -225,7 +225,7 @@ def measure_worker(case: dict, out_dir: Path) -> None:
         sampler.generate = phases.wrap("sampling", sampler.generate)
         sampler.decoder = phases.wrap("prefill", sampler.decoder)
         decode = sampler._decode
-        sampler._decode = lambda *a, **k: (out := decode(*a, **k), phases.mark("kv_cache_full"))[0]
+        sampler._decode = lambda *a, **k: (decode(*a, **k), phases.mark("kv_cache_full"))[0]
         _phase_the_head(policy.head, phases)
         start = time.perf_counter()
         phases.enter("step")
