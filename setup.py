@@ -1,6 +1,11 @@
 """hypo_fast packaging.
 
-The top-level ``kernels/`` folder installs as ``hypo_fast.kernels``. When cmake, a C++ compiler and torch
+The Triton kernels live in the top-level ``kernels/`` folder and are the subpackage ``hypo_fast.kernels``
+through one mechanism: the link ``hypo_fast/kernels -> ../kernels``. It serves a plain checkout on
+``PYTHONPATH``, editable installs and wheels alike (a wheel holds the files the link points at).
+``kernels/`` has no ``__init__.py`` on purpose: from the repository root it is at most a PEP 420 namespace
+portion, which never wins over an installed regular package named ``kernels`` (Hugging Face's, which
+transformers >= 5.25 requires). When cmake, a C++ compiler and torch
 are present, ``CMakeLists.txt`` builds the native CPU ops (``kernels/csrc``) into ``hypo_fast/_C.so``
 against the installed torch; otherwise the package installs pure-Python (set ``HYPO_FAST_NATIVE=0`` to
 skip the build on purpose).
@@ -108,7 +113,6 @@ setup(
     python_requires=">=3.11",
     packages=["hypo_fast", "hypo_fast.ops", "hypo_fast.kernels", "hypo_fast.models", "hypo_fast.examples",
               "hypo_fast.train", "hypo_fast.integrations"],
-    package_dir={"hypo_fast": "hypo_fast", "hypo_fast.kernels": "kernels"},
     package_data={"hypo_fast.examples": ["*.yaml"]},
     ext_modules=[Extension("hypo_fast._C", sources=[])],
     cmdclass={"build_ext": CMakeBuild},
@@ -133,6 +137,5 @@ setup(
         "trl": ["trl==1.16.*"],  # hypo_fast.integrations.trl and the TRL parity tests
         "loggers": ["wandb", "mlflow-skinny"],  # output.report_to: wandb, mlflow
         "test": ["pytest", "scipy"],
-        "trl": ["trl==1.16.*"],
     },
 )

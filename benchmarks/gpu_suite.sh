@@ -27,7 +27,7 @@ if compgen -G "wheelhouse/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" wheelhouse/*.whl
 fi
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
-# editable, as a developer would: tests import hypo_fast.kernels through the package_dir mapping; this
+# editable, as a developer would: tests import hypo_fast.kernels through the hypo_fast/kernels link; this
 # also builds the native CPU ops against the image's torch when it has cmake and a compiler
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | tail -3
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

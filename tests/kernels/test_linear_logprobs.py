@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from hypo_fast import linear_logprobs
-from hypo_fast.kernels import launch, linear_logprobs_bwd, linear_logprobs_fwd, row_order
-from hypo_fast.kernels.linear_logprobs import bwd_launch, fwd_launch
+from hypo_fast.kernels import launch
+from hypo_fast.kernels.linear_logprobs import (bwd_launch, fwd_launch, linear_logprobs_bwd, linear_logprobs_fwd,
+                                               row_order)
 from hypo_fast.reference import linear_logprobs_reference
 
 CUDA = torch.cuda.is_available()

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from hypo_fast import linear_token_kl
-from hypo_fast.kernels import launch, linear_token_kl_bwd, linear_token_kl_fwd
-from hypo_fast.kernels.linear_token_kl import bwd_launch, fwd_launch
+from hypo_fast.kernels import launch
+from hypo_fast.kernels.linear_token_kl import bwd_launch, fwd_launch, linear_token_kl_bwd, linear_token_kl_fwd
 from hypo_fast.reference import linear_token_kl_reference
 
 CUDA = torch.cuda.is_available()
