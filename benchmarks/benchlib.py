@@ -19,28 +19,16 @@ from pathlib import Path
 
 import torch
 
+from hypo_fast.environment import package_versions
+
 REPO = Path(__file__).resolve().parent.parent
 RECORD_DIR = Path(__file__).resolve().parent / "results"  # committed rows: only with --record
 RESULTS_DIR = RECORD_DIR  # the old name (report.py reads the committed rows from here)
-VERSIONED = ("torch", "triton", "transformers", "trl", "deepspeed", "datasets", "liger-kernel")
 
 
 def default_results_dir() -> Path:
     """Where a run's rows go unless ``--record`` asks for benchmarks/results/: outside the source tree."""
     return REPO / "runs" / "benchmarks"
-
-
-def package_versions() -> dict:
-    """Installed versions of the packages a benchmark's numbers depend on (None: not installed)."""
-    import importlib.metadata
-
-    versions = {}
-    for package in VERSIONED:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
-    return versions
 
 
 def quiet_progress_bars(force: bool = False) -> None:
@@ -85,7 +73,8 @@ def environment(device: str) -> dict:
         "machine": machine_name(device), "device": device, "commit": commit,
         "python": platform.python_version(), "torch": torch.__version__, "triton": triton_version,
         "transformers": versions["transformers"], "trl": versions["trl"], "deepspeed": versions["deepspeed"],
-        "datasets": versions["datasets"], "liger_kernel": versions["liger-kernel"],
+        "datasets": versions["datasets"], "liger_kernel": versions["liger-kernel"], "peft": versions["peft"],
+        "tokenizers": versions["tokenizers"], "accelerate": versions["accelerate"], "kernels": versions["kernels"],
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
 
