@@ -3,6 +3,10 @@
 A local folder is read with ``local_files_only``; an ``org/name`` Hub id is resolved by ``transformers``
 (its cache, then the Hub when online). Tests and the demo pass a ``transformers`` config instead, which
 builds a randomly initialised model: nothing of theirs is downloaded.
+
+Models load with Hugging Face's Hub kernels off (``use_kernels=False``, transformers' own default before
+5.25, which turned them on): those kernels are fetched from the Hub at run time and replace layers that
+Liger's patches already cover on CUDA. On CPU they change nothing.
 """
 
 from __future__ import annotations
@@ -71,7 +75,7 @@ def load_causal_lm(
         model = AutoModelForCausalLM.from_config(source, dtype=dtype, attn_implementation=attn)
     else:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn,
-                                                     local_files_only=Path(source).exists())
+                                                     local_files_only=Path(source).exists(), use_kernels=False)
     if liger is True or (liger == "auto" and torch.cuda.is_available()):
         apply_liger_patches(model)
     if gradient_checkpointing:

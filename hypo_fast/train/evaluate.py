@@ -29,7 +29,8 @@ def load_reward(spec: str | None, device) -> RewardFn | None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=True)
-    model = AutoModelForSequenceClassification.from_pretrained(spec, local_files_only=True).to(device).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(spec, local_files_only=True, use_kernels=False)
+    model = model.to(device).eval()
     if tokenizer.pad_token is None:  # e.g. Pythia reward models: batches need a pad the model can skip
         tokenizer.pad_token = tokenizer.eos_token
     if model.config.pad_token_id is None:
