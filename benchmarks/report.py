@@ -207,7 +207,8 @@ def coverage_section(path: Path) -> list[str]:
     seeds = next((r["seeds"] for r in rows if "seeds" in r), [])
     pm = lambda v, d=3: "–" if v is None else f"{v[0]:+.{d}f} ± {v[1]:.{d}f}"  # noqa: E731
     lines = ["## Coverage experiment: HyPO vs DPO under partial and global coverage", "",
-             f"{first.get('machine')}; torch {first.get('torch')}, commit {first.get('commit')}, {first.get('date')}; "
+             f"{first.get('machine')}; torch {first.get('torch')}, transformers {first.get('transformers')}, deepspeed "
+             f"{first.get('deepspeed')}, commit {first.get('commit')}, {first.get('date')}; "
              f"seeds {seeds}. Design, hypotheses and decision rules: the docstring of `benchmarks/coverage.py`, "
              "committed before the first run. ± is the standard error over seeds; [a, b] a 95% t-interval of the "
              "per-seed paired difference.", "", "Manipulation check (partial coverage: does DPO put more mass on "
