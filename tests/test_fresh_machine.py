@@ -45,8 +45,13 @@ def python(request, tmp_path_factory) -> str:
     return _without_hf_kernels(tmp_path_factory.mktemp("no-hf-kernels") / "venv")
 
 
+# a new user's shell: none of ours, and no launcher's (trainer tests run in this process leave RANK set)
+NOT_INHERITED = ("PYTHONPATH", "TRITON_INTERPRET", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR",
+                 "MASTER_PORT")
+
+
 def _from_root(python: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
+    env = {k: v for k, v in os.environ.items() if k not in NOT_INHERITED}
     out = subprocess.run([python, "-W", "error::UserWarning:__main__", *args], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, f"{' '.join(args)} from the repository root failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
