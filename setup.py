@@ -5,10 +5,9 @@ through one mechanism: the link ``hypo_fast/kernels -> ../kernels``. It serves a
 ``PYTHONPATH``, editable installs and wheels alike (a wheel holds the files the link points at).
 ``kernels/`` has no ``__init__.py`` on purpose: from the repository root it is at most a PEP 420 namespace
 portion, which never wins over an installed regular package named ``kernels`` (Hugging Face's, which
-transformers >= 5.25 requires). When cmake, a C++ compiler and torch
-are present, ``CMakeLists.txt`` builds the native CPU ops (``kernels/csrc``) into ``hypo_fast/_C.so``
-against the installed torch; otherwise the package installs pure-Python (set ``HYPO_FAST_NATIVE=0`` to
-skip the build on purpose).
+transformers >= 5.25 requires). When cmake, a C++ compiler and torch are present, ``CMakeLists.txt`` builds
+the native CPU ops (``kernels/csrc``) into ``hypo_fast/_C.so`` against the installed torch; otherwise the
+package installs pure-Python (set ``HYPO_FAST_NATIVE=0`` to skip the build on purpose).
 """
 
 import functools

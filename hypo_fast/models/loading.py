@@ -5,8 +5,8 @@ A local folder is read with ``local_files_only``; an ``org/name`` Hub id is reso
 builds a randomly initialised model: nothing of theirs is downloaded.
 
 Models load with Hugging Face's Hub kernels off (``use_kernels=False``, transformers' own default before
-5.25, which turned them on): those kernels are fetched from the Hub at run time and replace layers that
-Liger's patches already cover on CUDA. On CPU they change nothing.
+5.25, which turned them on): those kernels are downloaded from the Hub at run time, and hypo_fast's choice
+of layer kernels on CUDA is Liger's patches (below). On CPU they change nothing.
 """
 
 from __future__ import annotations
