@@ -19,6 +19,7 @@ import torch
 from hypo_fast.losses import sequence_logps
 from hypo_fast.objective import DPOAux, HyPOObjective, OnlineLogps, StepLogps
 from hypo_fast.ops import linear_logprobs, linear_token_kl
+from hypo_fast.segments import Segments, score_segments
 
 _DEFAULT = HyPOObjective  # keyword defaults below are read from the objective's fields: one default each
 
@@ -55,64 +56,68 @@ class ScoredPairs(NamedTuple):
                          self.chosen_logits_mean, self.rejected_logits_mean, self.chosen_tokens, self.rejected_tokens)
 
 
+class OnlineInputs(NamedTuple):
+    """The online samples' tensors of a :class:`FusedLinearHyPOLoss` call (k per prompt, consecutive)."""
+
+    input: torch.Tensor  # [M, T', D] policy hidden states
+    target: torch.Tensor  # [M, T'] sampled tokens, ignore_index elsewhere
+    ref_input: torch.Tensor | None  # [M, T', D] reference hidden states (a live reference, or exact_token)
+    ref_logps: torch.Tensor | None  # [M, T'] precomputed log π_ref,τ
+
+
 class PairScorer:
-    """Scores offline pairs (τ = 1) and optional online samples (at the sampling temperature τ) with fused
-    policy calls and at most one fused no-grad reference call per temperature. Shared by both modules."""
+    """Scores offline pairs (τ = 1) and optional online samples (at the sampling temperature τ) from padded
+    ``[rows, T, D]`` hidden states: one :func:`score_segments` call for the policy, at most one no-grad call
+    for the reference. Shared by both modules."""
 
     def __init__(self, ignore_index: int, average_log_prob: bool, use_ref_model: bool, impl: str,
                  temperature: float = 1.0):
         self.ignore_index, self.average_log_prob = ignore_index, average_log_prob
         self.use_ref_model, self.impl, self.temperature = use_ref_model, impl, temperature
 
-    def _logprobs(self, weight, bias, blocks, logit_mean=False, temperature=1.0):
-        """blocks: [(hidden [R, T, D], target [R, T])] → per block ``(token logps [R, T], [logit means])``."""
-        D = weight.shape[1]
-        hidden = [h.reshape(-1, D) for h, _ in blocks]
-        target = [t.reshape(-1) for _, t in blocks]
-        out = linear_logprobs(hidden[0] if len(blocks) == 1 else torch.cat(hidden),  # [Σ R·T, D]: one call
-                              weight, target[0] if len(blocks) == 1 else torch.cat(target),
-                              bias=bias, ignore_index=self.ignore_index, return_logit_mean=logit_mean,
-                              temperature=temperature, impl=self.impl)
-        sizes = [t.numel() for t in target]
-        parts = [o.split(sizes) for o in (out if logit_mean else (out,))]
-        return [tuple(p[i].view(t.shape) for p in parts) for i, (_, t) in enumerate(blocks)]
+    def _segments(self, pairs: tuple | None, online: tuple | None) -> Segments:
+        """``(hidden [R, T, D], target [R, T])`` blocks → flat rows, the pairs' first (either may be None)."""
+        blocks = [b for b in (pairs, online) if b is not None]
+        D = blocks[0][0].shape[-1]
+        rows = [h.reshape(-1, D) for h, _ in blocks]
+        targets = [t.reshape(-1) for _, t in blocks]
+        join = (lambda parts: parts[0]) if len(blocks) == 1 else torch.cat  # [Σ R·T, D]: one call when τ allows
+        return Segments(join(rows), join(targets), 0 if pairs is None else targets[0].numel(), self.temperature)
 
-    def _by_temperature(self, weight, bias, offline, online, logit_mean):
-        """Pairs at τ = 1 and online samples at self.temperature: one fused call when the two agree."""
-        online = online or []
-        if offline and online and self.temperature == 1.0:
-            scored = self._logprobs(weight, bias, offline + online, logit_mean)
-            return scored[:len(offline)], scored[len(offline):]
-        return (self._logprobs(weight, bias, offline, logit_mean) if offline else [],
-                self._logprobs(weight, bias, online, logit_mean, self.temperature) if online else [])
+    def _score(self, weight, bias):
+        return lambda rows, targets, tau, logit_mean: linear_logprobs(
+            rows, weight, targets, bias=bias, ignore_index=self.ignore_index, return_logit_mean=logit_mean,
+            temperature=tau, impl=self.impl)
 
-    def _exact_online(self, weight, bias, ref_weight, ref_bias, online):
-        """The samples through the fused KL op at τ: ``(kl, logp, ref_logp)`` ``[M, T']``, the reference's
-        log-probs from the same pass (no separate reference call)."""
-        online_input, online_target, ref_online_input, _ = online
-        return linear_token_kl(online_input, weight, ref_online_input.detach(), ref_weight.detach(), online_target,
-                               bias=bias, ref_bias=None if ref_bias is None else ref_bias.detach(),
-                               temperature=self.temperature, ignore_index=self.ignore_index, return_logprobs=True,
-                               impl="auto" if self.impl == "native" else self.impl)
+    def _token_kl(self, weight, bias, ref_weight, ref_bias, ref_online_input):
+        """The samples through the fused KL op: exact KL_t, log π_τ and log π_ref,τ from one pass."""
+        ref_rows = ref_online_input.detach().reshape(-1, ref_online_input.shape[-1])  # [M·T', D_ref]
+        ref_bias = None if ref_bias is None else ref_bias.detach()
+        return lambda rows, targets, tau: linear_token_kl(
+            rows, weight, ref_rows, ref_weight.detach(), targets, bias=bias, ref_bias=ref_bias, temperature=tau,
+            ignore_index=self.ignore_index, return_logprobs=True, impl="auto" if self.impl == "native" else self.impl)
 
-    def score(self, lin_weight, _input, target, bias, ref_input, ref_weight, ref_bias, ref_chosen, ref_rejected,
-              online=None, exact=False):
-        """online: None or (online_input, online_target, ref_online_input, online_ref_logps); ``exact``: score
-        the samples with the fused exact-KL op (needs ref_online_input).
+    def score(self, lin_weight, _input, target, *, bias=None, ref_input=None, ref_weight=None, ref_bias=None,
+              ref_chosen=None, ref_rejected=None, online: OnlineInputs | None = None, exact: bool = False):
+        """Policy and reference log-probs of the pairs and the samples. ``exact``: score the samples with the
+        fused exact-KL op (needs ``online.ref_input``).
 
-        Returns ``(ScoredPairs, online_ref_logps | None)``.
+        Returns ``(ScoredPairs, online_ref_logps [M, T'] | None)``.
         """
         n_pairs = _check_pairs(_input, target)
         mask = target != self.ignore_index
         ref_weight = lin_weight if ref_weight is None else ref_weight
-        exact_online = self._exact_online(lin_weight, bias, ref_weight, ref_bias, online) if online and exact else None
-        pairs, samples = self._by_temperature(lin_weight, bias, [(_input, target)],
-                                              [online[:2]] if online and not exact else None, logit_mean=True)
-        token_logps, logit_means = pairs[0]
+        token_kl = self._token_kl(lin_weight, bias, ref_weight, ref_bias, online.ref_input) if online and exact else None
+        segments = self._segments((_input, target), None if online is None else (online.input, online.target))
+        scored = score_segments(self._score(lin_weight, bias), segments, logit_mean=True, token_kl=token_kl)
+        pair_logps, sample_logps = segments.split(scored.logps)
+        token_logps = pair_logps.view(target.shape)  # [2B, T]
+        online_logps = None if online is None else sample_logps.view(online.target.shape)  # [M, T']
+        logit_means = segments.split(scored.logit_means)[0].view(target.shape)
         seq = sequence_logps(token_logps, mask, average=self.average_log_prob)
 
         # reference: precomputed, or live (no grad), or zero
-        offline_ref = []
+        live_pairs = None
         if ref_chosen is None and ref_rejected is None and self.use_ref_model:
             if ref_input is None or ref_input.shape[:2] != target.shape:
                 raise ValueError("use_ref_model=True needs ref_input shaped like _input "
@@ -120,30 +125,33 @@ class PairScorer:
             if ref_input.shape[-1] != ref_weight.shape[-1]:
                 raise ValueError(f"ref_input's hidden size {ref_input.shape[-1]} must equal ref_weight's "
                                  f"D={ref_weight.shape[-1]}")
-            offline_ref.append((ref_input.detach(), target))
-        online_ref = online[3] if online else None
-        if exact_online is not None and online_ref is None:
-            online_ref = exact_online[2]
-        live_online_ref = [(online[2].detach(), online[1])] if online is not None and online_ref is None else None
-        with torch.no_grad():
-            ref_bias = None if ref_bias is None else ref_bias.detach()
-            ref_pairs, ref_samples = self._by_temperature(ref_weight.detach(), ref_bias, offline_ref, live_online_ref,
-                                                          logit_mean=False)
-        if live_online_ref:
-            online_ref = ref_samples[0][0]
-        ref_chosen, ref_rejected = self._pair_reference(n_pairs, seq, mask, [lp for lp, in ref_pairs], ref_chosen,
-                                                        ref_rejected)
+            live_pairs = (ref_input.detach(), target)
+        online_ref = None if online is None else online.ref_logps
+        if online_ref is None and scored.online_ref_logps is not None:
+            online_ref = scored.online_ref_logps.view(online.target.shape)
+        live_online = (online.ref_input.detach(), online.target) if online is not None and online_ref is None else None
+        ref_pair_logps = None
+        if live_pairs or live_online:
+            with torch.no_grad():
+                ref_segments = self._segments(live_pairs, live_online)
+                ref_bias = None if ref_bias is None else ref_bias.detach()
+                ref_logps = score_segments(self._score(ref_weight.detach(), ref_bias), ref_segments).logps
+                ref_pairs, ref_samples = ref_segments.split(ref_logps)
+                ref_pair_logps = ref_pairs.view(target.shape) if live_pairs else None
+                if live_online:
+                    online_ref = ref_samples.view(online.target.shape)
+        ref_chosen, ref_rejected = self._pair_reference(n_pairs, seq, mask, ref_pair_logps, ref_chosen, ref_rejected)
 
         counts = torch.ones_like(seq) if self.average_log_prob else mask.sum(-1).to(seq.dtype)
+        online_kls = None if scored.online_kls is None else scored.online_kls.view(online.target.shape)
         scored_pairs = ScoredPairs(
             seq[:n_pairs], seq[n_pairs:], ref_chosen, ref_rejected,
             _masked_mean(logit_means[:n_pairs], mask[:n_pairs]), _masked_mean(logit_means[n_pairs:], mask[n_pairs:]),
-            -_masked_mean(token_logps[:n_pairs], mask[:n_pairs]),
-            exact_online[1] if exact_online else samples[0][0] if online else None, counts[:n_pairs], counts[n_pairs:],
-            exact_online[0] if exact_online else None)
+            -_masked_mean(token_logps[:n_pairs], mask[:n_pairs]), online_logps, counts[:n_pairs], counts[n_pairs:],
+            online_kls)
         return scored_pairs, online_ref
 
-    def _pair_reference(self, n_pairs, seq, mask, ref_scored, ref_chosen, ref_rejected):
+    def _pair_reference(self, n_pairs, seq, mask, ref_token_logps, ref_chosen, ref_rejected):
         if (ref_chosen is None) != (ref_rejected is None):
             raise ValueError("pass both ref_chosen_logps and ref_rejected_logps, or neither")
         if ref_chosen is not None:
@@ -153,7 +161,7 @@ class PairScorer:
             return ref_chosen.detach().to(seq.dtype), ref_rejected.detach().to(seq.dtype)
         if not self.use_ref_model:
             return torch.zeros_like(seq[:n_pairs]), torch.zeros_like(seq[n_pairs:])
-        ref_seq = sequence_logps(ref_scored[0], mask, average=self.average_log_prob)
+        ref_seq = sequence_logps(ref_token_logps, mask, average=self.average_log_prob)
         return ref_seq[:n_pairs], ref_seq[n_pairs:]
 
 
@@ -234,8 +242,8 @@ class FusedLinearDPOLoss(torch.nn.Module):
 
     def forward(self, lin_weight, _input, target, bias=None, ref_input=None, ref_weight=None, ref_bias=None, *,
                 ref_chosen_logps=None, ref_rejected_logps=None) -> tuple[torch.Tensor, DPOAux]:
-        s, _ = self.scorer.score(lin_weight, _input, target, bias, ref_input, ref_weight, ref_bias,
-                                 ref_chosen_logps, ref_rejected_logps)
+        s, _ = self.scorer.score(lin_weight, _input, target, bias=bias, ref_input=ref_input, ref_weight=ref_weight,
+                                 ref_bias=ref_bias, ref_chosen=ref_chosen_logps, ref_rejected=ref_rejected_logps)
         nll = s.chosen_nll if self.compute_nll_loss else None
         loss, aux = self.objective(s.step_logps(), nll)
         return (loss if nll is None else loss + self.alpha * nll), DPOAux(*aux[:len(DPOAux._fields)])
@@ -283,14 +291,15 @@ class FusedLinearHyPOLoss(torch.nn.Module):
                 online_input=None, online_target=None, ref_online_input=None, online_ref_logps=None,
                 ref_chosen_logps=None, ref_rejected_logps=None):
         online = None
-        given = (online_input, online_target, ref_online_input, online_ref_logps)
+        given = OnlineInputs(online_input, online_target, ref_online_input, online_ref_logps)
         if any(t is not None for t in given):
             self._check_online(*given, need_reference=self.objective.samples_online)
             if self.objective.samples_online:  # λ = 0 is DPO: the samples are not scored at all
                 online = given
         exact = self.objective.kl_loss == "exact_token"
-        s, online_ref = self.scorer.score(lin_weight, _input, target, bias, ref_input, ref_weight, ref_bias,
-                                          ref_chosen_logps, ref_rejected_logps, online, exact)
+        s, online_ref = self.scorer.score(lin_weight, _input, target, bias=bias, ref_input=ref_input,
+                                          ref_weight=ref_weight, ref_bias=ref_bias, ref_chosen=ref_chosen_logps,
+                                          ref_rejected=ref_rejected_logps, online=online, exact=exact)
         online_logps = None
         if online is not None:
             online_logps = OnlineLogps(s.online_logps, online_ref, online_target != self.ignore_index,

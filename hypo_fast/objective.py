@@ -63,6 +63,23 @@ class StepLogps(NamedTuple):
     chosen_tokens: torch.Tensor | None = None  # [B] response token counts (ipo, sigmoid_norm and sft need them)
     rejected_tokens: torch.Tensor | None = None  # [B]
 
+    @classmethod
+    def of_pairs(cls, parts: "list[StepLogps]") -> "StepLogps":
+        """The pairs of several offline-only batches as one: per-pair fields concatenated, the scalar
+        ``logits/*`` means weighted by each batch's pair count (evaluation sees every held-out pair at once)."""
+        sizes = [p.chosen.shape[0] for p in parts]
+
+        def weighted(name):
+            means = [getattr(p, name) for p in parts]
+            return None if means[0] is None else sum(m * n for m, n in zip(means, sizes)) / sum(sizes)
+
+        def joined(name):
+            return None if getattr(parts[0], name) is None else torch.cat([getattr(p, name) for p in parts])
+
+        return cls(joined("chosen"), joined("rejected"), joined("ref_chosen"), joined("ref_rejected"), None,
+                   weighted("chosen_logits_mean"), weighted("rejected_logits_mean"), joined("chosen_tokens"),
+                   joined("rejected_tokens"))
+
 
 class PreferenceAux(NamedTuple):
     """Liger's aux tuple order, then HyPO's online statistics (None without online samples)."""

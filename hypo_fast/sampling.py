@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -25,13 +25,27 @@ from hypo_fast.models.policy import Policy
 from hypo_fast.seeds import derive_seed
 
 
+def _set_by(where: str) -> dict:
+    """Field metadata: not a key of a run's ``sampling`` section (the trainer sets it from ``where``)."""
+    return {"set_by": where}
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
+    """How online samples are drawn: the ``sampling`` section of ``hypo-fast train`` and the :class:`Sampler`'s
+    settings, one class (as the ``algorithm`` section is :class:`hypo_fast.HyPOObjective`)."""
+
+    prompts_per_step: int = 4  # trainer: online prompts per micro-batch (per rank), each given num_samples
     max_new_tokens: int = 64
-    num_samples: int = 2  # k per prompt, consecutive in the output
-    greedy: bool = False  # argmax decoding (records log-probs at τ = 1; needs a policy at τ = 1)
-    stop_token_ids: tuple[int, ...] = ()
-    seed: int = 0
+    temperature: float = 1.0  # τ of π_τ. The Policy owns τ (it scores what is drawn): the trainer builds its
+                              # Policy with this value, and the Sampler refuses a policy at another τ
+    stop_on_eos: bool = True  # trainer: the tokenizer's EOS ends a sample (it becomes stop_token_ids)
+    num_samples: int = field(default=2, metadata=_set_by("algorithm.num_samples (k) and eval.kl_samples"))
+                                                  # k per prompt, consecutive in the output
+    stop_token_ids: tuple[int, ...] = field(default=(), metadata=_set_by("sampling.stop_on_eos"))
+    seed: int = field(default=0, metadata=_set_by("optim.seed (a seed per draw)"))
+    greedy: bool = field(default=False, metadata=_set_by("nothing: HyPO's KL term needs samples from π_τ"))
+                                                  # argmax decoding (records log-probs at τ = 1; needs τ = 1)
     cache: str = "auto"  # "static" (preallocated, compile-friendly), "dynamic", or auto: static on CUDA
     compile_decode: bool = False  # torch.compile the decode step (on CUDA with CUDA graphs, "reduce-overhead")
     gather_zero3: bool = True  # ZeRO-3: gather all weights once per generate() (False: per module, per token)
@@ -91,6 +105,9 @@ class Sampler:
     """Batched generation from a :class:`Policy` (its HF model, fused head and temperature)."""
 
     def __init__(self, policy: Policy, config: SamplingConfig, pad_id: int = 0):
+        if config.temperature != policy.temperature:
+            raise ValueError(f"SamplingConfig.temperature={config.temperature} but the policy samples at "
+                             f"τ={policy.temperature}: the Policy owns τ (build it with the config's temperature)")
         if config.greedy and policy.temperature != 1.0:
             raise ValueError(f"greedy decoding records log-probs at τ = 1, but the policy samples at "
                              f"temperature {policy.temperature}")

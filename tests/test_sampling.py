@@ -13,7 +13,7 @@ PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11]]
 
 
 def _sampler(model, temperature=1.0, **config):
-    return Sampler(Policy(model, temperature=temperature), SamplingConfig(**config))
+    return Sampler(Policy(model, temperature=temperature), SamplingConfig(temperature=temperature, **config))
 
 
 @pytest.mark.parametrize("cache", ["static", "dynamic"])
@@ -32,7 +32,8 @@ def test_recorded_logps_equal_the_training_forward(dtype, atol, temperature):
     (and the pairs beside them at τ = 1), so the two agree at any temperature."""
     model = tiny_llama().to(dtype).eval()
     policy = Policy(model, temperature=temperature)
-    samples = Sampler(policy, SamplingConfig(max_new_tokens=10, num_samples=3)).generate(PROMPTS, seed=3)
+    samples = Sampler(policy, SamplingConfig(max_new_tokens=10, num_samples=3, temperature=temperature)).generate(
+        PROMPTS, seed=3)
     online = [(PROMPTS[i], r) for i, r in zip(samples.prompt_index.tolist(), samples.responses())]
     pairs = [([5, 6, 7], [8, 9], [10, 11, 12])]
     batch = pack_step(pairs, online)
@@ -110,7 +111,9 @@ def test_temperature_belongs_to_the_policy():
     with pytest.raises(ValueError, match="temperature"):
         Policy(tiny_llama(), temperature=0.0)
     with pytest.raises(ValueError, match="greedy"):
-        Sampler(Policy(tiny_llama(), temperature=0.7), SamplingConfig(greedy=True))
+        Sampler(Policy(tiny_llama(), temperature=0.7), SamplingConfig(temperature=0.7, greedy=True))
+    with pytest.raises(ValueError, match="the Policy owns τ"):
+        Sampler(Policy(tiny_llama(), temperature=0.7), SamplingConfig())
 
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])

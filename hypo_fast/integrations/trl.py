@@ -35,6 +35,7 @@ from hypo_fast.models.loading import decoder_of, output_embeddings
 from hypo_fast.objective import HyPOObjective
 from hypo_fast.ops import linear_logprobs
 from hypo_fast.sampling import Sampler, SamplingConfig
+from hypo_fast.segments import Segments, score_segments
 from hypo_fast.seeds import derive_seed
 
 IGNORE = -100
@@ -137,13 +138,16 @@ class HyPOTrainer(DPOTrainer):
             hidden = decoder_of(model)(input_ids=ids[start:], attention_mask=attention[start:],
                                        use_cache=False).last_hidden_state[:, :-1]
         weight = output_embeddings(model).weight
-        weight, rows = (weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)), targets[start:]  # as the policy
+        weight = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)  # as the policy
+        scored = targets[start:]  # [R, T]
+        segments = Segments(hidden.reshape(-1, hidden.shape[-1]), scored.reshape(-1),  # pairs' rows first
+                            scored[:2 * pairs].numel() if need_pairs else 0, self.hypo_loss.scorer.temperature)
+        logps = score_segments(lambda h, t, tau, _: linear_logprobs(h, weight, t, temperature=tau), segments).logps
+        pair_logps, online_logps = segments.split(logps)  # 0 where ignored
         if need_pairs:
-            tokens = linear_logprobs(hidden[:2 * pairs], weight, rows[:2 * pairs])  # [2B, T], 0 where ignored
-            ref["chosen"], ref["rejected"] = tokens.sum(-1).split(pairs)
+            ref["chosen"], ref["rejected"] = pair_logps.view(2 * pairs, -1).sum(-1).split(pairs)
         if with_online:
-            skip = 2 * pairs if need_pairs else 0
-            ref["online"] = linear_logprobs(hidden[skip:], weight, rows[skip:], temperature=self.hypo_loss.scorer.temperature)
+            ref["online"] = online_logps.view(-1, scored.shape[1])
         return ref
 
     def _reference_model(self):
@@ -165,7 +169,7 @@ class HyPOTrainer(DPOTrainer):
         unwrapped = self.accelerator.unwrap_model(self.model)
         policy = Policy(unwrapped, temperature=self.hypo_loss.scorer.temperature)  # the sampler reads model, head, τ
         eos = self.processing_class.eos_token_id if hasattr(self.processing_class, "eos_token_id") else None
-        sampler = Sampler(policy, SamplingConfig(max_new_tokens=self.args.max_new_tokens,
+        sampler = Sampler(policy, SamplingConfig(max_new_tokens=self.args.max_new_tokens, temperature=policy.temperature,
                                                  num_samples=self.objective.num_samples,
                                                  stop_token_ids=() if eos is None else (eos,)), pad_id=self.pad_token_id)
         seed = derive_seed(self.args.seed, "sample", self.state.global_step, self.accelerator.process_index, self._draws)

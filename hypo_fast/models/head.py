@@ -24,36 +24,42 @@ class FusedLogprobHead(torch.nn.Module):
     def from_linear(cls, linear: torch.nn.Module, impl: str = "auto") -> "FusedLogprobHead":
         return cls(linear.weight, getattr(linear, "bias", None), impl)
 
-    def forward(self, hidden: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor,
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor | None = None,
                 temperature: float = 1.0, return_logit_mean: bool = False):
-        """Log-probs ``[N]`` of ``targets [N]`` at ``positions [N]`` (flat indices into ``hidden [..., D]``).
+        """Log-probs ``[N]`` of ``targets [N]`` at ``positions [N]`` (flat indices into ``hidden [..., D]``;
+        ``None``: ``hidden`` is already the ``[N, D]`` rows).
 
         Only those rows reach the vocabulary projection; no host sync (targets come validated from the
         data side). With ``return_logit_mean`` also the mean logit over the vocabulary per row (a metric).
         """
-        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # [N, D]
+        rows = _rows(hidden, positions)  # [N, D]
         return linear_logprobs(rows, self.weight, targets, bias=self.bias, temperature=temperature,
                                return_logit_mean=return_logit_mean, impl=self.impl, check_targets=False)
 
-    def token_kl(self, hidden: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor, ref_rows: torch.Tensor,
-                 ref_head: "FusedLogprobHead", temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(kl [N], logp [N])`` at ``positions``: the exact KL(π_τ ‖ π_ref,τ) of the next-token distributions
-        against ``ref_head`` applied to ``ref_rows [N, D_ref]`` (the reference's hidden states at the same
-        positions; no grad), and the targets' log-probs under π_τ, from one fused pass (not from the paper:
-        the ``exact_token`` estimator's input). The reference head's weight is brought to this head's
-        device and dtype (a copy per call if the reference lives elsewhere).
+    def score(self, rows: torch.Tensor, targets: torch.Tensor, temperature: float, logit_mean: bool):
+        """:func:`hypo_fast.segments.score_segments`' ``score``: this module's forward on ``[N, D]`` rows."""
+        return self(rows, targets, None, temperature, logit_mean)
+
+    def token_kl(self, rows: torch.Tensor, targets: torch.Tensor, ref_rows: torch.Tensor,
+                 ref_head: "FusedLogprobHead", temperature: float = 1.0):
+        """``(kl [N], logp [N], ref_logp [N])`` of ``rows [N, D]``: the exact KL(π_τ ‖ π_ref,τ) of the
+        next-token distributions against ``ref_head`` applied to ``ref_rows [N, D_ref]`` (the reference's
+        hidden states at the same positions; no grad), and the targets' log-probs under π_τ and π_ref,τ, from
+        one fused pass (not from the paper: the ``exact_token`` estimator's input). The reference head's
+        weight is brought to this head's device and dtype (a copy per call if the reference lives elsewhere).
         """
-        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # [N, D]
         like = dict(device=rows.device, dtype=rows.dtype)
         ref_bias = None if ref_head.bias is None else ref_head.bias.detach().to(**like)
-        kl, logp, _ = linear_token_kl(rows, self.weight, ref_rows.to(**like), ref_head.weight.detach().to(**like),
-                                      targets, bias=self.bias, ref_bias=ref_bias, temperature=temperature,
-                                      return_logprobs=True, impl="auto" if self.impl == "native" else self.impl,
-                                      check_targets=False)
-        return kl, logp
+        return linear_token_kl(rows, self.weight, ref_rows.to(**like), ref_head.weight.detach().to(**like), targets,
+                               bias=self.bias, ref_bias=ref_bias, temperature=temperature, return_logprobs=True,
+                               impl="auto" if self.impl == "native" else self.impl, check_targets=False)
 
     @torch.no_grad()
     def sample(self, hidden: torch.Tensor, *, temperature: float = 1.0, seed: int = 0, greedy: bool = False):
         """Next token and its log-prob for each row of ``hidden [B, D]`` (see ``sample_tokens``)."""
         return sample_tokens(hidden, self.weight, self.bias, temperature=temperature, seed=seed, greedy=greedy,
                              impl=self.impl)
+
+
+def _rows(hidden: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    return hidden if positions is None else hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)

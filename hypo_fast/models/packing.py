@@ -15,6 +15,7 @@ import torch
 
 from hypo_fast.losses import sequence_logps
 from hypo_fast.objective import OnlineLogps, StepLogps
+from hypo_fast.segments import Segments
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,11 @@ class StepBatch:
     def to(self, device) -> "StepBatch":
         return StepBatch(self.tokens.to(device), self.num_pairs, self.num_online, self.offline_positions,
                          self.online_column)
+
+    def segments(self, hidden: torch.Tensor, temperature: float) -> Segments:
+        """The ``[N, D]`` rows of ``hidden [rows, L, D]`` at the loss positions, laid out pairs first."""
+        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.tokens.loss_positions)  # [N, D]
+        return Segments(rows, self.tokens.targets, self.offline_positions, temperature)
 
     def split(self, token_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[N]`` per-token values → ``(pairs [N_off], online [N_on])``."""

@@ -1,8 +1,8 @@
 """A policy (HF causal LM + fused head) and its reference, composed rather than subclassed.
 
-The policy owns the sampling temperature τ: the sampler draws from π_τ, and :func:`step_token_logprobs`
-is the one place a temperature meets a segment (pairs at τ = 1 for the DPO term, online samples at τ for
-the KL term, policy and reference alike; see :mod:`hypo_fast.objective`).
+The policy owns the sampling temperature τ: the sampler draws from π_τ, and the policy hands τ to
+:func:`hypo_fast.segments.score_segments`, the one place a temperature meets a segment (pairs at τ = 1
+for the DPO term, online samples at τ for the KL term, policy and reference alike).
 """
 
 from __future__ import annotations
@@ -15,41 +15,13 @@ import torch
 from hypo_fast.models.head import FusedLogprobHead
 from hypo_fast.models.loading import decoder_of, is_peft, output_embeddings
 from hypo_fast.models.packing import StepBatch, TokenBatch
+from hypo_fast.segments import Segments, score_segments
 
 
 def final_hidden(model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
     """``[rows, L, D]`` final hidden states of the decoder body; the HF LM head is never called."""
     return decoder_of(model)(input_ids=batch.input_ids, position_ids=batch.position_ids,
                              attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
-
-
-def step_token_logprobs(head: FusedLogprobHead, hidden: torch.Tensor, batch: StepBatch, temperature: float,
-                        return_logit_mean: bool = False, ref_online: tuple | None = None):
-    """``[N]`` log-probs at a step batch's loss positions: the pairs' under π (τ = 1), the online
-    samples' under π_τ. With ``return_logit_mean``, also ``[N]`` mean logits (a metric).
-
-    With ``ref_online = (ref_rows [N_on, D_ref], ref_head)`` (the ``exact_token`` estimator), the online rows
-    go through the fused KL op instead (log-prob and exact KL_t against the reference in one pass; their
-    logit means are 0, the metric reads the pairs' only) and ``[N_on]`` token KLs come last in the tuple.
-    """
-    tokens = batch.tokens
-    if ref_online is not None and batch.num_online:
-        n = batch.offline_positions
-        offline = head(hidden, tokens.targets[:n], tokens.loss_positions[:n], return_logit_mean=return_logit_mean)
-        kls, online = head.token_kl(hidden, tokens.targets[n:], tokens.loss_positions[n:], *ref_online,
-                                    temperature=temperature)
-        if not return_logit_mean:
-            return torch.cat([offline, online]), kls
-        return torch.cat([offline[0], online]), torch.cat([offline[1], torch.zeros_like(online)]), kls
-    if temperature == 1.0 or batch.num_online == 0:
-        return head(hidden, tokens.targets, tokens.loss_positions, return_logit_mean=return_logit_mean)
-    n = batch.offline_positions
-    offline = head(hidden, tokens.targets[:n], tokens.loss_positions[:n], return_logit_mean=return_logit_mean)
-    online = head(hidden, tokens.targets[n:], tokens.loss_positions[n:], temperature=temperature,
-                  return_logit_mean=return_logit_mean)
-    if not return_logit_mean:
-        return torch.cat([offline, online])
-    return torch.cat([offline[0], online[0]]), torch.cat([offline[1], online[1]])
 
 
 class AdapterReference:
@@ -104,14 +76,23 @@ class Policy:
         With ``ref_online_hidden`` (``[N_on, D_ref]``, from ``reference_online_logprobs(return_hidden=True)``)
         also ``[N_on]`` exact per-token KL(π_τ ‖ π_ref,τ) of the online samples, last in the tuple.
         """
-        ref_online = None if ref_online_hidden is None else (ref_online_hidden, self._reference_head())
-        return step_token_logprobs(self.head, final_hidden(self.model, batch.tokens), batch, self.temperature,
-                                   return_logit_mean, ref_online)
+        hidden = final_hidden(self.model, batch.tokens)
+        token_kl = None
+        if ref_online_hidden is not None:
+            ref_head = self._reference_head()
+            token_kl = lambda rows, targets, tau: self.head.token_kl(rows, targets, ref_online_hidden,  # noqa: E731
+                                                                     ref_head, tau)
+        out = score_segments(self.head.score, batch.segments(hidden, self.temperature),
+                             logit_mean=return_logit_mean, token_kl=token_kl)
+        values = (out.logps, out.logit_means) if return_logit_mean else (out.logps,)
+        if ref_online_hidden is not None and batch.num_online:
+            return *values, out.online_kls
+        return values if return_logit_mean else out.logps
 
     @torch.no_grad()
     def reference_token_logprobs(self, batch: TokenBatch) -> torch.Tensor:
         """``[N]`` log π_ref at the same positions (τ = 1; one no-grad forward)."""
-        return self._reference(batch, 1.0)
+        return self._reference(batch, online=False)
 
     @torch.no_grad()
     def reference_online_logprobs(self, batch: StepBatch, return_hidden: bool = False):
@@ -120,22 +101,24 @@ class Policy:
         ``return_hidden`` also returns the reference's final hidden states at those positions ``[N_on, D_ref]``
         (from the same forward), which the exact per-token KL needs.
         """
-        return self._reference(batch.online_tokens(), self.temperature, return_hidden)
+        return self._reference(batch.online_tokens(), online=True, return_hidden=return_hidden)
 
     def _reference_head(self) -> FusedLogprobHead:
         if self.reference is None:
             raise ValueError("this policy has no reference (pass a FrozenReference or use LoRA)")
         return self.reference.head
 
-    def _reference(self, batch: TokenBatch, temperature: float, return_hidden: bool = False):
+    def _reference(self, batch: TokenBatch, online: bool, return_hidden: bool = False):
+        """π_ref's log-probs of ``batch``'s loss positions: as pairs (τ = 1) or as online samples (τ)."""
         ref = self.reference
         head = self._reference_head()
         device = next(ref.model.parameters()).device
         with ref.context():
             batch_on = batch.to(device)
             hidden = final_hidden(ref.model, batch_on)
-            out = head(hidden, batch_on.targets, batch_on.loss_positions, temperature=temperature)
+            rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch_on.loss_positions)  # [N, D_ref]
+            pair_rows = 0 if online else rows.shape[0]
+            out = score_segments(head.score, Segments(rows, batch_on.targets, pair_rows, self.temperature)).logps
         if not return_hidden:
             return out.to(batch.targets.device)
-        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch_on.loss_positions)
         return out.to(batch.targets.device), rows.to(batch.targets.device)

@@ -3,7 +3,6 @@ the config key (or file and row) at fault instead of a traceback from deep insid
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from hypo_fast.models import FrozenReference, Policy, add_lora, load_causal_lm
 from hypo_fast.models.loading import DTYPES
 from hypo_fast.train.config import ConfigError, TrainConfig
 from hypo_fast.train.data import PreferencePair, Prompt, Source
+from hypo_fast.train.fingerprint import Fingerprint
 from hypo_fast.train.tokenization import TokenizeSettings, load_pairs, load_prompts
 
 log = logging.getLogger("hypo_fast")
@@ -114,10 +114,7 @@ def load_policy(cfg: TrainConfig, device: torch.device) -> Policy:
 
 def fingerprint(items) -> str:
     """A short hash of token ids (data, tokenizer and truncation all enter through them)."""
-    digest = hashlib.sha256()
-    for item in items:
-        digest.update(repr(item).encode())
-    return digest.hexdigest()[:24]
+    return Fingerprint(*items).hex()
 
 
 @dataclass
@@ -128,8 +125,8 @@ class Datasets:
     eval_prompts: list[Prompt]  # for the evaluation KL
 
     def fingerprints(self) -> dict[str, str]:
-        pairs = lambda ps: [(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in ps]  # noqa: E731
-        return {"train": fingerprint(pairs(self.train_pairs)), "eval": fingerprint(pairs(self.eval_pairs)),
+        return {"train": fingerprint(p.ids for p in self.train_pairs),
+                "eval": fingerprint(p.ids for p in self.eval_pairs),
                 "prompts": fingerprint(p.ids for p in self.prompts)}
 
 

@@ -13,7 +13,6 @@ naming any damaged one; only the last ``keep_last`` are kept.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import random
@@ -27,6 +26,7 @@ import torch.distributed as dist
 
 from hypo_fast.models.loading import is_peft
 from hypo_fast.train.errors import UserError
+from hypo_fast.train.fingerprint import Fingerprint
 
 log = logging.getLogger("hypo_fast")
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -63,11 +63,7 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return Fingerprint().add_file(path).hex(None)
 
 
 def write_manifest(folder: Path, step: int) -> None:

@@ -22,14 +22,12 @@ import yaml
 
 from hypo_fast.models.loading import DEFAULT_LORA_TARGETS, DTYPES
 from hypo_fast.objective import HyPOObjective, OptionError
-from hypo_fast.train.errors import UserError
+from hypo_fast.sampling import SamplingConfig
+from hypo_fast.train import trl_names
+from hypo_fast.train.errors import ConfigError
 
 
 log = logging.getLogger("hypo_fast")
-
-
-class ConfigError(UserError):
-    """A bad configuration key or value (the message names the dotted key)."""
 
 
 @dataclass(frozen=True)
@@ -69,14 +67,6 @@ class DataConfig:
 
 
 AlgorithmConfig = HyPOObjective  # the `algorithm` section is the objective's own settings: β, λ, k, …
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    prompts_per_step: int = 4  # online prompts per micro-batch (per rank); each gets algorithm.num_samples
-    max_new_tokens: int = 64
-    temperature: float = 1.0  # τ of π_τ: samples are drawn from it and the KL term is KL(π_τ ‖ π_ref,τ)
-    stop_on_eos: bool = True
 
 
 REPORTERS = ("tensorboard", "wandb", "mlflow")
@@ -137,7 +127,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
-    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -199,12 +189,20 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     return value
 
 
+def _in_files(f: dataclasses.Field) -> bool:
+    """A key of the config file (fields with ``set_by`` metadata are set by the trainer from another key)."""
+    return "set_by" not in f.metadata
+
+
 def _build(cls, data: dict, prefix: str = ""):
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = {name for name, f in fields.items() if _in_files(f)}
+    where = f"{prefix}." if prefix else ""
+    for key in sorted(set(data) & set(fields) - names):
+        raise ConfigError(f"{where}{key}: not a key of the config (set by {fields[key].metadata['set_by']})")
     unknown = sorted(set(data) - names)
     if unknown:
-        where = f"{prefix}." if prefix else ""
         raise ConfigError(f"unknown key {where}{unknown[0]} (known: {', '.join(sorted(names))})")
     kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     try:
@@ -233,7 +231,6 @@ def _parse_override(item: str) -> tuple[str, Any]:
 def config_from_dict(data: dict, overrides: list[str] = ()) -> TrainConfig:
     """The validated tree from hypo_fast's sections, or from a TRL-style flat config (TRL's names, with
     TRL's defaults for what it leaves out); ``overrides`` are ``key=value`` in either naming."""
-    from hypo_fast.train import trl_names
 
     tree = _plain(data or {})
     if trl_names.is_trl_style(tree):
@@ -265,7 +262,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
 
 def _plain(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
-        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if _in_files(f)}
     if isinstance(obj, dict):
         return {k: _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

@@ -10,7 +10,6 @@ itself when online. Files are only read. Turning rows into token ids is :mod:`hy
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ import torch
 
 from hypo_fast.seeds import derive_seed
 from hypo_fast.train.errors import UserError
+from hypo_fast.train.fingerprint import Fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,16 @@ class PreferencePair:
     chosen_ids: tuple[int, ...]
     rejected_ids: tuple[int, ...]
     prompt: str  # rendered prompt text (for rewards and logs)
+
+    @property
+    def ids(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """``(prompt, chosen, rejected)`` token ids, as ``pack_step`` takes them."""
+        return self.prompt_ids, self.chosen_ids, self.rejected_ids
+
+    @property
+    def packed_tokens(self) -> int:
+        """Tokens the pair occupies in a step batch (its prompt packed once per response)."""
+        return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
 
 
 @dataclass(frozen=True)
@@ -109,11 +119,7 @@ class Source:
 
     def fingerprint(self) -> str:
         if self.path.is_file():
-            digest = hashlib.sha256()
-            with self.path.open("rb") as f:
-                while chunk := f.read(1 << 24):
-                    digest.update(chunk)
-            return digest.hexdigest()
+            return Fingerprint().add_file(self.path).hex(None)
         return self.dataset()._fingerprint  # saved folders and Hub datasets carry their own
 
     def dataset(self):

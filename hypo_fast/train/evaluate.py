@@ -51,23 +51,13 @@ def pair_metrics(policy: Policy, objective: HyPOObjective, pairs: list[Preferenc
 
     The objective sees every held-out pair at once, so the loss types that couple a batch's pairs (``aot``,
     ``aot_unpaired``, ``sft``) are evaluated over the whole set rather than per micro-batch."""
-    chosen, rejected, chosen_means, rejected_means, chosen_tokens, rejected_tokens = [], [], [], [], [], []
+    steps = []
     for start in range(0, len(pairs), batch_pairs):
         chunk = pairs[start:start + batch_pairs]
-        batch = pack_step([(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in chunk]).to(device)
+        batch = pack_step([p.ids for p in chunk]).to(device)
         logps, logit_means = policy.step_logprobs(batch, return_logit_mean=True)
-        step = batch.step_logps(logps, ref_logps[start:start + len(chunk)].to(device), logit_means=logit_means)
-        chosen.append(step.chosen)
-        rejected.append(step.rejected)
-        chosen_tokens.append(step.chosen_tokens)
-        rejected_tokens.append(step.rejected_tokens)
-        chosen_means.append(step.chosen_logits_mean * len(chunk))
-        rejected_means.append(step.rejected_logits_mean * len(chunk))
-    ref = ref_logps.to(device)
-    n = len(pairs)
-    step = StepLogps(torch.cat(chosen), torch.cat(rejected), ref[:, 0], ref[:, 1], None,
-                     sum(chosen_means) / n, sum(rejected_means) / n,  # logits/*: pair-weighted batch means
-                     torch.cat(chosen_tokens), torch.cat(rejected_tokens))
+        steps.append(batch.step_logps(logps, ref_logps[start:start + len(chunk)].to(device), logit_means=logit_means))
+    step = StepLogps.of_pairs(steps)
     _, aux = objective(step)
     return aux.metrics(prefix="eval/")
 

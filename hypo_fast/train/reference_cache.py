@@ -9,7 +9,6 @@ They are sums over the response tokens; each loss type normalises them itself.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Sequence
@@ -19,17 +18,14 @@ import torch
 from hypo_fast.models import Policy, pack_step
 from hypo_fast.train import distributed
 from hypo_fast.train.data import PreferencePair
+from hypo_fast.train.fingerprint import Fingerprint
 
 
 def fingerprint(model_source: dict, model_files: Sequence[Path], pairs: Sequence[PreferencePair]) -> str:
     """A short hash of the reference's identity and the pairs' token ids."""
-    h = hashlib.sha256()
-    h.update(json.dumps({"model": model_source, "logps": "sum"}, sort_keys=True, default=str).encode())
-    for f in model_files:
-        h.update(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
-    for p in pairs:
-        h.update(repr((p.prompt_ids, p.chosen_ids, p.rejected_ids)).encode())
-    return h.hexdigest()[:24]
+    h = Fingerprint(json.dumps({"model": model_source, "logps": "sum"}, sort_keys=True, default=str))
+    h.add(*(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in model_files))
+    return h.add(*(p.ids for p in pairs)).hex()
 
 
 @torch.no_grad()
@@ -38,7 +34,7 @@ def score_pairs(policy: Policy, pairs: Sequence[PreferencePair], device, batch_p
     rows = []
     for start in range(0, len(pairs), batch_pairs):
         chunk = pairs[start:start + batch_pairs]
-        batch = pack_step([(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in chunk]).to(device)
+        batch = pack_step([p.ids for p in chunk]).to(device)
         chosen, rejected = batch.pair_logps(policy.reference_token_logprobs(batch.tokens))
         rows.append(torch.stack([chosen, rejected], 1).float())
     return torch.cat(rows)

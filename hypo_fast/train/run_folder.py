@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hypo_fast.train import checkpoint
+from hypo_fast.train.config import TrainConfig, config_to_dict
 from hypo_fast.train.errors import UserError
 
 RUN_RECORD = "run.json"
@@ -57,9 +58,17 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def _defaults() -> dict:
+    return _flat(json.loads(json.dumps(config_to_dict(TrainConfig()))))
+
+
 def differences(old_config: dict, new_config: dict, old_data: dict, new_data: dict) -> list[str]:
-    """``key: old → new`` for every setting that changes what the run computes, and every changed dataset."""
+    """``key: old → new`` for every setting that changes what the run computes, and every changed dataset.
+
+    A key the old record lacks (a setting added by a later release) is unchanged at its default."""
     old, new = _flat(json.loads(json.dumps(old_config))), _flat(json.loads(json.dumps(new_config)))
+    defaults = _defaults()
+    old.update({k: defaults[k] for k in set(new) - set(old) if k in defaults})
     found = [f"{k}: {old.get(k, '(unset)')!r} → {new.get(k, '(unset)')!r}"
              for k in sorted(set(old) | set(new)) if k not in MAY_CHANGE and old.get(k) != new.get(k)]
     found += [f"data ({name}): the contents changed" for name in sorted(set(old_data) | set(new_data))

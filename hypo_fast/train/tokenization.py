@@ -24,7 +24,6 @@ their names (file and line or row) and are raised, or counted and skipped with `
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from pathlib import Path
 import datasets
 
 from hypo_fast.train.data import DataError, DataStats, PreferencePair, Prompt, Source
+from hypo_fast.train.fingerprint import Fingerprint
 
 log = logging.getLogger("hypo_fast")
 FORMAT_VERSION = 1  # bump when the rules above change: old cache files are then never read
@@ -178,10 +178,8 @@ def _tokenize_prompts(example, index, *, row_tokenizer: RowTokenizer, source: So
 
 
 def cache_key(source: Source, tokenizer, settings: TokenizeSettings, kind: str) -> str:
-    digest = hashlib.sha256()
-    digest.update(json.dumps([FORMAT_VERSION, kind, source.fingerprint(), settings.__dict__]).encode())
-    digest.update(datasets.fingerprint.Hasher.hash(tokenizer).encode())
-    return digest.hexdigest()[:32]
+    return Fingerprint(json.dumps([FORMAT_VERSION, kind, source.fingerprint(), settings.__dict__]),
+                       datasets.fingerprint.Hasher.hash(tokenizer)).hex(32)
 
 
 def _tokenized(source: Source, tokenizer, settings: TokenizeSettings, kind: str, cache_dir: Path | None):

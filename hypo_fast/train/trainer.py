@@ -13,13 +13,13 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from hypo_fast.models import Policy, StepBatch, pack_step
-from hypo_fast.sampling import Sampler, SamplingConfig
+from hypo_fast.sampling import Sampler
 from hypo_fast.seeds import derive_seed
 from hypo_fast.train import build, checkpoint, distributed, evaluate, reference_cache, run_folder
 from hypo_fast.train.config import ConfigError, TrainConfig, config_to_dict, save_config
@@ -85,12 +85,10 @@ class Trainer:
         self.engine = build_engine(TrainModule(self.policy), cfg, self.world, self.max_steps)
         s = cfg.sampling
         stops = (self.tokenizer.eos_token_id,) if s.stop_on_eos and self.tokenizer.eos_token_id is not None else ()
-        self.sampler = Sampler(self.policy, SamplingConfig(max_new_tokens=s.max_new_tokens,
-                                                           num_samples=self.objective.num_samples,
-                                                           stop_token_ids=stops), pad_id=self.pad_id)
-        self.eval_sampler = Sampler(self.policy, SamplingConfig(max_new_tokens=s.max_new_tokens,
-                                                                num_samples=cfg.eval.kl_samples,
-                                                                stop_token_ids=stops), pad_id=self.pad_id)
+        self.sampler = Sampler(self.policy, replace(s, num_samples=self.objective.num_samples, stop_token_ids=stops),
+                               pad_id=self.pad_id)
+        self.eval_sampler = Sampler(self.policy, replace(s, num_samples=cfg.eval.kl_samples, stop_token_ids=stops),
+                                    pad_id=self.pad_id)
         if s.temperature != 1.0 and self.rank == 0:
             log.info("sampling.temperature=%s: the KL term is KL(π_τ ‖ π_ref,τ); samples, their scoring and the "
                      "evaluation KL all use τ (pairs are scored at τ = 1)", s.temperature)
@@ -193,7 +191,7 @@ class Trainer:
             gen_seconds = time.perf_counter() - start
             generated = samples.num_tokens()
             online = [(prompts[i].ids, r) for i, r in zip(samples.prompt_index.tolist(), samples.responses())]
-        batch = pack_step([(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in pairs], online,
+        batch = pack_step([p.ids for p in pairs], online,
                           pad_id=self.pad_id).to(self.device)
         ref_online = ref_hidden = None
         exact = self.objective.kl_loss == "exact_token"  # needs the reference's hidden states of the samples
@@ -210,7 +208,7 @@ class Trainer:
                                 token_kls[0] if token_kls else None)
         loss, aux = self.objective(step)
         metrics = {"loss": loss.detach(), **aux.metric_tensors()}  # on the device: transferred once per step
-        pair_tokens = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+        pair_tokens = sum(p.packed_tokens for p in pairs)
         return StepResult(loss, metrics, int(batch.tokens.input_ids.numel()), pair_tokens, generated, gen_seconds,
                           ref_seconds)
 

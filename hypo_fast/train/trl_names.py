@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 
+from hypo_fast.train.errors import ConfigError
+
 log = logging.getLogger("hypo_fast")
 
 
@@ -84,7 +86,6 @@ def translate(data: dict) -> tuple[dict, list[str]]:
 
     Raises ``ConfigError`` naming a key that is unknown, or whose value hypo_fast cannot honour.
     """
-    from hypo_fast.train.config import ConfigError
 
     flat = {k: v for k, v in data.items() if k not in SECTIONS}
     for key, default in TRL_DEFAULTS.items():
@@ -147,8 +148,7 @@ def _peft(flat: dict, dotted: dict) -> None:
 
 def _schedule(flat: dict, dotted: dict) -> None:
     if "warmup_ratio" in flat and "warmup_steps" in flat:
-        from hypo_fast.train.config import ConfigError
-
+    
         raise ConfigError("warmup_ratio: give warmup_ratio or warmup_steps, not both")
     if "warmup_ratio" in flat:
         dotted["optim.warmup_steps"] = float(flat["warmup_ratio"])

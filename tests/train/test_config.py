@@ -71,3 +71,29 @@ def test_bad_loss_options_name_the_key(overrides, match):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_sampling_is_one_class_whose_trainer_set_fields_are_not_keys():
+    """The `sampling` section is the Sampler's own SamplingConfig: its engine settings are keys, the fields the
+    trainer sets from elsewhere (k, the stop tokens, the seed) are refused naming their home, and not saved."""
+    from hypo_fast.sampling import SamplingConfig
+
+    cfg = config_from_dict(BASE, ["sampling.cache=dynamic", "sampling.compact_below=0.25"])
+    assert isinstance(cfg.sampling, SamplingConfig)
+    assert (cfg.sampling.cache, cfg.sampling.compact_below) == ("dynamic", 0.25)
+    saved = config_to_dict(cfg)["sampling"]
+    assert saved["cache"] == "dynamic" and not {"num_samples", "stop_token_ids", "seed", "greedy"} & set(saved)
+    for key, home in (("seed", "optim.seed"), ("stop_token_ids", "sampling.stop_on_eos"), ("greedy", "π_τ")):
+        with pytest.raises(ConfigError, match=f"sampling.{key}: not a key .*{home}"):
+            config_from_dict(BASE, [f"sampling.{key}=1"])
+
+
+def test_a_run_record_from_before_a_new_key_is_unchanged_at_its_default():
+    """Resuming a run recorded by an earlier release: keys it lacks compare equal at their defaults."""
+    from hypo_fast.train.run_folder import differences
+
+    new = config_to_dict(config_from_dict(BASE))
+    old = {**new, "sampling": {k: v for k, v in new["sampling"].items() if k != "cache"}}
+    assert differences(old, new, {}, {}) == []
+    changed = config_to_dict(config_from_dict(BASE, ["sampling.cache=dynamic"]))
+    assert differences(old, changed, {}, {}) == ["sampling.cache: 'auto' → 'dynamic'"]
