@@ -15,7 +15,6 @@ log-probabilities, so it composes with any way of computing them; the fused modu
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Sequence
 
 import torch
@@ -292,10 +291,8 @@ def hypo_loss(
         online_token_kls: like ``online_token_logps``: the exact KL of the next-token distributions at each
             sampled prefix, with grad (:func:`hypo_fast.linear_token_kl`); also logged as the exact KL.
     """
-    if kl_loss not in ONLINE_KL_LOSSES:
+    if kl_loss not in ONLINE_KL_LOSSES:  # the dispatch below has no other case
         raise ValueError(f"kl_loss must be one of {ONLINE_KL_LOSSES}, got {kl_loss!r}")
-    if not (isinstance(kl_coef, (int, float)) and 0 <= kl_coef < math.inf):
-        raise ValueError(f"kl_coef must be a finite number ≥ 0, got {kl_coef!r}")
     dpo_losses, chosen_rewards, rejected_rewards = dpo_loss(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
         beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, discopop_tau=discopop_tau,
@@ -311,7 +308,8 @@ def hypo_loss(
         raise ValueError(f"online log-probs {tuple(online_token_logps.shape)}, reference log-probs "
                          f"{tuple(online_ref_token_logps.shape)} and mask {tuple(online_mask.shape)} must match")
     if kl_loss == "exact_token" and online_token_kls is None:
-        raise ValueError("kl_loss='exact_token' needs online_token_kls (the exact per-position KLs)")
+        raise ValueError("kl_loss='exact_token' needs online_token_kls (OnlineLogps.token_kls): the exact "
+                         "per-position KLs, from hypo_fast.linear_token_kl")
     if online_token_kls is not None and online_token_kls.shape != online_token_logps.shape:
         raise ValueError(f"online_token_kls {tuple(online_token_kls.shape)} must have the online log-probs' shape "
                          f"{tuple(online_token_logps.shape)}")
@@ -328,7 +326,7 @@ def hypo_loss(
         scored = online_mask.bool() if online_mask.dtype == torch.bool or online_mask.is_floating_point() \
             else online_mask >= 0
         term, advantages = exact.loss, exact.advantages[scored]
-    else:
+    else:  # k3
         term = k3_kl_loss(online_token_logps, online_ref_token_logps, online_mask, num_online)
     return HyPOLoss(loss + kl_coef * term, dpo_losses, chosen_rewards, rejected_rewards, term.detach(),
                     rloo.rewards.mean(), advantages, exact_kl)

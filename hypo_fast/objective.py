@@ -214,9 +214,6 @@ class HyPOObjective:
                              "chosen_tokens and rejected_tokens (and summed, not averaged, log-probs)")
         online = logps.online if self.samples_online else None
         online_args = (None, None, None) if online is None else online[:3]
-        if online is not None and self.kl_loss == "exact_token" and online.token_kls is None:
-            raise ValueError("kl_loss 'exact_token' needs the exact per-token KLs of the online samples "
-                             "(OnlineLogps.token_kls, from hypo_fast.linear_token_kl)")
         result = hypo_loss(logps.chosen, logps.rejected, logps.ref_chosen, logps.ref_rejected, *online_args,
                            num_online=None if online is None else online.num_sequences,
                            beta=self.beta, kl_coef=self.kl_coef, num_samples=self.num_samples,

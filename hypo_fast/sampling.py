@@ -21,6 +21,7 @@ import torch
 from transformers import DynamicCache, StaticCache
 
 from hypo_fast.models.loading import decoder_of
+from hypo_fast.models.packing import pad_rows
 from hypo_fast.models.policy import Policy
 from hypo_fast.seeds import derive_seed
 
@@ -132,12 +133,7 @@ class Sampler:
                                  f"exceed the model's context of {context}")
 
     def _left_padded(self, rows, device):
-        L = max(len(p) for p in rows)
-        input_ids = torch.full((len(rows), L), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), L), dtype=torch.long)
-        for r, p in enumerate(rows):
-            input_ids[r, L - len(p):] = torch.as_tensor(p)
-            mask[r, L - len(p):] = 1
+        input_ids, mask = pad_rows(rows, self.pad_id, left=True)
         return input_ids.to(device), mask.to(device)
 
     @torch.no_grad()

@@ -32,6 +32,7 @@ from trl.trainer.utils import use_adapter
 from hypo_fast.fused_losses import FusedLinearHyPOLoss
 from hypo_fast.models import Policy
 from hypo_fast.models.loading import decoder_of, output_embeddings
+from hypo_fast.models.packing import pad_rows
 from hypo_fast.objective import HyPOObjective
 from hypo_fast.ops import linear_logprobs
 from hypo_fast.sampling import Sampler, SamplingConfig
@@ -177,14 +178,9 @@ class HyPOTrainer(DPOTrainer):
         with self.accelerator.autocast():  # the distribution the training forward scores, precision included
             samples = sampler.generate(prompts, seed=seed)
         rows = [(prompts[i], r) for i, r in zip(samples.prompt_index.tolist(), samples.responses())]
-        width = max(len(p) + len(r) for p, r in rows)
-        out = torch.full((len(rows), width), self.pad_token_id, dtype=ids.dtype, device=ids.device)
-        att, comp = torch.zeros_like(out), torch.zeros_like(out)
-        for i, (p, r) in enumerate(rows):
-            out[i, :len(p) + len(r)] = torch.tensor(p + r, device=ids.device)
-            att[i, :len(p) + len(r)] = 1
-            comp[i, len(p):len(p) + len(r)] = 1
-        return out, att, comp
+        out, att = pad_rows([p + r for p, r in rows], self.pad_token_id)
+        comp, _ = pad_rows([[0] * len(p) + [1] * len(r) for p, r in rows], 0)
+        return tuple(t.to(device=ids.device, dtype=ids.dtype) for t in (out, att, comp))
 
     @property
     def pad_token_id(self) -> int:

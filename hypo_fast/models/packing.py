@@ -76,17 +76,26 @@ def pack_sequences(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], pad
                       torch.tensor(targets), torch.tensor(segments), len(sequences))
 
 
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int = 0, *, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids [R, W], mask [R, W])``: token lists padded to the longest on the right (``left``: on the left, as
+    generation wants its prompts), the int64 mask 1 on tokens."""
+    W = max(len(r) for r in rows)
+    ids = torch.full((len(rows), W), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), W), dtype=torch.long)
+    for i, row in enumerate(rows):
+        cols = slice(W - len(row), W) if left else slice(0, len(row))
+        ids[i, cols] = torch.as_tensor(list(row), dtype=torch.long)
+        mask[i, cols] = 1
+    return ids, mask
+
+
 def pad_sequences(sequences: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int = 0) -> TokenBatch:
     """One right-padded row per sequence with an attention mask: the fallback for packing."""
     _check(sequences)
-    L = max(len(p) + len(r) for p, r in sequences)
-    input_ids = torch.full((len(sequences), L), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), L), dtype=torch.long)
+    input_ids, attention_mask = pad_rows([list(p) + list(r) for p, r in sequences], pad_id)
+    L = input_ids.shape[1]
     loss_positions, targets, segments = [], [], []
     for row, (prompt, response) in enumerate(sequences):
-        n = len(prompt) + len(response)
-        input_ids[row, :n] = torch.tensor(list(prompt) + list(response))
-        attention_mask[row, :n] = 1
         loss_positions += list(_loss_rows(row * L, len(prompt), len(response)))
         targets += list(response)
         segments += [row] * len(response)

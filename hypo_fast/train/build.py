@@ -15,7 +15,7 @@ from hypo_fast.models.loading import DTYPES
 from hypo_fast.train.config import ConfigError, TrainConfig
 from hypo_fast.train.data import PreferencePair, Prompt, Source
 from hypo_fast.train.fingerprint import Fingerprint
-from hypo_fast.train.tokenization import TokenizeSettings, load_pairs, load_prompts
+from hypo_fast.train.tokenization import load_pairs, load_prompts
 
 log = logging.getLogger("hypo_fast")
 
@@ -132,13 +132,11 @@ class Datasets:
 
 def load_datasets(cfg: TrainConfig, tokenizer, report: bool) -> Datasets:
     d = cfg.data
-    settings = TokenizeSettings(max_length=d.max_length, max_prompt_length=d.max_prompt_length, eos=d.eos,
-                                skip_bad_rows=d.skip_bad_rows)
     cache = Path(d.cache_dir) if d.cache_dir else Path(datasets.config.HF_DATASETS_CACHE) / "hypo_fast"
 
     def pairs_of(spec, split):
         source = Source(spec, split)
-        loaded, stats = load_pairs(source, tokenizer, settings, cache)
+        loaded, stats = load_pairs(source, tokenizer, d, cache)
         _report(source.name + (f" [{split}]" if split else ""), stats, report)
         return loaded
 
@@ -149,7 +147,7 @@ def load_datasets(cfg: TrainConfig, tokenizer, report: bool) -> Datasets:
         n_eval = int(len(pairs) * d.eval_fraction)
         pairs, eval_pairs = pairs[n_eval:], pairs[:n_eval]
     if d.prompt_file:
-        prompts, stats = load_prompts(Source(d.prompt_file), tokenizer, settings, cache)
+        prompts, stats = load_prompts(Source(d.prompt_file), tokenizer, d, cache)
         _report(d.prompt_file, stats, report)
     else:  # the preference set's own prompts, once each
         prompts = [Prompt(ids, text) for ids, text in {p.prompt_ids: p.prompt for p in pairs}.items()]

@@ -24,6 +24,7 @@ from hypo_fast.models.loading import DEFAULT_LORA_TARGETS, DTYPES
 from hypo_fast.objective import HyPOObjective, OptionError
 from hypo_fast.sampling import SamplingConfig
 from hypo_fast.train import trl_names
+from hypo_fast.train.data import DataConfig
 from hypo_fast.train.errors import ConfigError
 
 
@@ -49,21 +50,6 @@ class ModelConfig:
     lora: LoraConfig | None = None
     reference_device: str | None = None  # full fine-tuning: keep the frozen reference here (e.g. "cpu")
     init_seed: int = 0
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    train_file: str | None = None  # JSONL / JSON / Parquet file, a saved `datasets` folder, or a Hub dataset name
-    split: str | None = None  # the split of a saved DatasetDict or Hub dataset (default: train)
-    eval_file: str | None = None
-    eval_split: str | None = None  # held-out pairs from this split of train_file's dataset
-    prompt_file: str | None = None  # prompt-only set for online sampling (default: the train prompts)
-    eval_fraction: float = 0.0  # held out of train_file when there is neither eval_file nor eval_split
-    max_length: int | None = 1024  # prompt + completion per sequence; the completion's end is cut (TRL 1.16)
-    max_prompt_length: int | None = None  # also cut prompts, keeping BOS and their end (TRL ≤ 0.27's option)
-    eos: str = "trl"  # trl: EOS appended to string completions only (TRL 1.16) | ensure: to every completion
-    skip_bad_rows: bool = False
-    cache_dir: str | None = None  # tokenized data cache (default: the `datasets` cache folder)
 
 
 AlgorithmConfig = HyPOObjective  # the `algorithm` section is the objective's own settings: β, λ, k, …

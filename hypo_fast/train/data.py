@@ -25,6 +25,27 @@ from hypo_fast.train.fingerprint import Fingerprint
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the data is and how its rows become token ids: the ``data`` section of ``hypo-fast train``, and
+    the settings :mod:`hypo_fast.train.tokenization` reads (its rules are those of ``TOKENIZE_FIELDS``)."""
+
+    train_file: str | None = None  # JSONL / JSON / Parquet file, a saved `datasets` folder, or a Hub dataset name
+    split: str | None = None  # the split of a saved DatasetDict or Hub dataset (default: train)
+    eval_file: str | None = None
+    eval_split: str | None = None  # held-out pairs from this split of train_file's dataset
+    prompt_file: str | None = None  # prompt-only set for online sampling (default: the train prompts)
+    eval_fraction: float = 0.0  # held out of train_file when there is neither eval_file nor eval_split
+    max_length: int | None = 1024  # prompt + completion per sequence; the completion's end is cut (TRL 1.16)
+    max_prompt_length: int | None = None  # also cut prompts, keeping BOS and their end (TRL ≤ 0.27's option)
+    eos: str = "trl"  # trl: EOS appended to string completions only (TRL 1.16) | ensure: to every completion
+    skip_bad_rows: bool = False
+    cache_dir: str | None = None  # tokenized data cache (default: the `datasets` cache folder)
+
+
+TOKENIZE_FIELDS = ("max_length", "max_prompt_length", "eos", "skip_bad_rows")  # what a tokenized table depends on
+
+
 class DataError(UserError):
     """A malformed data file or row (the message names the file and row)."""
 

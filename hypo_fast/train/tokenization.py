@@ -26,25 +26,16 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 
-from hypo_fast.train.data import DataError, DataStats, PreferencePair, Prompt, Source
+from hypo_fast.train.data import TOKENIZE_FIELDS, DataConfig, DataError, DataStats, PreferencePair, Prompt, Source
 from hypo_fast.train.fingerprint import Fingerprint
 
 log = logging.getLogger("hypo_fast")
 FORMAT_VERSION = 1  # bump when the rules above change: old cache files are then never read
 PAIR_KEYS, PROMPT_KEYS = ("prompt", "chosen", "rejected"), ("prompt",)
-
-
-@dataclass(frozen=True)
-class TokenizeSettings:
-    max_length: int | None = 1024  # prompt + completion, per sequence (TRL's max_length)
-    max_prompt_length: int | None = None  # TRL ≤ 0.27: also cut prompts, keeping BOS and their end
-    eos: str = "trl"  # trl: TRL 1.16's rule; ensure: every completion ends with EOS
-    skip_bad_rows: bool = False
 
 
 def is_conversational(value) -> bool:
@@ -94,7 +85,7 @@ def _shared_prefix(a: list[int], b: list[int]) -> int:
 class RowTokenizer:
     """Tokenizes one row the TRL way (see the module docstring); raises :class:`DataError` naming it."""
 
-    def __init__(self, tokenizer, settings: TokenizeSettings):
+    def __init__(self, tokenizer, settings: DataConfig):
         self.tok, self.settings = tokenizer, settings
         self.eos_id, self.eos_text = tokenizer.eos_token_id, tokenizer.eos_token
 
@@ -177,12 +168,13 @@ def _tokenize_prompts(example, index, *, row_tokenizer: RowTokenizer, source: So
         return {"error": str(err), "prompt_ids": [], "prompt_text": "", "prompt_cut": False}
 
 
-def cache_key(source: Source, tokenizer, settings: TokenizeSettings, kind: str) -> str:
-    return Fingerprint(json.dumps([FORMAT_VERSION, kind, source.fingerprint(), settings.__dict__]),
+def cache_key(source: Source, tokenizer, settings: DataConfig, kind: str) -> str:
+    return Fingerprint(json.dumps([FORMAT_VERSION, kind, source.fingerprint(),
+                                  {k: getattr(settings, k) for k in TOKENIZE_FIELDS}]),
                        datasets.fingerprint.Hasher.hash(tokenizer)).hex(32)
 
 
-def _tokenized(source: Source, tokenizer, settings: TokenizeSettings, kind: str, cache_dir: Path | None):
+def _tokenized(source: Source, tokenizer, settings: DataConfig, kind: str, cache_dir: Path | None):
     """The tokenized table: read from the cache file when this data, tokenizer and settings were seen before."""
     key = cache_key(source, tokenizer, settings, kind)
     cache = None
@@ -199,7 +191,7 @@ def _tokenized(source: Source, tokenizer, settings: TokenizeSettings, kind: str,
                        new_fingerprint=key, desc=f"tokenizing {source.name}")
 
 
-def _bad_rows(errors: list[str], settings: TokenizeSettings, stats: DataStats) -> None:
+def _bad_rows(errors: list[str], settings: DataConfig, stats: DataStats) -> None:
     bad = [e for e in errors if e]
     if bad and not settings.skip_bad_rows:
         raise DataError(bad[0])
@@ -208,7 +200,7 @@ def _bad_rows(errors: list[str], settings: TokenizeSettings, stats: DataStats) -
     stats.bad_rows += len(bad)
 
 
-def load_pairs(source: Source | str | Path, tokenizer, settings: TokenizeSettings = TokenizeSettings(),
+def load_pairs(source: Source | str | Path, tokenizer, settings: DataConfig = DataConfig(),
                cache_dir: Path | None = None) -> tuple[list[PreferencePair], DataStats]:
     """Preference pairs of ``source``, tokenized as TRL does (cached), with what was cut or dropped counted."""
     source = source if isinstance(source, Source) else Source(source)
@@ -233,7 +225,7 @@ def load_pairs(source: Source | str | Path, tokenizer, settings: TokenizeSetting
     return pairs, stats
 
 
-def load_prompts(source: Source | str | Path, tokenizer, settings: TokenizeSettings = TokenizeSettings(),
+def load_prompts(source: Source | str | Path, tokenizer, settings: DataConfig = DataConfig(),
                  cache_dir: Path | None = None) -> tuple[list[Prompt], DataStats]:
     """Prompt-only rows for online sampling (the generation prompt added to conversations)."""
     source = source if isinstance(source, Source) else Source(source)

@@ -10,7 +10,8 @@ import pytest
 
 from hypo_fast.examples.toy import char_tokenizer
 from hypo_fast.train.data import DataError
-from hypo_fast.train.tokenization import TokenizeSettings as Settings, load_pairs
+from hypo_fast.train.data import DataConfig as Settings
+from hypo_fast.train.tokenization import load_pairs
 
 GOOD = {"prompt": "abc", "chosen": "dd", "rejected": "eee"}
 

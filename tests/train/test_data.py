@@ -8,7 +8,8 @@ import pytest
 
 from hypo_fast.examples.toy import char_tokenizer
 from hypo_fast.train.data import DataError, Stream
-from hypo_fast.train.tokenization import TokenizeSettings as Settings, load_pairs, load_prompts
+from hypo_fast.train.data import DataConfig as Settings
+from hypo_fast.train.tokenization import load_pairs, load_prompts
 
 ALPHABET = "abcdefghu|:"
 

@@ -17,7 +17,8 @@ trl = pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
 from trl.trainer.dpo_trainer import DataCollatorForPreference, DPOTrainer  # noqa: E402
 
-from hypo_fast.train.tokenization import TokenizeSettings, load_pairs  # noqa: E402
+from hypo_fast.train.data import DataConfig  # noqa: E402
+from hypo_fast.train.tokenization import load_pairs  # noqa: E402
 
 CORPUS = ["the cat sat on the mat", "the dog ran to the park", "what is the capital of france? paris",
           "a cat and a dog", "user: hello there", "assistant: hi, how can i help"] * 20
@@ -103,7 +104,7 @@ def test_token_ids_equal_trls(tmp_path, case, truncate):
         max_length = len(trl_ids(tok, rows[:1], None)[0][0]) + 3
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    pairs, stats = load_pairs(path, tok, TokenizeSettings(max_length=max_length), cache_dir=tmp_path / "cache")
+    pairs, stats = load_pairs(path, tok, DataConfig(max_length=max_length), cache_dir=tmp_path / "cache")
     expected = [e for e in trl_ids(tok, rows, max_length) if max_length is None or len(e[0]) < max_length]
     assert [(list(p.prompt_ids), list(p.chosen_ids), list(p.rejected_ids)) for p in pairs] == expected
     assert stats.dropped == len(rows) - len(expected)
@@ -119,12 +120,12 @@ def test_eos_ensure_appends_where_the_template_does_not_end_the_turn(tmp_path):
     tok = bpe_tokenizer("</s>", BOS_TEMPLATE)  # turns end with a newline, not EOS
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in CONVERSATIONS))
-    trl_pairs, _ = load_pairs(path, tok, TokenizeSettings(max_length=None), cache_dir=tmp_path / "a")
-    ensured, _ = load_pairs(path, tok, TokenizeSettings(max_length=None, eos="ensure"), cache_dir=tmp_path / "b")
+    trl_pairs, _ = load_pairs(path, tok, DataConfig(max_length=None), cache_dir=tmp_path / "a")
+    ensured, _ = load_pairs(path, tok, DataConfig(max_length=None, eos="ensure"), cache_dir=tmp_path / "b")
     for a, b in zip(trl_pairs, ensured):
         assert a.chosen_ids[-1] != tok.eos_token_id and b.chosen_ids == a.chosen_ids + (tok.eos_token_id,)
     eos_tok = bpe_tokenizer("<|end|>", EOS_TEMPLATE)  # turns already end with EOS: nothing is added
-    ended, _ = load_pairs(path, eos_tok, TokenizeSettings(max_length=None, eos="ensure"), cache_dir=tmp_path / "c")
+    ended, _ = load_pairs(path, eos_tok, DataConfig(max_length=None, eos="ensure"), cache_dir=tmp_path / "c")
     assert all(p.chosen_ids.count(eos_tok.eos_token_id) == 1 for p in ended)
 
 
