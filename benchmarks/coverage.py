@@ -4,6 +4,7 @@ covered (Song et al. 2024)? Design, hypotheses and decision rules declared here 
     python benchmarks/coverage.py                 # 5 seeds, the full grid (≤ 15 min alone on 2 CPU cores)
     python benchmarks/coverage.py --quick         # 2 seeds, DPO β=0.1 and HyPO β=0.1 λ=0.1 (≤ 3 min)
     python benchmarks/coverage.py --record        # also append the rows and the plot to benchmarks/results/
+    python benchmarks/coverage.py --task valid    # the second task (below): every response valid; --quick ≤ 3 min
 
 THE CLAIM. With only *partial* coverage (the preference data cover the responses the reference typically
 produces, not all responses) the DPO loss does not constrain the probability of uncovered responses, and
@@ -77,6 +78,82 @@ ADDED AFTER THE FIRST FULL RUN, NOT PART OF THE DECLARED DESIGN: ``--early-stopp
 DPO again on each seed's partial-coverage pairs for 10, 20 and 40 steps and compares HyPO with DPO stopped
 at its best length per seed, picked by the gold reward (an oracle that favours DPO); rows in
 coverage_early_stopping.jsonl. It asks whether HyPO's advantage is only DPO trained too long.
+
+ADDED AFTER THE THIRD FULL RUN (issue 27), A REPORTING CHANGE: the manipulation check also prints the DPO −
+reference difference of its two parts separately, *valid* uncovered templates and *malformed* (off-template)
+strings, each with its interval. The declared PASS rule (on their sum) is unchanged; the split is read off
+the stored rows (``--reanalyse``), no policy is retrained.
+
+SECOND TASK (``--task valid``; issue 27), declared here and committed before any of its results. The first
+task's "uncovered better" scenario could not go DPO's way: DPO's extra mass went to malformed strings,
+which score −1 in both scenarios. This task has no malformed answers by construction, so the theory's
+other half is testable: DPO extrapolating onto valid responses the pairs never showed, which pays when
+the pairs' preferences generalise (consistent) and costs when they do not (adversarial).
+
+TASK (hypo_fast/examples/coverage_valid_task.py). Prompts as in the first task. A response is exactly
+L = 4 tokens, each one of the letters a, b, c, d: 4⁴ = 256 responses, every one a legal answer. The
+sampler writes exactly 4 tokens (max_new_tokens = 4, no stop token; the trainer's HyPO samples too), so
+there is no end token to lose. The model's vocabulary still has other tokens (e–h, "=", the special
+tokens); a response holding one is *malformed*. None is ever trained on; its mass is measured exactly and
+expected ≈ 0 (premise check below).
+- Gold reward, additive over slots: per slot, the four letters get the values 0, 1/3, 2/3, 1 in a random
+  order (per seed); r(y) = mean over the 4 slots of the slot's value of y's letter, in [0, 1]. A slot's
+  two highest-valued letters are its *good* letters.
+- Coverage: the *covered* set C is every response with at most 2 good letters (176 of 256); the
+  *uncovered* set U has 3 or 4 (80). The best covered response scores 2/3; every response scoring more
+  is uncovered, the best (1.0) included. Every letter of every slot occurs in C: an uncovered response is
+  a new combination of familiar parts.
+- Reference: the first task's SFT loop (same model, 4,000 sequences, 300 steps of 64, AdamW lr 3e-3,
+  cosine) on prompts followed by responses drawn 90% uniformly from C, 10% uniformly from U.
+- Offline pairs: 8 reference samples on each of 128 training prompts; the collector keeps valid covered
+  responses, pairs them in order of drawing, drops pairs of equal reward (identical ones included) and
+  labels each by r (no label noise). Held-out pairs: the same collector on 32 other prompts.
+- Scenarios, both always reported (the pairs compare covered responses only, so one training serves
+  both): *consistent*: every response scores r(y); *adversarial*: covered ones r(y), uncovered ones
+  r(y) − 1 (in [−0.5, 0]: none above the worst covered one). Malformed responses: −1 in both.
+
+GRID, TRAINING, SEEDS. The first experiment's grid (DPO β ∈ {0.1, 0.5}; HyPO (β, λ) ∈ {0.1, 0.5} ×
+{0.02, 0.1}) and trainer settings (80 steps of 8 pairs, AdamW lr 5e-4, 5 warm-up steps then constant,
+clipping 1.0, fp32, HyPO 4 online prompts × k = 4, τ = 1). Seeds 0–4 (a seed re-draws letter values, SFT
+data, initialisation and order, pairs and evaluation prompts) × 2 training orders per seed (order o ∈
+{0, 1}: the trainer's seed is derive_seed(seed, "order", o): pair order and HyPO's samples; the reference
+and the pairs are the seed's). 6 cells × 2 orders × 5 seeds = 60 trained policies, plus 5 references.
+- DPO as users run it (declared now): every DPO run evaluates the held-out pairs every 5 steps (the
+  trainer's eval/ DPO loss); *DPO early-stopped* is that run's policy at the step of the lowest held-out
+  DPO loss among steps 5, 10, …, 80 (the first on a tie). The held-out pairs compare covered responses
+  only: the signal never sees an uncovered response's reward, in either scenario.
+- Pilot (seed 100, excluded from every result), the first task's rules: the reference's response
+  distribution within total variation 0.1 of the SFT distribution, and DPO β = 0.1 trains (mean DPO loss
+  over its last 10 steps below 0.5, else lr doubles, at most to 2e-3). Nothing else of it is looked at.
+
+METRICS, exact (no sampling): on 16 evaluation prompts, the teacher-forced probability of each of the 256
+valid responses; averaged over prompts: covered mass, valid uncovered mass, malformed mass (1 − the valid
+total), gold reward in both scenarios (malformed at −1), and KL(π ‖ π_ref) over the 257 outcomes (the
+256 responses and "malformed" lumped: a lower bound of the full KL, equal to it when nothing is
+malformed). Per seed: the mean of its two orders; across seeds: mean ± SE and the per-seed values;
+paired per-seed differences with a 95% t-interval (4 df). The spread between the two orders of a seed
+is reported per cell.
+
+CHECKS, reported before anything else.
+- Manipulation check, on *valid uncovered mass*: per DPO β, the paired per-seed difference DPO −
+  reference; PASS if its 95% interval lies above 0. If it fails at a β, the output says the task failed
+  to exercise extrapolation at that β, and no claim is drawn from that β's comparisons (still printed).
+  The same is printed for malformed mass, beside it.
+- Premise check: every policy's malformed mass, mean over seeds, below 0.01. If not, the output says
+  which policies broke the premise.
+
+PREDICTIONS (Δ = HyPO(β, λ) − DPO(same β), gold reward, paired per seed, 95% t-interval):
+- P1, consistent: DPO ≥ HyPO. "confirmed" if the interval lies below 0, "not contradicted" if it holds 0,
+  "FAILED" if it lies above 0.
+- P2, adversarial: HyPO > DPO. "confirmed" if the interval lies above 0, "not confirmed" if it holds 0,
+  "FAILED" if it lies below 0.
+- P3 and P4: P1 and P2 with DPO early-stopped in place of DPO, same rules, same expected directions (a
+  held-out signal that cannot see the penalty cannot stop DPO before it).
+Sixteen comparisons, no multiple-comparison correction. The task is not tuned after the first full run.
+OUTPUT: the checks, a table per scenario (per policy: reward, per-seed values, KL, covered / valid
+uncovered / malformed mass, Δ with its interval), the predictions' verdicts, a reward-vs-KL plot (one
+panel per scenario); rows to coverage_valid.jsonl, report coverage_valid_report.txt, plot
+coverage_valid_frontier.png. Quick mode: seeds 0 and 1, one order, DPO β = 0.1 and HyPO β = 0.1 λ = 0.1.
 """
 
 from __future__ import annotations
