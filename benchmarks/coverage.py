@@ -93,24 +93,26 @@ the pairs' preferences generalise (consistent) and costs when they do not (adver
 TASK (hypo_fast/examples/coverage_valid_task.py). Prompts as in the first task. A response is exactly
 L = 4 tokens, each one of the letters a, b, c, d: 4⁴ = 256 responses, every one a legal answer. The
 sampler writes exactly 4 tokens (max_new_tokens = 4, no stop token; the trainer's HyPO samples too), so
-there is no end token to lose. The model's vocabulary still has other tokens (e–h, "=", the special
-tokens); a response holding one is *malformed*. None is ever trained on; its mass is measured exactly and
-expected ≈ 0 (premise check below).
+there is no end token to lose. The model is the first task's (2 layers, hidden 64) as Phi, whose LM head
+has a bias: it is −50 on every token that is not one of a–d, so no response can hold another token
+(amended after the pilot, see DEVIATIONS). A response holding one would be *malformed*; its mass is
+measured exactly (premise check below).
 - Gold reward, additive over slots: per slot, the four letters get the values 0, 1/3, 2/3, 1 in a random
-  order (per seed); r(y) = mean over the 4 slots of the slot's value of y's letter, in [0, 1]. A slot's
-  two highest-valued letters are its *good* letters.
-- Coverage: the *covered* set C is every response with at most 2 good letters (176 of 256); the
-  *uncovered* set U has 3 or 4 (80). The best covered response scores 2/3; every response scoring more
-  is uncovered, the best (1.0) included. Every letter of every slot occurs in C: an uncovered response is
-  a new combination of familiar parts.
-- Reference: the first task's SFT loop (same model, 4,000 sequences, 300 steps of 64, AdamW lr 3e-3,
-  cosine) on prompts followed by responses drawn 90% uniformly from C, 10% uniformly from U.
+  order (per seed); r(y) = mean over the 4 slots of the slot's value of y's letter, in [0, 1]. The
+  letter of value 1 is the slot's *best* letter.
+- Reference: the first task's SFT loop (4,000 sequences, 300 steps of 64, AdamW lr 3e-3, cosine; loss on
+  the 4 response letters, no end token) on prompts followed by responses whose slots are drawn
+  independently: the slot's best letter with probability 0.05, each other letter 0.95 / 3.
+- Coverage: the *covered* set C is every response holding at most 1 best letter (189 of 256, ≈ 98.6% of
+  the SFT mass); the *uncovered* set U holds 2 or more (67). The best covered response scores 0.75;
+  every response scoring more is uncovered, the best (1.0) included. Every letter of every slot occurs
+  in C: an uncovered response is a new combination of familiar parts.
 - Offline pairs: 8 reference samples on each of 128 training prompts; the collector keeps valid covered
   responses, pairs them in order of drawing, drops pairs of equal reward (identical ones included) and
   labels each by r (no label noise). Held-out pairs: the same collector on 32 other prompts.
 - Scenarios, both always reported (the pairs compare covered responses only, so one training serves
   both): *consistent*: every response scores r(y); *adversarial*: covered ones r(y), uncovered ones
-  r(y) − 1 (in [−0.5, 0]: none above the worst covered one). Malformed responses: −1 in both.
+  r(y) − 1 (in [−0.42, 0]: none above the worst covered one). Malformed responses: −1 in both.
 
 GRID, TRAINING, SEEDS. The first experiment's grid (DPO β ∈ {0.1, 0.5}; HyPO (β, λ) ∈ {0.1, 0.5} ×
 {0.02, 0.1}) and trainer settings (80 steps of 8 pairs, AdamW lr 5e-4, 5 warm-up steps then constant,
@@ -154,6 +156,21 @@ OUTPUT: the checks, a table per scenario (per policy: reward, per-seed values, K
 uncovered / malformed mass, Δ with its interval), the predictions' verdicts, a reward-vs-KL plot (one
 panel per scenario); rows to coverage_valid.jsonl, report coverage_valid_report.txt, plot
 coverage_valid_frontier.png. Quick mode: seeds 0 and 1, one order, DPO β = 0.1 and HyPO β = 0.1 λ = 0.1.
+
+DEVIATIONS, made on the pilot seed (100) before any full run, every one reported here. The design as first
+committed (a Llama model; covered = at most 2 of each slot's top-2 letters, 176 responses; SFT 90%
+uniform on them, 10% uniform on the rest) failed its pilot: (1) DPO β = 0.1 put 0.45 of its mass on
+malformed responses (letters e–h and special tokens), the first task's failure again; hence the masked
+LM head. (2) The reference's total variation to its SFT distribution was 0.133 (0.124 with the masked
+head; 0.113 with 600 SFT steps), above the 0.1 rule: 176 equally likely responses are not learned from
+4,000 sequences. Hence the factorised reference above. In those pilot runs DPO's valid uncovered mass
+was also looked at, against the pilot rule: 0.177 against the reference's 0.178 (Llama), 0.252 against
+0.172 (masked head, lr 5e-4), 0.066 (600 SFT steps on 16,000 sequences, lr 2e-3). With the final task,
+the pilot gives TV 0.039 and DPO β = 0.1's mean loss over its last 10 steps 0.499 at lr 5e-4: the
+declared lr stands. On the way, two runs with other SFT sizes or lr were looked at (TV 0.029 and DPO's
+valid uncovered mass 0.049 at 600 steps on 16,000 sequences, lr 5e-4; 0.009 at the final SFT and lr
+1e-3, against the reference's ≈ 0.014): whether DPO raises valid uncovered mass here is not settled by
+the pilot, and the full run decides the manipulation check.
 """
 
 from __future__ import annotations
