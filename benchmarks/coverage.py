@@ -184,6 +184,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import REPO, add_results_options, append_rows, default_results_dir, environment, quiet_progress_bars  # noqa: E402
+from coverage_stats import T975, interval, mean_se  # noqa: E402,F401
 
 GRID = [(0.1, 0.0), (0.5, 0.0), (0.1, 0.02), (0.1, 0.1), (0.5, 0.02), (0.5, 0.1)]  # (β, λ); λ = 0 is DPO
 QUICK_GRID = [(0.1, 0.0), (0.1, 0.1)]
@@ -193,25 +194,6 @@ SETTING_TITLES = {("partial", "worse"): "partial coverage, uncovered responses w
                   ("partial", "better"): "partial coverage, uncovered responses better",
                   ("global-worse", "worse"): "global coverage (control), uncovered responses worse",
                   ("global-better", "better"): "global coverage (control), uncovered responses better"}
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-
-
-# ---- statistics over seeds ---------------------------------------------------------------------------
-
-def mean_se(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, float("nan")
-    var = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(var / n)
-
-
-def interval(values: list[float]) -> tuple[float, float, float, float]:
-    """Mean, SE and the 95% t-interval of per-seed values (paired differences)."""
-    mean, se = mean_se(values)
-    t = T975.get(len(values) - 1, 1.96)
-    return mean, se, mean - t * se, mean + t * se
 
 
 def verdict(low: float, high: float) -> str:
@@ -453,7 +435,11 @@ def plot_early_stopping(rows: list[dict], main_rows: list[dict], path: Path) -> 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=("templates", "valid"), default="templates",
+                        help="templates: the first task; valid: the second (every response valid)")
     parser.add_argument("--quick", action="store_true", help="2 seeds, DPO β=0.1 vs HyPO β=0.1 λ=0.1")
+    parser.add_argument("--reanalyse", action="store_true",
+                        help="train nothing: rewrite the report from the latest run's rows in the results folder")
     parser.add_argument("--seeds", type=int, nargs="*", help="override the declared seeds")
     parser.add_argument("--work", default=str(REPO / "runs" / "coverage"), help="training runs (scratch)")
     add_results_options(parser)
@@ -478,6 +464,18 @@ def main(argv: list[str] | None = None) -> dict:
     cells = [Cell(beta, kl) for beta, kl in (QUICK_GRID if args.quick else GRID)]
     env = {**environment("cpu"), "benchmark": "coverage", "quick": args.quick}
     start = time.time()
+    if args.task == "valid":
+        import coverage_valid
+
+        return coverage_valid.main(args, {**env, "task": "valid"}, results)
+    if args.reanalyse:
+        rows = latest_policy_rows(results / "coverage.jsonl")
+        seeds = sorted({r["seed"] for r in rows})
+        cells = [c for c in (Cell(beta, kl) for beta, kl in GRID) if any(r["policy"] == c.name for r in rows)]
+        text = report(analyse(rows, cells), seeds)
+        print(text)
+        (results / "coverage_report.txt").write_text(text + "\n")
+        return {"rows": rows, "report": text}
     if args.early_stopping:
         main_rows = latest_policy_rows(results / "coverage.jsonl")
         rows, text = early_stopping(seeds, Path(args.work), main_rows, env)
