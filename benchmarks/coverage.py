@@ -243,6 +243,9 @@ def analyse(rows: list[dict], cells) -> dict:
             diff = paired(partial[name]["mass_not_covered"]["per_seed"], partial["reference"]["mass_not_covered"]["per_seed"])
             mean, se, low, high = interval(diff)
             out["check"][name] = {"diff": (mean, se, low, high), "pass": low > 0}
+            for part in ("mass_uncovered", "mass_off"):  # the split (issue 27): valid uncovered / malformed
+                out["check"][name][part] = interval(paired(partial[name][part]["per_seed"],
+                                                           partial["reference"][part]["per_seed"]))
     for cell in cells:
         if cell.method != "HyPO" or cell.beta not in dpo_of:
             continue
@@ -276,11 +279,17 @@ def fmt(mean_se: tuple[float, float], digits: int = 3) -> str:
 
 def report(analysis: dict, seeds: list[int]) -> str:
     lines = [f"seeds: {seeds} (n = {len(seeds)}); ± is the standard error over seeds; [a, b] a 95% t-interval",
-             "", "== manipulation check (partial coverage): more mass on not-covered responses than the reference?"]
+             "", "== manipulation check (partial coverage): more mass on not-covered responses than the reference?",
+             "   (the split into valid uncovered templates and malformed strings was added after the third run, issue 27)"]
     for name, check in analysis["check"].items():
         mean, se, low, high = check["diff"]
         status = "PASS" if check["pass"] else "FAIL: the task does not exercise partial coverage at this β"
         lines.append(f"{name}: DPO − reference not-covered mass {mean:+.3f} ± {se:.3f} [{low:+.3f}, {high:+.3f}] → {status}")
+        for part, label in (("mass_uncovered", "valid uncovered templates"), ("mass_off", "malformed (off-template)")):
+            if part in check:
+                m, s, lo, hi = check[part]
+                raised = "raised" if lo > 0 else "lowered" if hi < 0 else "no clear change"
+                lines.append(f"    of which {label:<26} {m:+.3f} ± {s:.3f} [{lo:+.3f}, {hi:+.3f}] → {raised}")
     for setting, table in analysis["settings"].items():
         scenario = setting[1]
         lines += ["", f"== {SETTING_TITLES[setting]}",

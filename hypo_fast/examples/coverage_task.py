@@ -458,6 +458,8 @@ def plot_frontier(panels: dict[str, dict[str, tuple]], path: Path, title: str) -
         for policy, ((kl, kl_se), (reward, reward_se)) in points.items():
             if policy == "reference":
                 group, style = "reference", dict(marker="*", markersize=14, color="black")
+            elif policy.endswith("early-stopped"):  # DPO stopped on held-out pairs (the second task)
+                group, style = "DPO early-stopped (β varies)", dict(marker="D", color="tab:purple")
             elif policy.startswith("DPO") and policy.endswith("st."):  # one β, several training lengths
                 beta = policy.split()[1]
                 group, style = f"DPO {beta} (steps vary)", dict(marker="o", color="tab:red" if beta == "β=0.1" else
