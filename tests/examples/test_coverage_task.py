@@ -182,6 +182,10 @@ def test_analysis_manipulation_check_and_paired_differences():
     assert h1["verdict"] == "DPO higher" and h1["check_passed"]
     h2 = next(h for h in analysis["hypotheses"] if h["hypothesis"] == "H2")
     assert h2["verdict"] == "HyPO higher"  # reward_better = −v in these rows
+    # the check's two parts, apart (issue 27): here all of it is valid uncovered templates, none malformed
+    assert check["mass_uncovered"][0] == pytest.approx(mean) and check["mass_off"][:2] == (0.0, 0.0)
+    text = experiment.report(analysis, [0, 1, 2])
+    assert "of which valid uncovered templates  +0.200" in text and "of which malformed (off-template)   +0.000" in text
 
     still = {"reference": reference, "DPO β=0.1": [0.09, 0.13, 0.10], "HyPO β=0.1 λ=0.1": [0.1, 0.1, 0.1]}
     analysis = experiment.analyse(_rows(still), cells)
