@@ -162,6 +162,8 @@ def test_analysis_follows_the_declared_rules():
     text = coverage_valid.report(analysis, [0, 1, 2], (0, 1))
     assert "→ PASS" in text and "premise check (malformed mass below 0.01 for every policy): holds" in text
 
+    noisy = coverage_valid.analyse(_rows([0.22, -0.08, 0.07]))  # raised on average, but the interval holds 0
+    assert noisy["check"]["DPO β=0.1"]["mass_uncovered"][0] > 0 and not noisy["check"]["DPO β=0.1"]["pass"]
     failed = coverage_valid.analyse(_rows([0.01, 0.02, 0.015]))
     assert not failed["check"]["DPO β=0.1"]["pass"]
     text = coverage_valid.report(failed, [0, 1, 2], (0, 1))
