@@ -184,7 +184,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import REPO, add_results_options, append_rows, default_results_dir, environment, quiet_progress_bars  # noqa: E402
-from coverage_stats import T975, interval, mean_se  # noqa: E402,F401
+from coverage_stats import interval, mean_se  # noqa: E402
 
 GRID = [(0.1, 0.0), (0.5, 0.0), (0.1, 0.02), (0.1, 0.1), (0.5, 0.02), (0.5, 0.1)]  # (β, λ); λ = 0 is DPO
 QUICK_GRID = [(0.1, 0.0), (0.1, 0.1)]

@@ -105,7 +105,8 @@ def make_task(seed: int, spec: ValidSpec = ValidSpec()) -> ValidTask:
     combos = list(itertools.product(range(n), repeat=spec.length))
     templates = tuple("".join(spec.letters[i] for i in c) for c in combos)
     additive = [sum(values[s][i] for s, i in enumerate(c)) / spec.length for c in combos]
-    covered = frozenset(j for j, c in enumerate(combos) if sum(i == best[s] for s, i in enumerate(c)) <= spec.max_best_covered)
+    n_best = [sum(i == best[s] for s, i in enumerate(c)) for c in combos]
+    covered = frozenset(j for j, n in enumerate(n_best) if n <= spec.max_best_covered)
     probs = tuple(math.prod(slot_probs[s][i] for s, i in enumerate(c)) for c in combos)
     adversarial = tuple(r if j in covered else r - spec.penalty for j, r in enumerate(additive))
     return ValidTask(seed, values, templates, covered, probs, {"consistent": tuple(additive), "adversarial": adversarial})
