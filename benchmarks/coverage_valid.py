@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+from benchlib import append_rows
 from coverage_stats import interval, mean_se
 
 GRID = [(0.1, 0.0), (0.5, 0.0), (0.1, 0.02), (0.1, 0.1), (0.5, 0.02), (0.5, 0.1)]  # (β, λ); λ = 0 is DPO
@@ -25,8 +26,6 @@ def run(seeds, cells, orders, work: Path, results: Path, env: dict, name: str) -
     rows = []
     for seed in seeds:
         seed_rows = [{**env, "kind": "policy", **row} for row in vt.run_seed(seed, cells, work, orders)]
-        from benchlib import append_rows
-
         append_rows(name, seed_rows, results)
         rows += seed_rows
     return rows
