@@ -4,6 +4,7 @@ covered (Song et al. 2024)? Design, hypotheses and decision rules declared here 
     python benchmarks/coverage.py                 # 5 seeds, the full grid (≤ 15 min alone on 2 CPU cores)
     python benchmarks/coverage.py --quick         # 2 seeds, DPO β=0.1 and HyPO β=0.1 λ=0.1 (≤ 3 min)
     python benchmarks/coverage.py --record        # also append the rows and the plot to benchmarks/results/
+    python benchmarks/coverage.py --task valid    # the second task (below): every response valid; --quick ≤ 3 min
 
 THE CLAIM. With only *partial* coverage (the preference data cover the responses the reference typically
 produces, not all responses) the DPO loss does not constrain the probability of uncovered responses, and
@@ -77,6 +78,99 @@ ADDED AFTER THE FIRST FULL RUN, NOT PART OF THE DECLARED DESIGN: ``--early-stopp
 DPO again on each seed's partial-coverage pairs for 10, 20 and 40 steps and compares HyPO with DPO stopped
 at its best length per seed, picked by the gold reward (an oracle that favours DPO); rows in
 coverage_early_stopping.jsonl. It asks whether HyPO's advantage is only DPO trained too long.
+
+ADDED AFTER THE THIRD FULL RUN (issue 27), A REPORTING CHANGE: the manipulation check also prints the DPO −
+reference difference of its two parts separately, *valid* uncovered templates and *malformed* (off-template)
+strings, each with its interval. The declared PASS rule (on their sum) is unchanged; the split is read off
+the stored rows (``--reanalyse``), no policy is retrained.
+
+SECOND TASK (``--task valid``; issue 27), declared here and committed before any of its results. The first
+task's "uncovered better" scenario could not go DPO's way: DPO's extra mass went to malformed strings,
+which score −1 in both scenarios. This task has no malformed answers by construction, so the theory's
+other half is testable: DPO extrapolating onto valid responses the pairs never showed, which pays when
+the pairs' preferences generalise (consistent) and costs when they do not (adversarial).
+
+TASK (hypo_fast/examples/coverage_valid_task.py). Prompts as in the first task. A response is exactly
+L = 4 tokens, each one of the letters a, b, c, d: 4⁴ = 256 responses, every one a legal answer. The
+sampler writes exactly 4 tokens (max_new_tokens = 4, no stop token; the trainer's HyPO samples too), so
+there is no end token to lose. The model is the first task's (2 layers, hidden 64) as Phi, whose LM head
+has a bias: it is −50 on every token that is not one of a–d, so no response can hold another token
+(amended after the pilot, see DEVIATIONS). A response holding one would be *malformed*; its mass is
+measured exactly (premise check below).
+- Gold reward, additive over slots: per slot, the four letters get the values 0, 1/3, 2/3, 1 in a random
+  order (per seed); r(y) = mean over the 4 slots of the slot's value of y's letter, in [0, 1]. The
+  letter of value 1 is the slot's *best* letter.
+- Reference: the first task's SFT loop (4,000 sequences, 300 steps of 64, AdamW lr 3e-3, cosine; loss on
+  the 4 response letters, no end token) on prompts followed by responses whose slots are drawn
+  independently: the slot's best letter with probability 0.05, each other letter 0.95 / 3.
+- Coverage: the *covered* set C is every response holding at most 1 best letter (189 of 256, ≈ 98.6% of
+  the SFT mass); the *uncovered* set U holds 2 or more (67). The best covered response scores 0.75;
+  every response scoring more is uncovered, the best (1.0) included. Every letter of every slot occurs
+  in C: an uncovered response is a new combination of familiar parts.
+- Offline pairs: 8 reference samples on each of 128 training prompts; the collector keeps valid covered
+  responses, pairs them in order of drawing, drops pairs of equal reward (identical ones included) and
+  labels each by r (no label noise). Held-out pairs: the same collector on 32 other prompts.
+- Scenarios, both always reported (the pairs compare covered responses only, so one training serves
+  both): *consistent*: every response scores r(y); *adversarial*: covered ones r(y), uncovered ones
+  r(y) − 1 (in [−0.42, 0]: none above the worst covered one). Malformed responses: −1 in both.
+
+GRID, TRAINING, SEEDS. The first experiment's grid (DPO β ∈ {0.1, 0.5}; HyPO (β, λ) ∈ {0.1, 0.5} ×
+{0.02, 0.1}) and trainer settings (80 steps of 8 pairs, AdamW lr 5e-4, 5 warm-up steps then constant,
+clipping 1.0, fp32, HyPO 4 online prompts × k = 4, τ = 1). Seeds 0–4 (a seed re-draws letter values, SFT
+data, initialisation and order, pairs and evaluation prompts) × 2 training orders per seed (order o ∈
+{0, 1}: the trainer's seed is derive_seed(seed, "order", o): pair order and HyPO's samples; the reference
+and the pairs are the seed's). 6 cells × 2 orders × 5 seeds = 60 trained policies, plus 5 references.
+- DPO as users run it (declared now): every DPO run evaluates the held-out pairs every 5 steps (the
+  trainer's eval/ DPO loss); *DPO early-stopped* is that run's policy at the step of the lowest held-out
+  DPO loss among steps 5, 10, …, 80 (the first on a tie). The held-out pairs compare covered responses
+  only: the signal never sees an uncovered response's reward, in either scenario.
+- Pilot (seed 100, excluded from every result), the first task's rules: the reference's response
+  distribution within total variation 0.1 of the SFT distribution, and DPO β = 0.1 trains (mean DPO loss
+  over its last 10 steps below 0.5, else lr doubles, at most to 2e-3). Nothing else of it is looked at.
+
+METRICS, exact (no sampling): on 16 evaluation prompts, the teacher-forced probability of each of the 256
+valid responses; averaged over prompts: covered mass, valid uncovered mass, malformed mass (1 − the valid
+total), gold reward in both scenarios (malformed at −1), and KL(π ‖ π_ref) over the 257 outcomes (the
+256 responses and "malformed" lumped: a lower bound of the full KL, equal to it when nothing is
+malformed). Per seed: the mean of its two orders; across seeds: mean ± SE and the per-seed values;
+paired per-seed differences with a 95% t-interval (4 df). The spread between the two orders of a seed
+is reported per cell.
+
+CHECKS, reported before anything else.
+- Manipulation check, on *valid uncovered mass*: per DPO β, the paired per-seed difference DPO −
+  reference; PASS if its 95% interval lies above 0. If it fails at a β, the output says the task failed
+  to exercise extrapolation at that β, and no claim is drawn from that β's comparisons (still printed).
+  The same is printed for malformed mass, beside it.
+- Premise check: every policy's malformed mass, mean over seeds, below 0.01. If not, the output says
+  which policies broke the premise.
+
+PREDICTIONS (Δ = HyPO(β, λ) − DPO(same β), gold reward, paired per seed, 95% t-interval):
+- P1, consistent: DPO ≥ HyPO. "confirmed" if the interval lies below 0, "not contradicted" if it holds 0,
+  "FAILED" if it lies above 0.
+- P2, adversarial: HyPO > DPO. "confirmed" if the interval lies above 0, "not confirmed" if it holds 0,
+  "FAILED" if it lies below 0.
+- P3 and P4: P1 and P2 with DPO early-stopped in place of DPO, same rules, same expected directions (a
+  held-out signal that cannot see the penalty cannot stop DPO before it).
+Sixteen comparisons, no multiple-comparison correction. The task is not tuned after the first full run.
+OUTPUT: the checks, a table per scenario (per policy: reward, per-seed values, KL, covered / valid
+uncovered / malformed mass, Δ with its interval), the predictions' verdicts, a reward-vs-KL plot (one
+panel per scenario); rows to coverage_valid.jsonl, report coverage_valid_report.txt, plot
+coverage_valid_frontier.png. Quick mode: seeds 0 and 1, one order, DPO β = 0.1 and HyPO β = 0.1 λ = 0.1.
+
+DEVIATIONS, made on the pilot seed (100) before any full run, every one reported here. The design as first
+committed (a Llama model; covered = at most 2 of each slot's top-2 letters, 176 responses; SFT 90%
+uniform on them, 10% uniform on the rest) failed its pilot: (1) DPO β = 0.1 put 0.45 of its mass on
+malformed responses (letters e–h and special tokens), the first task's failure again; hence the masked
+LM head. (2) The reference's total variation to its SFT distribution was 0.133 (0.124 with the masked
+head; 0.113 with 600 SFT steps), above the 0.1 rule: 176 equally likely responses are not learned from
+4,000 sequences. Hence the factorised reference above. In those pilot runs DPO's valid uncovered mass
+was also looked at, against the pilot rule: 0.177 against the reference's 0.178 (Llama), 0.252 against
+0.172 (masked head, lr 5e-4), 0.066 (600 SFT steps on 16,000 sequences, lr 2e-3). With the final task,
+the pilot gives TV 0.039 and DPO β = 0.1's mean loss over its last 10 steps 0.499 at lr 5e-4: the
+declared lr stands. On the way, two runs with other SFT sizes or lr were looked at (TV 0.029 and DPO's
+valid uncovered mass 0.049 at 600 steps on 16,000 sequences, lr 5e-4; 0.009 at the final SFT and lr
+1e-3, against the reference's ≈ 0.014): whether DPO raises valid uncovered mass here is not settled by
+the pilot, and the full run decides the manipulation check.
 """
 
 from __future__ import annotations
@@ -90,6 +184,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import REPO, add_results_options, append_rows, default_results_dir, environment, quiet_progress_bars  # noqa: E402
+from coverage_stats import interval, mean_se  # noqa: E402
 
 GRID = [(0.1, 0.0), (0.5, 0.0), (0.1, 0.02), (0.1, 0.1), (0.5, 0.02), (0.5, 0.1)]  # (β, λ); λ = 0 is DPO
 QUICK_GRID = [(0.1, 0.0), (0.1, 0.1)]
@@ -99,25 +194,6 @@ SETTING_TITLES = {("partial", "worse"): "partial coverage, uncovered responses w
                   ("partial", "better"): "partial coverage, uncovered responses better",
                   ("global-worse", "worse"): "global coverage (control), uncovered responses worse",
                   ("global-better", "better"): "global coverage (control), uncovered responses better"}
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-
-
-# ---- statistics over seeds ---------------------------------------------------------------------------
-
-def mean_se(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, float("nan")
-    var = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(var / n)
-
-
-def interval(values: list[float]) -> tuple[float, float, float, float]:
-    """Mean, SE and the 95% t-interval of per-seed values (paired differences)."""
-    mean, se = mean_se(values)
-    t = T975.get(len(values) - 1, 1.96)
-    return mean, se, mean - t * se, mean + t * se
 
 
 def verdict(low: float, high: float) -> str:
@@ -167,6 +243,9 @@ def analyse(rows: list[dict], cells) -> dict:
             diff = paired(partial[name]["mass_not_covered"]["per_seed"], partial["reference"]["mass_not_covered"]["per_seed"])
             mean, se, low, high = interval(diff)
             out["check"][name] = {"diff": (mean, se, low, high), "pass": low > 0}
+            for part in ("mass_uncovered", "mass_off"):  # the split (issue 27): valid uncovered / malformed
+                out["check"][name][part] = interval(paired(partial[name][part]["per_seed"],
+                                                           partial["reference"][part]["per_seed"]))
     for cell in cells:
         if cell.method != "HyPO" or cell.beta not in dpo_of:
             continue
@@ -200,11 +279,17 @@ def fmt(mean_se: tuple[float, float], digits: int = 3) -> str:
 
 def report(analysis: dict, seeds: list[int]) -> str:
     lines = [f"seeds: {seeds} (n = {len(seeds)}); ± is the standard error over seeds; [a, b] a 95% t-interval",
-             "", "== manipulation check (partial coverage): more mass on not-covered responses than the reference?"]
+             "", "== manipulation check (partial coverage): more mass on not-covered responses than the reference?",
+             "   (the split into valid uncovered templates and malformed strings was added after the third run, issue 27)"]
     for name, check in analysis["check"].items():
         mean, se, low, high = check["diff"]
         status = "PASS" if check["pass"] else "FAIL: the task does not exercise partial coverage at this β"
         lines.append(f"{name}: DPO − reference not-covered mass {mean:+.3f} ± {se:.3f} [{low:+.3f}, {high:+.3f}] → {status}")
+        for part, label in (("mass_uncovered", "valid uncovered templates"), ("mass_off", "malformed (off-template)")):
+            if part in check:
+                m, s, lo, hi = check[part]
+                raised = "raised" if lo > 0 else "lowered" if hi < 0 else "no clear change"
+                lines.append(f"    of which {label:<26} {m:+.3f} ± {s:.3f} [{lo:+.3f}, {hi:+.3f}] → {raised}")
     for setting, table in analysis["settings"].items():
         scenario = setting[1]
         lines += ["", f"== {SETTING_TITLES[setting]}",
@@ -359,7 +444,11 @@ def plot_early_stopping(rows: list[dict], main_rows: list[dict], path: Path) -> 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=("templates", "valid"), default="templates",
+                        help="templates: the first task; valid: the second (every response valid)")
     parser.add_argument("--quick", action="store_true", help="2 seeds, DPO β=0.1 vs HyPO β=0.1 λ=0.1")
+    parser.add_argument("--reanalyse", action="store_true",
+                        help="train nothing: rewrite the report from the latest run's rows in the results folder")
     parser.add_argument("--seeds", type=int, nargs="*", help="override the declared seeds")
     parser.add_argument("--work", default=str(REPO / "runs" / "coverage"), help="training runs (scratch)")
     add_results_options(parser)
@@ -384,6 +473,18 @@ def main(argv: list[str] | None = None) -> dict:
     cells = [Cell(beta, kl) for beta, kl in (QUICK_GRID if args.quick else GRID)]
     env = {**environment("cpu"), "benchmark": "coverage", "quick": args.quick}
     start = time.time()
+    if args.task == "valid":
+        import coverage_valid
+
+        return coverage_valid.main(args, {**env, "task": "valid"}, results)
+    if args.reanalyse:
+        rows = latest_policy_rows(results / "coverage.jsonl")
+        seeds = sorted({r["seed"] for r in rows})
+        cells = [c for c in (Cell(beta, kl) for beta, kl in GRID) if any(r["policy"] == c.name for r in rows)]
+        text = report(analyse(rows, cells), seeds)
+        print(text)
+        (results / "coverage_report.txt").write_text(text + "\n")
+        return {"rows": rows, "report": text}
     if args.early_stopping:
         main_rows = latest_policy_rows(results / "coverage.jsonl")
         rows, text = early_stopping(seeds, Path(args.work), main_rows, env)

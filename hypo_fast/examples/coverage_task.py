@@ -167,9 +167,14 @@ def encode(tokenizer, prompt: str, response: str | None = None) -> tuple[list[in
 
 # ---- the SFT reference ---------------------------------------------------------------------------
 
-def train_sft(task: Task, folder: Path, spec: TaskSpec = TaskSpec(), log_every: int = 0) -> dict:
+def train_sft(task: Task, folder: Path, spec: TaskSpec = TaskSpec(), log_every: int = 0, model_config: dict = MODEL,
+              prepare=None, eos_in_loss: bool = True) -> dict:
     """Train the reference by next-token cross entropy on ``prompt → template`` sequences; save it to
-    ``folder`` (model and tokenizer), the ``model.path`` of every policy trained from it."""
+    ``folder`` (model and tokenizer), the ``model.path`` of every policy trained from it.
+
+    ``model_config`` is the transformers config; ``prepare(model, tokenizer)`` runs on the fresh model
+    before training; ``eos_in_loss=False`` leaves the end token out of the loss (the second task's
+    responses have a fixed length and no end token)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -179,10 +184,12 @@ def train_sft(task: Task, folder: Path, spec: TaskSpec = TaskSpec(), log_every: 
     responses = rng.choices(task.templates, weights=task.sft_probs, k=spec.sft_sequences)
     rows = [encode(tokenizer, p, r) for p, r in zip(prompts, responses)]
 
-    kwargs = dict(MODEL)
+    kwargs = dict(model_config)
     config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
     torch.manual_seed(derive_seed(task.seed, "sft-init"))
     model = AutoModelForCausalLM.from_config(config)
+    if prepare is not None:
+        prepare(model, tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.sft_lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then cosine decay to zero
         optimizer, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / spec.sft_steps)))
@@ -197,7 +204,7 @@ def train_sft(task: Task, folder: Path, spec: TaskSpec = TaskSpec(), log_every: 
         mask = torch.zeros((len(batch), L), dtype=torch.long)
         for row, (p, r) in enumerate(batch):
             ids[row, :len(p) + len(r)] = torch.tensor(p + r)
-            labels[row, len(p):len(p) + len(r)] = torch.tensor(r)
+            labels[row, len(p):len(p) + len(r) - (not eos_in_loss)] = torch.tensor(r[:len(r) - (not eos_in_loss)])
             mask[row, :len(p) + len(r)] = 1
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
@@ -209,7 +216,8 @@ def train_sft(task: Task, folder: Path, spec: TaskSpec = TaskSpec(), log_every: 
         if log_every and (step + 1) % log_every == 0:
             print(f"  sft step {step + 1}: loss {sum(losses[-log_every:]) / log_every:.4f}", flush=True)
     model.save_pretrained(folder)
-    entropy = -sum(p * math.log(p) for p in task.sft_probs) / 7  # per response token (6 letters + EOS)
+    tokens = len(task.templates[0]) + 1  # per response token (the letters + EOS)
+    entropy = -sum(p * math.log(p) for p in task.sft_probs) / tokens
     return {"sft_loss": sum(losses[-50:]) / len(losses[-50:]), "sft_entropy_floor": entropy}
 
 
@@ -450,6 +458,8 @@ def plot_frontier(panels: dict[str, dict[str, tuple]], path: Path, title: str) -
         for policy, ((kl, kl_se), (reward, reward_se)) in points.items():
             if policy == "reference":
                 group, style = "reference", dict(marker="*", markersize=14, color="black")
+            elif policy.endswith("early-stopped"):  # DPO stopped on held-out pairs (the second task)
+                group, style = "DPO early-stopped (β varies)", dict(marker="D", color="tab:purple")
             elif policy.startswith("DPO") and policy.endswith("st."):  # one β, several training lengths
                 beta = policy.split()[1]
                 group, style = f"DPO {beta} (steps vary)", dict(marker="o", color="tab:red" if beta == "β=0.1" else

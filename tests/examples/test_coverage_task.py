@@ -182,6 +182,10 @@ def test_analysis_manipulation_check_and_paired_differences():
     assert h1["verdict"] == "DPO higher" and h1["check_passed"]
     h2 = next(h for h in analysis["hypotheses"] if h["hypothesis"] == "H2")
     assert h2["verdict"] == "HyPO higher"  # reward_better = −v in these rows
+    # the check's two parts, apart (issue 27): here all of it is valid uncovered templates, none malformed
+    assert check["mass_uncovered"][0] == pytest.approx(mean) and check["mass_off"][:2] == (0.0, 0.0)
+    text = experiment.report(analysis, [0, 1, 2])
+    assert "of which valid uncovered templates  +0.200" in text and "of which malformed (off-template)   +0.000" in text
 
     still = {"reference": reference, "DPO β=0.1": [0.09, 0.13, 0.10], "HyPO β=0.1 λ=0.1": [0.1, 0.1, 0.1]}
     analysis = experiment.analyse(_rows(still), cells)
@@ -211,3 +215,30 @@ def test_demo_runs_at_test_size(tmp_path, capsys):
         assert text in printed
     assert Path(out["plot"]).stat().st_size > 10_000
     assert len(out["rows"]) == 1 + 3 * 2
+
+
+def test_reanalyse_rewrites_the_report_from_stored_rows(tmp_path):
+    """``coverage.py --reanalyse``: the latest full run's rows give the report, with the check's split."""
+    import json
+
+    moved = {"reference": [0.10, 0.12, 0.11], "DPO β=0.1": [0.30, 0.35, 0.28], "HyPO β=0.1 λ=0.1": [0.15, 0.10, 0.12]}
+    rows = [{**r, "kind": "policy", "date": "2026-01-02", "quick": False} for r in _rows(moved)]
+    older = [{**r, "date": "2026-01-01", "mass_uncovered": 0.9} for r in rows]
+    quick = [{**r, "date": "2026-01-03", "quick": True} for r in rows]
+    (tmp_path / "coverage.jsonl").write_text("".join(json.dumps(r) + "\n" for r in older + rows + quick))
+    out = experiment.main(["--reanalyse", "--results-dir", str(tmp_path)])
+    assert out["report"] == experiment.report(experiment.analyse(rows, [ct.Cell(0.1), ct.Cell(0.1, 0.1)]), [0, 1, 2])
+    assert "of which valid uncovered templates  +0.200" in out["report"]
+    assert (tmp_path / "coverage_report.txt").read_text() == out["report"] + "\n"
+
+
+@pytest.mark.slow
+def test_quick_mode_runs_end_to_end(tmp_path):
+    """``coverage.py --quick`` on one of its two seeds (the same code path; ≈ 1 minute on 2 shared cores)."""
+    out = experiment.main(["--quick", "--seeds", "0", "--results-dir", str(tmp_path / "res"),
+                           "--work", str(tmp_path / "work")])
+    policies = [(r["data"], r["policy"]) for r in out["rows"]]
+    assert policies[0] == ("reference", "reference") and len(policies) == 1 + 3 * 2
+    assert set(out["analysis"]["check"]) == {"DPO β=0.1"}
+    assert "mass_uncovered" in out["analysis"]["check"]["DPO β=0.1"]
+    assert (tmp_path / "res" / "coverage_report_quick.txt").exists() and Path(out["plot"]).exists()
