@@ -46,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+from hypo_fast.models.packing import pad_rows
 from hypo_fast.seeds import derive_seed
 
 ALPHABET = "abcdefgh"
@@ -198,14 +199,10 @@ def train_sft(task: Task, folder: Path, spec: TaskSpec = TaskSpec(), log_every: 
     losses = []
     for step in range(spec.sft_steps):
         batch = [rows[i] for i in torch.randint(len(rows), (spec.sft_batch,), generator=order).tolist()]
-        L = max(len(p) + len(r) for p, r in batch)
-        ids = torch.full((len(batch), L), tokenizer.pad_token_id)
-        labels = torch.full((len(batch), L), -100)  # loss on response tokens (EOS included) only
-        mask = torch.zeros((len(batch), L), dtype=torch.long)
-        for row, (p, r) in enumerate(batch):
-            ids[row, :len(p) + len(r)] = torch.tensor(p + r)
-            labels[row, len(p):len(p) + len(r) - (not eos_in_loss)] = torch.tensor(r[:len(r) - (not eos_in_loss)])
-            mask[row, :len(p) + len(r)] = 1
+        ids, mask = pad_rows([p + r for p, r in batch], tokenizer.pad_token_id)
+        scored = [len(r) - (not eos_in_loss) for _, r in batch]  # the loss reads response tokens (EOS if asked)
+        labels, _ = pad_rows([[-100] * len(p) + r[:n] + [-100] * (len(r) - n) for (p, r), n in zip(batch, scored)],
+                             -100)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
