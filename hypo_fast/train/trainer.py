@@ -167,7 +167,6 @@ class Trainer:
             raise checkpoint.CheckpointError(f"output.dir {self.out}: no intact checkpoint to resume from "
                                              f"(tried {', '.join(c.name for c in candidates)})")
         self.step, self.num_tokens = state["step"], state.get("num_tokens", 0)
-        self.saved_step = self.step  # its checkpoint exists: a stop right away need not write it again
         self.pairs.load_state(state["pairs"])
         self.prompt_stream.load_state(state["prompts"])
         if self.rank == 0:
@@ -365,7 +364,10 @@ class Trainer:
         return history
 
     def _write_failure(self, err: OSError) -> str:
-        line = run_folder.lineage(self.out, run_folder.read_record(self.out)) if self.out.is_dir() else []
+        try:
+            line = run_folder.lineage(self.out, run_folder.read_record(self.out)) if self.out.is_dir() else []
+        except run_folder.RunFolderError:
+            line = checkpoint.list_checkpoints(self.out)
         kept = f"its last checkpoint, {line[-1][1]}, is whole" if line else "it has no checkpoint yet"
         where = f" {err.filename}" if err.filename else ""
         return (f"cannot write{where} at step {self.step} ({err.strerror or err}); the run stopped and "
