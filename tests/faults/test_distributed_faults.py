@@ -42,6 +42,7 @@ def _processes_with(marker: str) -> dict[int, dict[str, str]]:
     return found
 
 
+@pytest.mark.slow  # two ranks
 def test_a_frozen_rank_ends_the_run_within_the_timeout(tmp_path):
     cfg = config(tmp_path, steps=500, optim={"pairs_per_micro_batch": 2}, distributed={"timeout_minutes": 0.1})
     path = tmp_path / "run.yaml"
