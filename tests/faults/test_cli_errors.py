@@ -129,3 +129,10 @@ def test_one_line_error_and_exit_code_2(tmp_path, capsys, case):
     import re
 
     assert re.search(message, err), err[-2000:]
+
+
+def test_an_error_line_from_a_library_is_cut_short():
+    from hypo_fast.models.loading import short_reason
+
+    listing = ValueError("Unrecognized model identifier: x. Should contain one of " + ", ".join(["llama"] * 2000))
+    assert len(short_reason(listing)) <= 302 and short_reason(ValueError("a\nb")) == "a"
