@@ -111,3 +111,24 @@ def test_a_missing_checkpoint_path_is_named(tmp_path):
         train(_with(cfg, output={"resume": str(tmp_path / "run" / "checkpoint-8")}))
     with pytest.raises(CheckpointError):  # a folder that is not a checkpoint: the manifest check names it
         train(_with(cfg, output={"resume": str(tmp_path / "run")}))
+
+
+def test_a_leg_that_crashed_before_saving_resumes_from_the_checkpoint_it_started_from(tmp_path, monkeypatch):
+    from hypo_fast.train.trainer import Trainer
+
+    cfg = config(tmp_path, steps=4)
+    train(cfg)
+    other = tmp_path / "other"
+    branch = _with(cfg, optim={"max_steps": 6}, output={"dir": str(other), "resume": str(tmp_path / "run" / "checkpoint-4")})
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "train_step", lambda self: (_ for _ in ()).throw(RuntimeError("crash (simulated)")))
+        with pytest.raises(RuntimeError, match="crash"):
+            train(branch)
+    assert not list(other.glob("checkpoint-*"))
+    auto = _with(branch, output={"resume": "auto"})
+    shutil.move(tmp_path / "run", tmp_path / "away")  # the checkpoint it started from is gone: refused
+    with pytest.raises(RunFolderError, match=r"last leg continued from .*checkpoint-4 \(step 4\), which is gone"):
+        train(auto)
+    shutil.move(tmp_path / "away", tmp_path / "run")
+    train(auto)  # back in place: auto starts from it again, not from step 0
+    assert metric_steps(other) == [5, 6]
