@@ -9,7 +9,8 @@ folder, and one entry per leg (start or resume). A start into a folder that hold
 * refuses, listing every difference, when they differ or when ``output.resume: never``;
 * starts over when ``output.overwrite: true`` (the old run's checkpoints, logs and record go first);
 * continues from a named checkpoint when ``output.resume`` is its path, whatever changed (the changes
-  are recorded in the run's history), also into a new, empty ``output.dir``.
+  are recorded in the run's history), also into a new, empty ``output.dir`` (never together with
+  ``output.overwrite: true``, which would delete it).
 
 ``auto`` follows the run's line: the checkpoints the latest leg wrote and, back through the legs it
 continued, those each earlier leg wrote up to the step the next one started from (each checkpoint's
@@ -36,8 +37,8 @@ from hypo_fast.train.errors import UserError
 
 log = logging.getLogger("hypo_fast")
 RUN_RECORD = "run.json"
-# settings a continued run may change: cadence, length and where the data files live (data is compared by
-# content); anything else changes what the run computes
+# settings a continued run may change: cadence, length, and where the run folder and the data files live (data
+# is compared by content); anything else changes what the run computes
 MAY_CHANGE = ("output.dir", "optim.max_steps", "output.resume", "output.overwrite", "output.save_every", "output.keep_last",
               "output.log_every", "output.report_to", "eval.every", "distributed.timeout_minutes",
               "data.train_file", "data.eval_file", "data.prompt_file", "data.skip_bad_rows")
