@@ -3,13 +3,19 @@
 Multi-GPU and multi-node runs use DeepSpeed's own launcher:
 ``deepspeed --num_gpus 8 --module hypo_fast.cli train run.yaml`` (add ``--hostfile hosts`` for several nodes;
 on CPU-only machines ``deepspeed --num_accelerators 2 --module ...`` or ``torchrun`` start gloo ranks).
+To stop such a run cleanly, send SIGTERM to the launcher's process group (``kill -TERM -- -PGID``, as Ctrl-C
+and schedulers do): on one node the ``deepspeed`` command does not forward a signal sent to it alone
+(docs/faults.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
+
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C: the first one asks for a clean stop after the step
         print("hypo-fast: interrupted; the last saved checkpoint is intact", file=sys.stderr)
         return 130
+    except OSError as err:  # a disk that fills (or turns read-only) outside the training loop, e.g. at start-up
+        if err.errno not in DISK_FULL:
+            raise
+        print(f"hypo-fast: error: cannot write {err.filename or ''} ({err.strerror}); checkpoints already saved are "
+              "whole: free space and run the same command again", file=sys.stderr)
+        return 2
     except CollectiveTimeout as err:  # a frozen or dead peer
         print(f"hypo-fast: error: {err}", file=sys.stderr)
         return 3

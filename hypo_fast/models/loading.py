@@ -25,6 +25,26 @@ DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # config names → dtypes
 
 
+def load_errors() -> tuple[type[BaseException], ...]:
+    """What loading a damaged, incomplete or foreign model folder raises (safetensors' own error included:
+    a truncated ``model.safetensors`` is not an ``OSError``)."""
+    from safetensors import SafetensorError
+
+    return OSError, ValueError, SafetensorError
+
+
+def short_reason(err: BaseException, limit: int = 300) -> str:
+    """The first line of an error, cut to ``limit`` characters (transformers lists every model type in one)."""
+    first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return first if len(first) <= limit else first[:limit] + " …"
+
+
+def known_model_type(model_type: str) -> bool:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    return model_type in CONFIG_MAPPING
+
+
 def attention_implementation(requested: str = "auto") -> str:
     """``auto``: flash-attention-2 when ``flash_attn`` imports and a GPU is present, else PyTorch SDPA."""
     if requested != "auto":

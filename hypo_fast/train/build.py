@@ -11,7 +11,7 @@ import datasets
 import torch
 
 from hypo_fast.models import FrozenReference, Policy, add_lora, load_causal_lm
-from hypo_fast.models.loading import DTYPES
+from hypo_fast.models.loading import DTYPES, known_model_type, load_errors, short_reason
 from hypo_fast.train.config import ConfigError, TrainConfig
 from hypo_fast.train.data import PreferencePair, Prompt, Source
 from hypo_fast.train.fingerprint import Fingerprint
@@ -88,16 +88,19 @@ def load_policy(cfg: TrainConfig, device: torch.device) -> Policy:
         model_type = kwargs.pop("model_type", None)
         if model_type is None:
             raise ConfigError("model.config.model_type: is required (e.g. llama)")
+        if not known_model_type(model_type):
+            raise ConfigError(f"model.config.model_type: {model_type!r} is not a model type this transformers "
+                              "knows (e.g. llama, mistral, qwen2, gpt2)")
         try:
             source = AutoConfig.for_model(model_type, **kwargs)
         except (ValueError, KeyError, TypeError) as err:
-            raise ConfigError(f"model.config: {err}") from err
+            raise ConfigError(f"model.config: {short_reason(err)}") from err
     try:
         model = load_causal_lm(source, dtype=DTYPES[m.dtype], attn_implementation=m.attn_implementation,
                                gradient_checkpointing=m.gradient_checkpointing, seed=m.init_seed).to(device)
-    except (OSError, ValueError) as err:  # a damaged or incomplete folder, an unknown architecture, offline
+    except load_errors() as err:  # a damaged or incomplete folder, an unknown architecture, offline
         raise ConfigError(f"model.path: cannot load a causal LM from {m.path or 'model.config'} "
-                          f"({str(err).splitlines()[0]})") from err
+                          f"({type(err).__name__}: {short_reason(err)})") from err
     disable_dropout(model)
     reference = None
     if m.lora is not None:
@@ -134,15 +137,15 @@ def load_datasets(cfg: TrainConfig, tokenizer, report: bool) -> Datasets:
     d = cfg.data
     cache = Path(d.cache_dir) if d.cache_dir else Path(datasets.config.HF_DATASETS_CACHE) / "hypo_fast"
 
-    def pairs_of(spec, split):
-        source = Source(spec, split)
+    def pairs_of(spec, split, split_key="data.split"):
+        source = Source(spec, split, split_key)
         loaded, stats = load_pairs(source, tokenizer, d, cache)
         _report(source.name + (f" [{split}]" if split else ""), stats, report)
         return loaded
 
     pairs = pairs_of(d.train_file, d.split)
     if d.eval_file or d.eval_split:
-        eval_pairs = pairs_of(d.eval_file, None) if d.eval_file else pairs_of(d.train_file, d.eval_split)
+        eval_pairs = pairs_of(d.eval_file, None) if d.eval_file else pairs_of(d.train_file, d.eval_split, "data.eval_split")
     else:
         n_eval = int(len(pairs) * d.eval_fraction)
         pairs, eval_pairs = pairs[n_eval:], pairs[:n_eval]

@@ -7,7 +7,8 @@ last, ``manifest.json`` (every other file's size and SHA-256). A checkpoint is w
 ``OUT/.tmp-checkpoint-STEP`` and renamed into place only when complete; re-saving a step moves the old
 copy aside first and deletes it only after the new one is in place, so a crash never leaves the last
 good checkpoint deleted. Resuming verifies the manifest and falls back to the newest intact checkpoint,
-naming any damaged one; only the last ``keep_last`` are kept.
+naming any damaged one; only the last ``keep_last`` of the run's line are kept, and the checkpoint just
+written is never among those deleted.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import random
 import re
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -120,8 +122,18 @@ def _save_hf_model(model: torch.nn.Module, tokenizer, folder: Path, rank: int) -
             tokenizer.save_pretrained(folder)
 
 
+def prune(out_dir: Path, keep_last: int, just_written: Path,
+          line: Callable[[Path], list[tuple[int, Path]]] = list_checkpoints) -> None:
+    """Delete the oldest checkpoints of ``line(out_dir)`` (the run's line, oldest first) beyond the newest
+    ``keep_last``; the one just written always counts among those kept, whatever its step."""
+    others = [folder for _, folder in line(out_dir) if folder != just_written]
+    for stale in others[:max(0, len(others) - (keep_last - 1))]:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def save_checkpoint(out_dir: Path, step: int, engine, model, tokenizer, trainer_state: dict, config_yaml: str,
-                    keep_last: int, rank: int) -> Path:
+                    keep_last: int, rank: int,
+                    line: Callable[[Path], list[tuple[int, Path]]] = list_checkpoints) -> Path:
     out_dir = Path(out_dir)
     final = out_dir / f"checkpoint-{step}"
     tmp = out_dir / f".tmp-checkpoint-{step}"
@@ -144,8 +156,7 @@ def save_checkpoint(out_dir: Path, step: int, engine, model, tokenizer, trainer_
             final.rename(old)
         tmp.rename(final)  # atomic on one filesystem: the checkpoint appears whole or not at all
         shutil.rmtree(old, ignore_errors=True)
-        for _, stale in list_checkpoints(out_dir)[:-keep_last]:
-            shutil.rmtree(stale, ignore_errors=True)
+        prune(out_dir, keep_last, final, line)
     dist.barrier()
     return final
 

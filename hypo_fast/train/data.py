@@ -5,7 +5,8 @@ whose fields are lists of ``{"role", "content"}`` messages, and the *implicit-pr
 ``chosen``/``rejected``, sharing the prompt). Prompt-only sets need just ``prompt``. Sources: ``.jsonl``,
 ``.json`` (a list of rows), ``.parquet``, a folder written by ``Dataset.save_to_disk`` or
 ``DatasetDict.save_to_disk`` (with ``data.split``), or a Hub dataset name, which ``datasets`` resolves
-itself when online. Files are only read. Turning rows into token ids is :mod:`hypo_fast.train.tokenization`.
+itself when online. A file or a saved single ``Dataset`` has one split (``datasets`` calls a file's
+``train``): a ``data.split`` that names another is an error, never silently ignored. Files are only read. Turning rows into token ids is :mod:`hypo_fast.train.tokenization`.
 """
 
 from __future__ import annotations
@@ -127,12 +128,14 @@ class Source:
     instead of failing the whole file; everything else is read by ``datasets``.
     """
 
-    def __init__(self, spec: str | Path, split: str | None = None):
-        self.name, self.split = str(spec), split
+    def __init__(self, spec: str | Path, split: str | None = None, split_key: str = "data.split"):
+        self.name, self.split, self.split_key = str(spec), split, split_key
         self.path = Path(spec)
         self._dataset = None
         if not self.path.exists() and not _looks_like_hub_name(self.name):
             raise DataError(f"{spec}: no such file or folder")
+        if self.is_lines or self.path.suffix == ".parquet":
+            check_single_split(split, "train", split_key, self.name)
 
     @property
     def is_lines(self) -> bool:
@@ -145,7 +148,8 @@ class Source:
 
     def dataset(self):
         if self._dataset is None:
-            self._dataset = self._lines() if self.is_lines else _read_dataset(self.path, self.name, self.split)
+            self._dataset = self._lines() if self.is_lines else _read_dataset(self.path, self.name, self.split,
+                                                                              self.split_key)
         return self._dataset
 
     def _lines(self):
@@ -176,7 +180,14 @@ def _looks_like_hub_name(spec: str) -> bool:
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "~"))
 
 
-def _read_dataset(path: Path, name: str, split: str | None):
+def check_single_split(split: str | None, own: str, split_key: str, name: str) -> None:
+    """A source with one split (``own``) accepts no ``split`` or that one; any other is an error naming the key."""
+    if split is not None and split != own:
+        raise DataError(f"{split_key}: {split!r}, but {name} holds a single split ({own!r}), not a DatasetDict; "
+                        f"unset {split_key} or name a source that has the split")
+
+
+def _read_dataset(path: Path, name: str, split: str | None, split_key: str = "data.split"):
     import datasets
 
     try:
@@ -199,8 +210,11 @@ def _read_dataset(path: Path, name: str, split: str | None):
     if isinstance(loaded, datasets.DatasetDict):
         chosen = split or "train"
         if chosen not in loaded:
-            raise DataError(f"{name}: a DatasetDict with splits {sorted(loaded)}; set data.split to one of them")
+            raise DataError(f"{split_key}: {chosen!r}, but {name} is a DatasetDict with splits {sorted(loaded)}; "
+                            f"set {split_key} to one of them")
         return loaded[chosen]
+    if path.exists():  # a saved single Dataset (a Hub load above already picked its split)
+        check_single_split(split, str(loaded.split) if loaded.split else "train", split_key, name)
     return loaded
 
 

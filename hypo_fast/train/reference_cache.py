@@ -4,12 +4,14 @@ The DPO term needs log π_ref(y±|x) for every offline pair; the reference never
 so they are scored once (every rank an equal share, so ZeRO-3's collectives stay matched), gathered,
 and saved under ``OUT/ref_cache/NAME-FINGERPRINT.pt``. The fingerprint covers everything they depend
 on: the reference model's source and the token ids of every pair (data, tokenizer and truncation).
-They are sums over the response tokens; each loss type normalises them itself.
+They are sums over the response tokens; each loss type normalises them itself. A cache file that cannot
+be read (truncated, foreign, the wrong shape) is named in a warning and scored again.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Sequence
 
@@ -19,6 +21,8 @@ from hypo_fast.models import Policy, pack_step
 from hypo_fast.train import distributed
 from hypo_fast.train.data import PreferencePair
 from hypo_fast.train.fingerprint import Fingerprint
+
+log = logging.getLogger("hypo_fast")
 
 
 def fingerprint(model_source: dict, model_files: Sequence[Path], pairs: Sequence[PreferencePair]) -> str:
@@ -40,12 +44,27 @@ def score_pairs(policy: Policy, pairs: Sequence[PreferencePair], device, batch_p
     return torch.cat(rows)
 
 
+def _read(path: Path, n: int) -> torch.Tensor | None:
+    """The cached ``[n, 2]`` tensor, or None (with a warning naming the file) when it cannot be used."""
+    try:
+        cached = torch.load(path, weights_only=True)
+        if isinstance(cached, torch.Tensor) and tuple(cached.shape) == (n, 2):
+            return cached
+        reason = f"holds {type(cached).__name__} {tuple(getattr(cached, 'shape', ()))}, not [{n}, 2]"
+    except Exception as err:  # truncated or foreign: torch and pickle raise many kinds
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    log.warning("%s: a damaged reference cache file (%s); scoring the reference again", path, reason[:300])
+    return None
+
+
 def reference_logps(policy: Policy, pairs: Sequence[PreferencePair], path: Path, rank: int, world: int,
                     device) -> torch.Tensor:
     """The cached ``[n, 2]`` reference log-probs at ``path``, computed across ranks when missing."""
-    if path.exists():
-        return torch.load(path)
     n = len(pairs)
+    if path.exists():
+        cached = _read(path, n)
+        if cached is not None:
+            return cached
     per_rank = -(-n // world)
     share = lambda r: [(r * per_rank + i) % n for i in range(per_rank)]  # noqa: E731  (wraps: equal counts)
     local = score_pairs(policy, [pairs[i] for i in share(rank)], device)

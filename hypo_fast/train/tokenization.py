@@ -19,7 +19,8 @@ Per row (standard rows hold strings, conversational rows lists of ``{"role", "co
 
 Everything runs in ``datasets.Dataset.map`` with a cache file named by a fingerprint of the data, the
 tokenizer and these settings, so a second start reads the cache instead of tokenizing again. Bad rows keep
-their names (file and line or row) and are raised, or counted and skipped with ``skip_bad_rows``.
+their names (file and line or row) and are raised, or counted and skipped with ``skip_bad_rows``; a
+row whose chosen and rejected tokens are the same (after truncation) is a bad row: it has nothing to prefer.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from hypo_fast.train.data import TOKENIZE_FIELDS, DataConfig, DataError, DataSta
 from hypo_fast.train.fingerprint import Fingerprint
 
 log = logging.getLogger("hypo_fast")
-FORMAT_VERSION = 1  # bump when the rules above change: old cache files are then never read
+FORMAT_VERSION = 2  # bump when the rules above change: old cache files are then never read
 PAIR_KEYS, PROMPT_KEYS = ("prompt", "chosen", "rejected"), ("prompt",)
 
 
@@ -151,6 +152,9 @@ def _tokenize_pairs(example, index, *, row_tokenizer: RowTokenizer, source: Sour
             room = limit - len(prompt)
             out["completion_cut"] = len(chosen) > room or len(rejected) > room
             chosen, rejected = chosen[:room], rejected[:room]
+        if chosen == rejected:  # nothing to prefer: the pair's loss is a constant
+            cut = " after truncation to data.max_length" if out["completion_cut"] else ""
+            raise DataError(f"{where}: chosen and rejected are the same{cut}")
         return {**out, "prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected, "prompt_text": text,
                 "dropped": False}
     except DataError as err:
@@ -184,6 +188,8 @@ def _tokenized(source: Source, tokenizer, settings: DataConfig, kind: str, cache
         if Path(cache).exists():
             return datasets.Dataset.from_file(cache)
     dataset = source.dataset()
+    if len(dataset) == 0:
+        raise DataError(f"{source.name}: no rows (an empty file or dataset)")
     fn = _tokenize_pairs if kind == "pairs" else _tokenize_prompts
     return dataset.map(fn, with_indices=True, fn_kwargs={"row_tokenizer": RowTokenizer(tokenizer, settings),
                                                            "source": source},
@@ -194,7 +200,8 @@ def _tokenized(source: Source, tokenizer, settings: DataConfig, kind: str, cache
 def _bad_rows(errors: list[str], settings: DataConfig, stats: DataStats) -> None:
     bad = [e for e in errors if e]
     if bad and not settings.skip_bad_rows:
-        raise DataError(bad[0])
+        more = f" (and {len(bad) - 1} more bad rows, the next: {bad[1]})" if len(bad) > 1 else ""
+        raise DataError(f"{bad[0]}{more}; data.skip_bad_rows=true skips and counts them")
     for err in bad:
         log.warning("skipped %s", err)
     stats.bad_rows += len(bad)

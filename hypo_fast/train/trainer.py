@@ -10,6 +10,7 @@ baseline and HyPO are measured by the same code.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
 import time
@@ -24,11 +25,18 @@ from hypo_fast.seeds import derive_seed
 from hypo_fast.train import build, checkpoint, distributed, evaluate, reference_cache, run_folder
 from hypo_fast.train.config import ConfigError, TrainConfig, config_to_dict, save_config
 from hypo_fast.train.data import Stream
+from hypo_fast.train.errors import UserError
 from hypo_fast.train.signals import StopRequests
 from hypo_fast.train.engine import build_engine
 from hypo_fast.train.metrics_log import MetricsLog, peak_memory_mb
 
 log = logging.getLogger("hypo_fast")
+# a full disk, a file too large, a folder turned read-only or gone: the run stops with one line
+WRITE_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT}  # under output.dir
+
+
+class OutputWriteError(UserError):
+    """The run folder could not be written mid-run (the message names the file and what to do)."""
 
 
 class TrainModule(torch.nn.Module):
@@ -101,10 +109,11 @@ class Trainer:
         seed = cfg.optim.seed
         self.pairs = Stream(len(self.train_pairs), seed, self.rank, self.world, name="pairs")
         self.prompt_stream = Stream(len(self.prompts), seed, self.rank, self.world, name="prompts")
-        self.step, self.phase, self.num_tokens = 0, "start-up", 0
+        self.step, self.phase, self.num_tokens, self.saved_step = 0, "start-up", 0, None
         self._resume()
+        self.leg = None  # rank 0 records the leg; its checkpoints carry the number
         if self.rank == 0:
-            run_folder.apply(self.out, self.start, self._config, self._data, self.step if self.step else -1)
+            self.leg = run_folder.apply(self.out, self.start, self._config, self._data, self.step if self.step else -1)
             save_config(cfg, self.out / "config.yaml")
         distributed.barrier()
 
@@ -143,11 +152,7 @@ class Trainer:
         folder = self.start.resume_from
         if folder is None:
             return
-        candidates = [folder]
-        if self.cfg.output.resume == "auto":  # older checkpoints of the same run are fallbacks
-            found = checkpoint.list_checkpoints(self.out)
-            newest = dict((f, step) for step, f in found).get(folder, -1)
-            candidates += [f for step, f in reversed(found) if step < newest]
+        candidates = [folder, *self.start.fallbacks]  # auto: older checkpoints of the run's line
         for candidate in candidates:
             try:
                 checkpoint.verify(candidate)
@@ -296,10 +301,24 @@ class Trainer:
     def save(self):
         self.phase = "saving a checkpoint"
         state = {"step": self.step, "pairs": self.pairs.state(), "prompts": self.prompt_stream.state(),
-                 "num_tokens": self.num_tokens}
+                 "num_tokens": self.num_tokens, "leg": self.leg}
         config_yaml = (self.out / "config.yaml").read_text() if self.rank == 0 else ""
-        return checkpoint.save_checkpoint(self.out, self.step, self.engine, self.policy.model, self.tokenizer, state,
-                                          config_yaml, self.cfg.output.keep_last, self.rank)
+        folder = checkpoint.save_checkpoint(self.out, self.step, self.engine, self.policy.model, self.tokenizer,
+                                            state, config_yaml, self.cfg.output.keep_last, self.rank,
+                                            line=lambda out: run_folder.lineage(out, run_folder.read_record(out)))
+        self.saved_step = self.step
+        return folder
+
+    def _save_unless_saved(self) -> Path:
+        return self.out / f"checkpoint-{self.step}" if self.saved_step == self.step else self.save()
+
+    def resume_advice(self) -> str:
+        """What to run to continue this run after a stop: the same command, with the overrides it needs."""
+        o = self.cfg.output
+        needed = (["output.overwrite=false"] if o.overwrite else []) + \
+            (["output.resume=auto"] if o.resume != "auto" else [])
+        return f"to resume, run the same command with {' '.join(needed)} added" if needed else \
+            "run the same command to resume"
 
     def train(self) -> list[dict]:
         """Train to ``optim.max_steps``; SIGTERM/SIGINT stop after the current step with a checkpoint."""
@@ -326,17 +345,31 @@ class Trainer:
                         self.save()
                     self.phase = "the stop-signal check"
                     if stop.requested(self.device):
-                        folder = self.save()
+                        folder = self._save_unless_saved()
                         if self.rank == 0:
                             print(f"hypo-fast: stopped by {stop.received or 'a peer rank'} after step {self.step}; "
-                                  f"checkpoint saved to {folder}; run the same command to resume", flush=True)
+                                  f"checkpoint saved to {folder}; {self.resume_advice()}", flush=True)
                         return history
                 history.append(self._evaluate_and_log(logger))
-                if not o.save_every or self.step % o.save_every:
-                    self.save()
+                self._save_unless_saved()
+        except OSError as err:
+            if err.errno not in WRITE_ERRORS or (err.filename and self.out.resolve() not in
+                                                 Path(err.filename).resolve().parents):
+                raise  # not the run folder's writes
+            raise OutputWriteError(self._write_failure(err)) from err
         finally:
             logger.close()
         return history
+
+    def _write_failure(self, err: OSError) -> str:
+        try:
+            line = run_folder.lineage(self.out, run_folder.read_record(self.out)) if self.out.is_dir() else []
+        except run_folder.RunFolderError:
+            line = checkpoint.list_checkpoints(self.out)
+        kept = f"its last checkpoint, {line[-1][1]}, is whole" if line else "it has no checkpoint yet"
+        where = f" {err.filename}" if err.filename else ""
+        return (f"cannot write{where} at step {self.step} ({err.strerror or err}); the run stopped and "
+                f"{kept}. Free space or fix the folder's permissions, then {self.resume_advice()}")
 
     @contextlib.contextmanager
     def _timeouts_named(self):

@@ -4,6 +4,7 @@ names the timed-out collective, instead of blocking its peer for the default hal
 from __future__ import annotations
 
 import os
+import re
 import select
 import signal
 import socket
@@ -12,6 +13,7 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.faults.helpers import config
@@ -40,6 +42,7 @@ def _processes_with(marker: str) -> dict[int, dict[str, str]]:
     return found
 
 
+@pytest.mark.slow  # two ranks
 def test_a_frozen_rank_ends_the_run_within_the_timeout(tmp_path):
     cfg = config(tmp_path, steps=500, optim={"pairs_per_micro_batch": 2}, distributed={"timeout_minutes": 0.1})
     path = tmp_path / "run.yaml"
@@ -76,3 +79,41 @@ def test_a_frozen_rank_ends_the_run_within_the_timeout(tmp_path):
         run.communicate(timeout=60)
     assert finished and "a collective timed out after distributed.timeout_minutes=0.1 during " in output, output[-3000:]
     assert elapsed < 60, elapsed  # the 6-second timeout, not the default 30 minutes
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_deepspeed_launchers_process_group_stops_every_rank_with_a_checkpoint(tmp_path):
+    """What docs/faults.md tells: signal the launcher's process group (what scancel and Ctrl-C do). DeepSpeed's
+    ``launch`` passes SIGTERM on to the ranks, which finish the step, save and exit (``kill`` of the
+    ``deepspeed`` process alone leaves them running: its runner does not forward signals on one node)."""
+    cfg = config(tmp_path, steps=500, output={"save_every": 0})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    marker = uuid.uuid4().hex
+    env = {**subprocess_env(), "HYPO_FAST_TEST_MARKER": marker, "DS_ACCELERATOR": "cpu"}
+    launcher = Path(PYTHON).parent / "deepspeed"
+    run = subprocess.Popen([PYTHON, str(launcher), "--num_accelerators", "2", "--master_port", str(_free_port()),
+                            "--module", "hypo_fast.cli", "train", str(path)], cwd=tmp_path, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and run.poll() is None and not (metrics.exists() and metrics.read_text()):
+            time.sleep(0.1)
+        assert run.poll() is None, "the run ended before the signal"
+        os.killpg(run.pid, signal.SIGTERM)
+        output = run.communicate(timeout=120)[0]
+        deadline = time.time() + 60
+        while time.time() < deadline and _processes_with(marker):
+            time.sleep(0.5)
+        left = _processes_with(marker)
+    finally:
+        for pid in _processes_with(marker):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert not left, "ranks still running after the launcher's group got SIGTERM"
+    stopped = re.search(r"stopped by SIGTERM after step (\d+); checkpoint saved to", output)
+    assert stopped, output[-3000:]
+    assert (tmp_path / "run" / f"checkpoint-{stopped.group(1)}" / "manifest.json").exists()
