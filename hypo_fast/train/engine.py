@@ -14,6 +14,8 @@ from hypo_fast.train.config import TrainConfig
 def _merge(base: dict, override: dict) -> dict:
     out = dict(base)
     for key, value in override.items():
+        if value == "auto":  # Hugging Face's placeholder: the generated value stands
+            continue
         out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
@@ -42,6 +44,8 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
     }
     if z.config_file:
         ds = _merge(ds, json.loads(Path(z.config_file).read_text()))
+    if z.config:
+        ds = _merge(ds, z.config)
     return ds
 
 
@@ -58,7 +62,7 @@ def build_engine(module: torch.nn.Module, cfg: TrainConfig, world_size: int, tot
 
     o = cfg.optim
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
     scheduler = get_scheduler(o.scheduler, optimizer, num_warmup_steps=warmup_steps(o.warmup_steps, total_steps),
                               num_training_steps=total_steps, scheduler_specific_kwargs=o.scheduler_kwargs)
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,

@@ -106,7 +106,7 @@ class WandbWriter:
         id_file = out / "wandb_run_id"
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
         id_file.write_text(run_id)
-        self.run = self.wandb.init(id=run_id, resume="allow", dir=str(out), name=out.name, config=config)
+        self.run = self.wandb.init(id=run_id, resume="allow", dir=str(out), name=_run_name(out, config), config=config)
 
     def log(self, step: int, scalars: dict) -> None:
         self.run.log(scalars, step=step)
@@ -129,7 +129,7 @@ class MlflowWriter:
         if id_file.exists():
             self.run = self.mlflow.start_run(run_id=id_file.read_text().strip())
         else:
-            self.run = self.mlflow.start_run(run_name=out.name)
+            self.run = self.mlflow.start_run(run_name=_run_name(out, config))
             id_file.write_text(self.run.info.run_id)
             flat = {k: str(v)[:250] for k, v in _flatten(config).items()}
             self.mlflow.log_params(flat)
@@ -141,6 +141,11 @@ class MlflowWriter:
 
     def close(self) -> None:
         self.mlflow.end_run()
+
+
+def _run_name(out: Path, config: dict) -> str:
+    """``output.run_name`` (TRL's run_name), else the run folder's name."""
+    return (config.get("output") or {}).get("run_name") or out.name
 
 
 def local_mlflow_uri(out: Path) -> str:
