@@ -150,7 +150,7 @@ def load_datasets(cfg: TrainConfig, tokenizer, report: bool) -> Datasets:
     cache = Path(d.cache_dir) if d.cache_dir else Path(datasets.config.HF_DATASETS_CACHE) / "hypo_fast"
 
     def pairs_of(spec, split):
-        source = Source(spec, split)
+        source = Source(spec, split, d.data_files if spec == d.train_file else None)
         loaded, stats = load_pairs(source, tokenizer, settings, cache)
         _report(source.name + (f" [{split}]" if split else ""), stats, report)
         return loaded

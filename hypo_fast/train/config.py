@@ -68,6 +68,7 @@ class ModelConfig:
 class DataConfig:
     train_file: str | None = None  # JSONL / JSON / Parquet file, a saved `datasets` folder, or a Hub dataset name
     split: str | None = None  # the split of a saved DatasetDict or Hub dataset (default: train)
+    data_files: Any = None  # a folder's files per split, as datasets.load_dataset takes them ({train: a.jsonl, …})
     eval_file: str | None = None
     eval_split: str | None = None  # held-out pairs from this split of train_file's dataset
     prompt_file: str | None = None  # prompt-only set for online sampling (default: the train prompts)

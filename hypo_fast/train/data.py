@@ -3,8 +3,10 @@
 Formats (TRL's): *standard* rows ``{"prompt": str, "chosen": str, "rejected": str}``, *conversational* rows
 whose fields are lists of ``{"role", "content"}`` messages, and the *implicit-prompt* form (only
 ``chosen``/``rejected``, sharing the prompt). Prompt-only sets need just ``prompt``. Sources: ``.jsonl``,
-``.json`` (a list of rows), ``.parquet``, a folder written by ``Dataset.save_to_disk`` or
-``DatasetDict.save_to_disk`` (with ``data.split``), or a Hub dataset name, which ``datasets`` resolves
+``.json`` (a list of rows), ``.parquet``, ``.csv``, a folder written by ``Dataset.save_to_disk`` or
+``DatasetDict.save_to_disk`` (with ``data.split``), a folder of data files read as ``datasets.load_dataset``
+reads it (json/jsonl/csv/parquet; splits from the file names, e.g. ``train.jsonl`` and ``test.jsonl``, or
+from ``data.data_files``), or a Hub dataset name, which ``datasets`` resolves
 itself when online. Files are only read. Turning rows into token ids is :mod:`hypo_fast.train.tokenization`.
 """
 
@@ -96,8 +98,8 @@ class Source:
     instead of failing the whole file; everything else is read by ``datasets``.
     """
 
-    def __init__(self, spec: str | Path, split: str | None = None):
-        self.name, self.split = str(spec), split
+    def __init__(self, spec: str | Path, split: str | None = None, data_files=None):
+        self.name, self.split, self.data_files = str(spec), split, data_files
         self.path = Path(spec)
         self._dataset = None
         if not self.path.exists() and not _looks_like_hub_name(self.name):
@@ -105,7 +107,7 @@ class Source:
 
     @property
     def is_lines(self) -> bool:
-        return self.path.is_file() and self.path.suffix != ".parquet"
+        return self.path.is_file() and self.path.suffix not in (".parquet", ".csv")
 
     def fingerprint(self) -> str:
         if self.path.is_file():
@@ -118,7 +120,8 @@ class Source:
 
     def dataset(self):
         if self._dataset is None:
-            self._dataset = self._lines() if self.is_lines else _read_dataset(self.path, self.name, self.split)
+            self._dataset = self._lines() if self.is_lines else \
+                _read_dataset(self.path, self.name, self.split, self.data_files)
         return self._dataset
 
     def _lines(self):
@@ -149,7 +152,34 @@ def _looks_like_hub_name(spec: str) -> bool:
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "~"))
 
 
-def _read_dataset(path: Path, name: str, split: str | None):
+DATA_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+
+
+def is_data_folder(path: Path) -> bool:
+    """A folder of data files (not a ``save_to_disk`` folder): what ``datasets.load_dataset(folder)`` reads."""
+    return path.is_dir() and any(p.suffix in DATA_FILE_SUFFIXES and p.is_file() for p in path.rglob("*"))
+
+
+def _read_folder(path: Path, name: str, split: str | None, data_files):
+    """One split of a folder of data files, read as ``datasets.load_dataset(folder, data_files=...)`` reads
+    it: splits come from the file names (``train.jsonl``, ``test.jsonl``, ``data/train-*.parquet``, …) or
+    from ``data_files``; a split the folder lacks is an error naming the ones it has."""
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(str(path), data_files=data_files)
+    except Exception as err:  # mixed formats, a damaged file, files that match no split
+        raise DataError(f"{name}: cannot be read as a folder of data files ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''})") from err
+    chosen = split or "train"
+    if chosen not in loaded:
+        raise DataError(f"{name}: the folder's splits are {sorted(loaded)} (from its file names or data_files); "
+                        f"there is no split {chosen!r} (set data.split / data.eval_split, TRL's dataset_train_split "
+                        "/ dataset_test_split, to one of them)")
+    return loaded[chosen]
+
+
+def _read_dataset(path: Path, name: str, split: str | None, data_files=None):
     import datasets
 
     try:
@@ -160,8 +190,14 @@ def _read_dataset(path: Path, name: str, split: str | None):
 
             pyarrow.parquet.read_metadata(path)  # a damaged file fails here, before datasets logs about it
             return datasets.Dataset.from_parquet(str(path))
-        if not any((path / n).exists() for n in ("dataset_info.json", "state.json", "dataset_dict.json")):
-            raise DataError(f"{path}: a folder, but not a dataset saved with datasets' save_to_disk")
+        if path.suffix == ".csv":
+            return datasets.Dataset.from_csv(str(path))
+        saved = any((path / n).exists() for n in ("dataset_info.json", "state.json", "dataset_dict.json"))
+        if not saved and is_data_folder(path):
+            return _read_folder(path, name, split, data_files)
+        if not saved:
+            raise DataError(f"{path}: a folder, but neither a dataset saved with datasets' save_to_disk nor a folder "
+                            f"of data files ({', '.join(DATA_FILE_SUFFIXES)})")
         loaded = datasets.load_from_disk(str(path))
     except DataError:
         raise
