@@ -196,7 +196,7 @@ def _read_dataset(path: Path, name: str, split: str | None, data_files=None):
         if not saved and is_data_folder(path):
             return _read_folder(path, name, split, data_files)
         if not saved:
-            raise DataError(f"{path}: a folder, but neither a dataset saved with datasets' save_to_disk nor a folder "
+            raise DataError(f"{path}: a folder, but not a dataset saved with datasets' save_to_disk, nor a folder "
                             f"of data files ({', '.join(DATA_FILE_SUFFIXES)})")
         loaded = datasets.load_from_disk(str(path))
     except DataError:

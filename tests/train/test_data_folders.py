@@ -59,7 +59,7 @@ def test_data_files_name_the_splits(tmp_path):
 def test_a_folder_of_other_files_is_refused(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "notes.txt").write_text("hello")
-    with pytest.raises(DataError, match="neither a dataset saved with datasets' save_to_disk nor a folder of data"):
+    with pytest.raises(DataError, match="not a dataset saved with datasets' save_to_disk, nor a folder of data"):
         Source(tmp_path / "data").dataset()
 
 
