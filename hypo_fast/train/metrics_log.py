@@ -25,6 +25,10 @@ def peak_memory_mb() -> float:
 class MetricsLog:
     """``metrics.jsonl`` always, plus the reporters of ``output.report_to``: TensorBoard, W&B, MLflow.
 
+    Names are TRL's: ``metrics.jsonl`` and MLflow hold them as TRL's log history does (``loss``,
+    ``rewards/chosen``, evaluation's under ``eval/``); TensorBoard and W&B get them as Hugging Face's Trainer
+    writes them there (``train/loss``, ``train/rewards/chosen``, ``eval/rewards/chosen``).
+
     A reporter whose package is missing is a clear error at start (not a silent gap in the logs). A resumed
     leg replays the steps after its checkpoint, so TensorBoard drops their old events (``purge_step``) and
     W&B / MLflow runs resume under the run folder's id.
@@ -83,6 +87,13 @@ def _require(package: str, reporter: str):
         raise UserError(f"output.report_to: {reporter} needs the {package} package (pip install {package})") from err
 
 
+def trainer_names(scalars: dict) -> dict:
+    """The names Hugging Face's Trainer (and so TRL) gives its TensorBoard and W&B scalars: ``train/loss``,
+    ``train/rewards/chosen``, …; evaluation's ``eval/…`` as they are (its ``rewrite_logs``), so runs of the
+    CLI and of the TRL integration overlay in one dashboard."""
+    return {k if k.startswith("eval/") else f"train/{k}": v for k, v in scalars.items()}
+
+
 class TensorBoardWriter:
     def __init__(self, out: Path, start_step: int, config: dict):
         _require("tensorboard", "tensorboard")
@@ -91,7 +102,7 @@ class TensorBoardWriter:
         self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1 if start_step else None)
 
     def log(self, step: int, scalars: dict) -> None:
-        for key, value in scalars.items():
+        for key, value in trainer_names(scalars).items():
             self.writer.add_scalar(key, value, step)
 
     def close(self) -> None:
@@ -109,7 +120,7 @@ class WandbWriter:
         self.run = self.wandb.init(id=run_id, resume="allow", dir=str(out), name=_run_name(out, config), config=config)
 
     def log(self, step: int, scalars: dict) -> None:
-        self.run.log(scalars, step=step)
+        self.run.log(trainer_names(scalars), step=step)
 
     def close(self) -> None:
         self.run.finish()
