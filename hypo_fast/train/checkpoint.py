@@ -24,9 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 
 from hypo_fast.models.loading import is_peft
 from hypo_fast.train.errors import UserError
+from hypo_fast.train.model_card import model_card
 
 log = logging.getLogger("hypo_fast")
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -138,6 +140,7 @@ def save_checkpoint(out_dir: Path, step: int, engine, model, tokenizer, trainer_
     torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
     if rank == 0:
         (tmp / "config.yaml").write_text(config_yaml)
+        (tmp / "README.md").write_text(model_card(yaml.safe_load(config_yaml) or {}, step))  # not PEFT's template
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
     dist.barrier()
     if rank == 0:

@@ -78,6 +78,8 @@ def test_trl_config_trains_under_the_cli(tmp_path, capsys):
     assert [r["step"] for r in steps] == [1, 2, 3, 4] and all("kl/online" in r for r in steps)
     assert max(r["learning_rate"] for r in steps) == pytest.approx(1e-3)
     assert (tmp_path / "out" / "checkpoint-4" / "adapter_model.safetensors").exists()
+    card = (tmp_path / "out" / "checkpoint-4" / "README.md").read_text()  # TRL's kind of card, not PEFT's template
+    assert "fine-tuned version of" in card and "### Framework versions" in card and "[More Information" not in card
     assert "ignored TRL settings that do not change what hypo_fast computes: precompute_ref_log_probs\n" \
         in capsys.readouterr().err
 
@@ -311,3 +313,23 @@ def test_a_flat_trl_recipe_trains_under_the_cli_as_written(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert "ignored TRL settings that do not change what hypo_fast computes: data_seed, dataset_num_proc, " \
            "do_eval, gradient_checkpointing_kwargs, hub_model_id, log_level, per_device_eval_batch_size" in capsys.readouterr().err
+
+
+def test_the_model_card_is_trls_kind_not_pefts_template():
+    from hypo_fast.train.model_card import model_card
+
+    cfg = config_from_dict({**TRL_CONFIG, "model_name_or_path": "/models/base", "dataset_name": "/d/pairs.jsonl",
+                            "run_name": "tiny-hypo"})
+    from hypo_fast.train.config import config_to_dict
+
+    card = model_card(config_to_dict(cfg), step=4)
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["base_model"] == "/models/base" and front["library_name"] == "peft"
+    assert {"hypo_fast", "trl", "dpo", "hypo", "lora"} <= set(front["tags"])
+    assert front["datasets"] == ["/d/pairs.jsonl"]
+    for text in ("# tiny-hypo", "fine-tuned version of /models/base", "https://huggingface.co/papers/2406.01462",
+                 "- beta: 0.2", "- learning_rate: 0.0005", "- kl_coef: 0.1", "- lora_r: 4",
+                 "### Framework versions", "- TRL: ", "- Transformers: ", "- PyTorch: "):
+        assert text in card, text
+    dpo = model_card(config_to_dict(config_from_dict({"model_name_or_path": "/m", "dataset_name": "/d"})), 1)
+    assert "https://huggingface.co/papers/2305.18290" in dpo and "hypo\n" not in dpo
