@@ -8,7 +8,7 @@ import importlib.metadata
 import yaml
 
 DPO_PAPER = ("Direct Preference Optimization: Your Language Model is Secretly a Reward Model", "2305.18290")
-HYPO_PAPER = ("Understanding Preference Fine-Tuning Through the Lens of Coverage", "2406.01462")
+HYPO_PAPER = ("The Importance of Online Data: Understanding Preference Fine-tuning via Coverage", "2406.01462")
 FRAMEWORKS = (("hypo_fast", "hypo_fast"), ("TRL", "trl"), ("Transformers", "transformers"), ("PyTorch", "torch"),
               ("Datasets", "datasets"), ("Tokenizers", "tokenizers"), ("PEFT", "peft"), ("DeepSpeed", "deepspeed"))
 
