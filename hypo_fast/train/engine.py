@@ -54,6 +54,12 @@ def warmup_steps(warmup: float, total: int) -> int:
     return math.ceil(warmup * total) if 0 < warmup < 1 else int(warmup)
 
 
+def make_optimizer(module: torch.nn.Module, o) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters with ``optim``'s lr, betas, eps (TRL's ``adam_epsilon``) and decay."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+
+
 def build_engine(module: torch.nn.Module, cfg: TrainConfig, world_size: int, total_steps: int):
     """DeepSpeed around ``module`` with AdamW and a ``transformers.get_scheduler`` schedule over ``total_steps``
     (warm-up as Hugging Face's: the first update runs at ``lr·0``, the w-th at the full ``lr``)."""
@@ -61,8 +67,7 @@ def build_engine(module: torch.nn.Module, cfg: TrainConfig, world_size: int, tot
     from transformers import get_scheduler
 
     o = cfg.optim
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    optimizer = make_optimizer(module, o)
     scheduler = get_scheduler(o.scheduler, optimizer, num_warmup_steps=warmup_steps(o.warmup_steps, total_steps),
                               num_training_steps=total_steps, scheduler_specific_kwargs=o.scheduler_kwargs)
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
