@@ -17,7 +17,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from hypo_fast.losses import sequence_logps
-from hypo_fast.objective import DPOAux, HyPOObjective, OnlineLogps, StepLogps
+from hypo_fast.objective import DPOAux, HyPOObjective, OnlineLogps, OptionError, StepLogps
 from hypo_fast.ops import linear_logprobs, linear_token_kl
 
 _DEFAULT = HyPOObjective  # keyword defaults below are read from the objective's fields: one default each
@@ -169,6 +169,18 @@ def liger_logits_means(_input: torch.Tensor, weight: torch.Tensor, bias: torch.T
     return per_row[:n_pairs].mean(), per_row[n_pairs:].mean()
 
 
+def _liger_wording(err: OptionError, loss_type) -> str:
+    """The phrase Liger 0.8.5 raises for the same bad option (its tests match on it)."""
+    if err.option == "loss_type":
+        return f"Unsupported loss_type: {loss_type!r}"
+    if err.option == "label_smoothing":
+        names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+        if "exo_pair" in names and "> 0" in err.detail:
+            return "label_smoothing must be > 0 for loss_type='exo_pair'"
+        return f"label_smoothing must lie in [0.0, 0.5) for loss_type={names[0] if len(names) == 1 else names!r}"
+    return err.option
+
+
 class LigerDPOAux(DPOAux):
     """:class:`DPOAux` with Liger's own logits means in elements 2 and 3 (what Liger's tuple holds), while
     :meth:`metrics` reports TRL's ``logits/*``: the mean over the vocabulary and the *scored* tokens."""
@@ -238,8 +250,11 @@ class FusedLinearDPOLoss(torch.nn.Module):
             raise ValueError(f"chunk_size must be an integer ≥ 1 (pairs per Liger chunk), got {chunk_size!r}")
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
             raise ValueError(f"alpha must be a finite number, got {alpha!r}")
-        self.objective = HyPOObjective(beta=beta, loss_type=loss_type, loss_weights=loss_weights,
-                                       label_smoothing=label_smoothing, discopop_tau=discopop_tau, kl_coef=0.0)
+        try:
+            self.objective = HyPOObjective(beta=beta, loss_type=loss_type, loss_weights=loss_weights,
+                                           label_smoothing=label_smoothing, discopop_tau=discopop_tau, kl_coef=0.0)
+        except OptionError as err:  # Liger's wording first, so code matching Liger's messages still matches
+            raise OptionError(err.option, f"{_liger_wording(err, loss_type)}; {err.detail}") from err
         self.alpha, self.compute_nll_loss = alpha, compute_nll_loss
         self.compiled, self.chunk_size = compiled, chunk_size  # recorded only (see the docstring)
         self.scorer = PairScorer(ignore_index, average_log_prob, use_ref_model, impl)
