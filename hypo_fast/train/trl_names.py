@@ -191,7 +191,7 @@ def translate(data: dict, defaults: bool = True) -> tuple[dict, list[str]]:
     _precision(flat, dotted)
     _peft(flat, dotted, set_away=[k for k in flat if not _at_default(flat[k], trl.get(k, object()))])
     _schedule(flat, dotted)
-    _evaluation(flat, dotted)
+    _evaluation(flat, dotted, explicit="eval_strategy" in data)
     _saving(flat, dotted)
     if flat.get("activation_checkpointing") is not None:  # transformers 5's name for gradient checkpointing
         dotted["model.gradient_checkpointing"] = bool(flat["activation_checkpointing"])
@@ -283,6 +283,7 @@ def _schedule(flat: dict, dotted: dict) -> None:
 def _strategy(flat: dict, key: str, allowed: tuple[str, ...]) -> str | None:
     value = flat.get(key)
     value = getattr(value, "value", value)  # an IntervalStrategy enum from TRL's own parser
+    value = "no" if value is False else value  # YAML reads an unquoted `no` as false
     if value is not None and value not in allowed:
         from hypo_fast.train.config import ConfigError
 
@@ -290,7 +291,7 @@ def _strategy(flat: dict, key: str, allowed: tuple[str, ...]) -> str | None:
     return value
 
 
-def _evaluation(flat: dict, dotted: dict) -> None:
+def _evaluation(flat: dict, dotted: dict, explicit: bool) -> None:
     """TRL evaluates only with ``eval_strategy: steps`` (every ``eval_steps``, default ``logging_steps``) or
     ``epoch`` (after each pass over the training pairs): the test split is used only then."""
     strategy = _strategy(flat, "eval_strategy", ("no", "steps", "epoch"))
@@ -298,7 +299,9 @@ def _evaluation(flat: dict, dotted: dict) -> None:
         return
     if strategy in ("no", None):
         dotted.pop("data.eval_split", None)
-        dotted["eval.every"] = 0
+        dotted.pop("eval.every", None)
+        if explicit:  # a written `eval_strategy: no` turns evaluation off; TRL's default leaves an eval section be
+            dotted["eval.every"] = 0
     elif strategy == "epoch":
         dotted["eval.every"] = 0
         dotted["eval.strategy"] = "epoch"

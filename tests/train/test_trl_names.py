@@ -332,3 +332,13 @@ def test_the_model_card_is_trls_kind_not_pefts_template():
         assert text in card, text
     dpo = model_card(config_to_dict(config_from_dict({"model_name_or_path": "/m", "dataset_name": "/d"})), 1)
     assert "https://huggingface.co/papers/2305.18290" in dpo and "hypo\n" not in dpo
+
+
+def test_eval_strategy_no_as_written_or_as_trls_default():
+    base = {"model_name_or_path": "/m", "dataset_name": "/d", "dataset_test_split": "test"}
+    assert config_from_dict({**base, "eval": {"every": 5}}).eval.every == 5  # TRL's default: the section stands
+    assert config_from_dict({**base, "eval": {"every": 5}, "eval_strategy": "no"}).eval.every == 0
+    native = {"model": {"path": "/m"}, "data": {"train_file": "/d"}, "eval": {"every": 5}}
+    assert config_from_dict(native, ["eval_strategy=no"]).eval.every == 0
+    steps = config_from_dict({**base, "eval_strategy": "steps", "logging_steps": 3})
+    assert (steps.eval.every, steps.data.eval_split) == (3, "test")  # eval_steps defaults to logging_steps
