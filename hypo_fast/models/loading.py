@@ -110,7 +110,12 @@ def add_lora(model: torch.nn.Module, *, r: int = 16, alpha: int = 32, dropout: f
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM",
                         use_dora=use_dora, use_rslora=use_rslora,
                         modules_to_save=list(modules_to_save) if modules_to_save else None)
-    return get_peft_model(model, config)
+    wrapped = get_peft_model(model, config)
+    if type(output_embeddings(wrapped)).__name__ == "ModulesToSaveWrapper":
+        raise ValueError(f"modules_to_save {list(modules_to_save)}: the LM head cannot be trained in full beside "
+                         "LoRA here (the reference is the base model with adapters off, and the fused head reads "
+                         "the head's weight itself, so the reference would score with the trained copy)")
+    return wrapped
 
 
 def four_bit_config(quant_type: str = "nf4", double_quant: bool = False, quant_storage: str | None = None,

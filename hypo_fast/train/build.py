@@ -115,7 +115,8 @@ def load_policy(cfg: TrainConfig, device: torch.device) -> Policy:
                              target_modules=m.lora.target_modules, use_dora=m.lora.use_dora,
                              use_rslora=m.lora.use_rslora, modules_to_save=m.lora.modules_to_save)
         except ValueError as err:
-            raise ConfigError(f"model.lora.target_modules: {err}") from err
+            key = "modules_to_save" if str(err).startswith("modules_to_save") else "target_modules"
+            raise ConfigError(f"model.lora.{key}: {err}") from err
     else:
         reference = FrozenReference.copy_of(model, device=m.reference_device)
     model.train()

@@ -262,12 +262,13 @@ def test_peft_options_reach_peft():
     from hypo_fast.models.loading import add_lora
 
     model = add_lora(tiny_llama(vocab_size=12, hidden_size=32, layers=1), r=4, alpha=8,
-                     target_modules=["q_proj", "v_proj"], use_dora=True, use_rslora=True, modules_to_save=["lm_head"])
+                     target_modules=["q_proj", "v_proj"], use_dora=True, use_rslora=True,
+                     modules_to_save=["embed_tokens"])
     peft_config = model.peft_config["default"]
-    assert peft_config.use_dora and peft_config.use_rslora and list(peft_config.modules_to_save) == ["lm_head"]
+    assert peft_config.use_dora and peft_config.use_rslora and list(peft_config.modules_to_save) == ["embed_tokens"]
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any("lora_magnitude_vector" in n for n in trainable)  # DoRA's magnitudes
-    assert any("lm_head" in n and "modules_to_save" in n for n in trainable)
+    assert any("embed_tokens" in n and "modules_to_save" in n for n in trainable)
     q = model.base_model.model.model.layers[0].self_attn.q_proj
     assert q.scaling["default"] == pytest.approx(8 / 4 ** 0.5)  # rsLoRA: alpha / sqrt(r)
 
@@ -342,3 +343,13 @@ def test_eval_strategy_no_as_written_or_as_trls_default():
     assert config_from_dict(native, ["eval_strategy=no"]).eval.every == 0
     steps = config_from_dict({**base, "eval_strategy": "steps", "logging_steps": 3})
     assert (steps.eval.every, steps.data.eval_split) == (3, "test")  # eval_steps defaults to logging_steps
+
+
+def test_the_lm_head_in_modules_to_save_is_refused_with_the_reason():
+    """The LoRA reference is the base model with adapters off; the fused head borrows the head's weight, which
+    would be the trained copy: refused rather than scoring the reference with it."""
+    from hypo_fast.models.loading import add_lora
+
+    with pytest.raises(ValueError, match="modules_to_save \\['lm_head'\\]: the LM head cannot be trained in full"):
+        add_lora(tiny_llama(vocab_size=12, hidden_size=32, layers=1), r=4, alpha=8, target_modules=["q_proj"],
+                 modules_to_save=["lm_head"])
