@@ -40,6 +40,7 @@ NAMES = {
     "kl_coef": "algorithm.kl_coef", "num_samples": "algorithm.num_samples", "kl_loss": "algorithm.kl_loss",
     "temperature": "sampling.temperature", "max_new_tokens": "sampling.max_new_tokens",
     "prompts_per_step": "sampling.prompts_per_step",
+    "data_files": "data.data_files",  # datasets.load_dataset's data_files, for a local folder
 }
 # TRL 1.16's defaults that differ from hypo_fast's, applied to a TRL-style config that leaves them out
 TRL_DEFAULTS = {"learning_rate": 1e-6, "lr_scheduler_type": "linear", "bf16": True, "gradient_checkpointing": True,

@@ -54,6 +54,8 @@ def test_data_files_name_the_splits(tmp_path):
     files = {"train": "prefs_a.jsonl", "dev": "heldout.jsonl"}
     assert len(Source(tmp_path / "data", "dev", files).dataset()) == 2
     assert len(Source(tmp_path / "data", "train", files).dataset()) == 5
+    cfg = config_from_dict({"model_name_or_path": "/m", "dataset_name": str(tmp_path / "data"), "data_files": files})
+    assert cfg.data.data_files == files  # flat beside TRL's names too
 
 
 def test_a_folder_of_other_files_is_refused(tmp_path):
