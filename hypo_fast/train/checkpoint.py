@@ -118,7 +118,8 @@ def _save_hf_model(model: torch.nn.Module, tokenizer, folder: Path, rank: int) -
 
     params = [p for p in model.parameters() if hasattr(p, "ds_id")]
     if is_peft(model):  # adapters are small: gather only those
-        params = [p for n, p in model.named_parameters() if hasattr(p, "ds_id") and "lora_" in n]
+        params = [p for n, p in model.named_parameters()  # the adapter's own: LoRA and modules_to_save copies
+                  if hasattr(p, "ds_id") and ("lora_" in n or "modules_to_save" in n)]
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None) if params else contextlib.nullcontext():
         if rank == 0:
             state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if params else None
