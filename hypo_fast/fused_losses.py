@@ -17,7 +17,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from hypo_fast.losses import sequence_logps
-from hypo_fast.objective import DPOAux, HyPOObjective, OnlineLogps, StepLogps
+from hypo_fast.objective import DPOAux, HyPOObjective, OnlineLogps, OptionError, StepLogps
 from hypo_fast.ops import linear_logprobs, linear_token_kl
 from hypo_fast.segments import Segments, score_segments
 
@@ -165,6 +165,39 @@ class PairScorer:
         return ref_seq[:n_pairs], ref_seq[n_pairs:]
 
 
+def liger_logits_means(_input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       n_pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Liger's ``chosen_logits_mean``/``rejected_logits_mean``: the logits summed over every position of the
+    rows (prompt and padding included) and the vocabulary, divided by ``B·T·V``. Logits are linear in the
+    hidden states, so this is ``mean_rows,positions(h) · mean_v(W) + mean_v(b)``: no ``[N, V]`` logits."""
+    w_mean = weight.detach().float().mean(0)  # [D]
+    per_row = _input.detach().float().mean(1) @ w_mean  # [2B]
+    if bias is not None:
+        per_row = per_row + bias.detach().float().mean()
+    return per_row[:n_pairs].mean(), per_row[n_pairs:].mean()
+
+
+def _liger_wording(err: OptionError, loss_type) -> str:
+    """The phrase Liger 0.8.5 raises for the same bad option (its tests match on it)."""
+    if err.option == "loss_type":
+        return f"Unsupported loss_type: {loss_type!r}"
+    if err.option == "label_smoothing":
+        names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+        if "exo_pair" in names and "> 0" in err.detail:
+            return "label_smoothing must be > 0 for loss_type='exo_pair'"
+        return f"label_smoothing must lie in [0.0, 0.5) for loss_type={names[0] if len(names) == 1 else names!r}"
+    return err.option
+
+
+class LigerDPOAux(DPOAux):
+    """:class:`DPOAux` with Liger's own logits means in elements 2 and 3 (what Liger's tuple holds), while
+    :meth:`metrics` reports TRL's ``logits/*``: the mean over the vocabulary and the *scored* tokens."""
+
+    def metrics(self, prefix: str = "") -> dict[str, float]:
+        chosen, rejected = self.__dict__.get("trl_logits_means", (self.chosen_logits_mean, self.rejected_logits_mean))
+        return DPOAux(*self._replace(chosen_logits_mean=chosen, rejected_logits_mean=rejected)).metrics(prefix)
+
+
 class FusedLinearDPOLoss(torch.nn.Module):
     """DPO from hidden states: a drop-in for Liger's ``LigerFusedLinearDPOLoss`` without ``[N, V]`` logits.
 
@@ -206,9 +239,10 @@ class FusedLinearDPOLoss(torch.nn.Module):
         loss_weights: one weight per ``loss_type`` entry (TRL's ``loss_weights``; default 1.0 each).
         impl: ``"auto" | "triton" | "torch"``, the log-prob kernel.
 
-    Aux differences from Liger: ``chosen_logits_mean``/``rejected_logits_mean`` (elements 2, 3) average the
-    logits over the vocabulary and the *scored* tokens only (TRL's ``logits/*`` definition); Liger divides
-    the sum over every position of the rows, prompt and padding included, by ``B·T·V``.
+    Aux as Liger's: ``chosen_logits_mean``/``rejected_logits_mean`` (elements 2, 3) are Liger's, the sum of
+    the logits over every position of the rows (prompt and padding included) and the vocabulary, divided by
+    ``B·T·V`` (computed without logits: see :func:`liger_logits_means`); ``aux.metrics()`` reports TRL's
+    ``logits/chosen``/``logits/rejected`` instead: the mean over the vocabulary and the scored tokens only.
     """
 
     def __init__(self, ignore_index: int = -100, beta: float = _DEFAULT.beta, alpha: float = 1.0,
@@ -224,8 +258,11 @@ class FusedLinearDPOLoss(torch.nn.Module):
             raise ValueError(f"chunk_size must be an integer ≥ 1 (pairs per Liger chunk), got {chunk_size!r}")
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
             raise ValueError(f"alpha must be a finite number, got {alpha!r}")
-        self.objective = HyPOObjective(beta=beta, loss_type=loss_type, loss_weights=loss_weights,
-                                       label_smoothing=label_smoothing, discopop_tau=discopop_tau, kl_coef=0.0)
+        try:
+            self.objective = HyPOObjective(beta=beta, loss_type=loss_type, loss_weights=loss_weights,
+                                           label_smoothing=label_smoothing, discopop_tau=discopop_tau, kl_coef=0.0)
+        except OptionError as err:  # Liger's wording first, so code matching Liger's messages still matches
+            raise OptionError(err.option, f"{_liger_wording(err, loss_type)}; {err.detail}") from err
         self.alpha, self.compute_nll_loss = alpha, compute_nll_loss
         self.compiled, self.chunk_size = compiled, chunk_size  # recorded only (see the docstring)
         self.scorer = PairScorer(ignore_index, average_log_prob, use_ref_model, impl)
@@ -246,7 +283,10 @@ class FusedLinearDPOLoss(torch.nn.Module):
                                  ref_bias=ref_bias, ref_chosen=ref_chosen_logps, ref_rejected=ref_rejected_logps)
         nll = s.chosen_nll if self.compute_nll_loss else None
         loss, aux = self.objective(s.step_logps(), nll)
-        return (loss if nll is None else loss + self.alpha * nll), DPOAux(*aux[:len(DPOAux._fields)])
+        liger_means = liger_logits_means(_input, lin_weight, bias, s.chosen.shape[0])
+        out = LigerDPOAux(*aux[:2], *liger_means, *aux[4:len(DPOAux._fields)])
+        out.trl_logits_means = (aux[2], aux[3])
+        return (loss if nll is None else loss + self.alpha * nll), out
 
 
 class FusedLinearHyPOLoss(torch.nn.Module):

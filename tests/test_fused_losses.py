@@ -90,9 +90,13 @@ def test_dpo_module_matches_naive_float64(impl, loss_type, ls, loss_weights, ave
                                 loss_weights=loss_weights, tau=0.3)
     (expected * 1.3).backward()
     torch.testing.assert_close(loss.double(), expected, atol=1e-5, rtol=1e-5)
-    for ours, ref in zip((aux.chosen_logps, aux.rejected_logps, aux.chosen_logits_mean, aux.rejected_logits_mean,
-                          aux.chosen_rewards, aux.rejected_rewards), parts):
+    trl_logits = [torch.tensor(aux.metrics()[k]) for k in ("logits/chosen", "logits/rejected")]  # TRL's masked means
+    for ours, ref in zip((aux.chosen_logps, aux.rejected_logps, *trl_logits, aux.chosen_rewards,
+                          aux.rejected_rewards), parts):
         torch.testing.assert_close(ours.double(), ref.detach(), atol=1e-4, rtol=1e-5)
+    for i, rows in ((2, slice(0, B)), (3, slice(B, None))):  # the aux tuple itself holds Liger's definition
+        torch.testing.assert_close(aux[i].double(), _liger_logits_mean(hidden, weight, bias, rows), atol=1e-5,
+                                   rtol=1e-5)
     for ours, ref in zip(leaves, oracle_leaves):
         torch.testing.assert_close(ours.grad.double(), ref.grad, atol=1e-5, rtol=1e-4)
 
@@ -136,7 +140,7 @@ LIGER_TYPES = ("sigmoid", "hinge", "exo_pair", "nca_pair", "robust", "bco_pair",
 
 def _liger_logits_mean(hidden, weight, bias, rows):
     """Liger's ``*_logits_mean``: the logits summed over every position of the rows (prompt and padding
-    included) divided by B·T·V — not comparable with hypo_fast's (and TRL's) mean over scored tokens."""
+    included) divided by B·T·V (TRL's ``logits/*`` metric is the mean over scored tokens instead)."""
     logits = hidden[rows].double() @ weight.double().T + (0 if bias is None else bias.double())
     return logits.sum() / logits.numel()
 
@@ -174,14 +178,15 @@ def test_same_call_same_results_as_liger(liger, loss_type, nll, average, use_bia
     (l_loss, l_aux, l_grads), (o_loss, o_aux, o_grads) = results
     torch.testing.assert_close(o_loss, l_loss, atol=1e-5, rtol=1e-5)
     assert len(o_aux) == len(l_aux) == 7
-    for i in (0, 1, 4, 5, 6):  # chosen/rejected logps, nll, chosen/rejected rewards: Liger's aux order
+    for i in range(7):  # Liger's aux, element for element (its logits means included)
         torch.testing.assert_close(o_aux[i].detach(), l_aux[i].detach(), atol=1e-4, rtol=1e-5)
     mask = target != IGNORE
-    for i, rows in ((2, slice(0, B)), (3, slice(B, None))):
+    for i, rows, name in ((2, slice(0, B), "logits/chosen"), (3, slice(B, None), "logits/rejected")):
         torch.testing.assert_close(l_aux[i].double(), _liger_logits_mean(hidden, weight, bias, rows), atol=1e-5,
                                    rtol=1e-5)
-        logits = naive_token_logps(hidden[rows], weight, bias, target[rows])[1]
-        torch.testing.assert_close(o_aux[i].double(), logits.mean(-1)[mask[rows]].mean(), atol=1e-5, rtol=1e-5)
+        logits = naive_token_logps(hidden[rows], weight, bias, target[rows])[1]  # metrics(): TRL's masked mean
+        torch.testing.assert_close(torch.tensor(o_aux.metrics()[name]).double(), logits.mean(-1)[mask[rows]].mean(),
+                                   atol=1e-5, rtol=1e-5)
     for ours, theirs in zip(o_grads, l_grads):
         if theirs is None:
             assert ours is None

@@ -77,6 +77,7 @@ def load_causal_lm(
     gradient_checkpointing: bool = False,
     liger: str | bool = "auto",
     seed: int | None = None,
+    quantization_config=None,
 ) -> torch.nn.Module:
     """A causal LM from a local folder or a config, ready for hypo_fast (the HF LM head is never called).
 
@@ -87,6 +88,7 @@ def load_causal_lm(
             value ``transformers`` accepts.
         gradient_checkpointing: recompute decoder activations in the backward (non-reentrant).
         liger: ``auto`` patches RMSNorm/RoPE/SwiGLU with Liger on CUDA when installed; True/False force it.
+        quantization_config: e.g. ``four_bit_config()``: the weights load quantised onto the current CUDA device.
     """
     attn = attention_implementation(attn_implementation)
     if isinstance(source, PretrainedConfig):
@@ -94,8 +96,10 @@ def load_causal_lm(
             torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(source, dtype=dtype, attn_implementation=attn)
     else:
+        extra = {} if quantization_config is None else {"quantization_config": quantization_config,
+                                                        "device_map": {"": torch.cuda.current_device()}}
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn,
-                                                     local_files_only=Path(source).exists(), use_kernels=False)
+                                                     local_files_only=Path(source).exists(), use_kernels=False, **extra)
     if liger is True or (liger == "auto" and torch.cuda.is_available()):
         apply_liger_patches(model)
     if gradient_checkpointing:
@@ -105,11 +109,14 @@ def load_causal_lm(
 
 
 def add_lora(model: torch.nn.Module, *, r: int = 16, alpha: int = 32, dropout: float = 0.0,
-             target_modules: Sequence[str] | None = DEFAULT_LORA_TARGETS):
-    """Wrap with PEFT LoRA adapters; the base weights (LM head included) are frozen.
+             target_modules: Sequence[str] | None = DEFAULT_LORA_TARGETS, use_dora: bool = False,
+             use_rslora: bool = False, modules_to_save: Sequence[str] | None = None):
+    """Wrap with PEFT LoRA adapters; the base weights (LM head included) are frozen, except
+    ``modules_to_save`` (trained in full, saved with the adapter).
 
     ``target_modules``: module names (those the model lacks are skipped), ``["all-linear"]``, or None for
-    PEFT's default for the architecture (what TRL's ``lora_target_modules: null`` means).
+    PEFT's default for the architecture (what TRL's ``lora_target_modules: null`` means). ``use_dora`` and
+    ``use_rslora`` are PEFT's (DoRA's magnitude vectors; scaling alpha/sqrt(r) instead of alpha/r).
     """
     from peft import LoraConfig, get_peft_model
 
@@ -120,8 +127,24 @@ def add_lora(model: torch.nn.Module, *, r: int = 16, alpha: int = 32, dropout: f
         targets = [t for t in target_modules if t in present]
         if not targets:
             raise ValueError(f"none of target_modules {list(target_modules)} exist in the model")
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM",
+                        use_dora=use_dora, use_rslora=use_rslora,
+                        modules_to_save=list(modules_to_save) if modules_to_save else None)
+    wrapped = get_peft_model(model, config)
+    if type(output_embeddings(wrapped)).__name__ == "ModulesToSaveWrapper":
+        raise ValueError(f"modules_to_save {list(modules_to_save)}: the LM head cannot be trained in full beside "
+                         "LoRA here (the reference is the base model with adapters off, and the fused head reads "
+                         "the head's weight itself, so the reference would score with the trained copy)")
+    return wrapped
+
+
+def four_bit_config(quant_type: str = "nf4", double_quant: bool = False, quant_storage: str | None = None,
+                    compute_dtype: torch.dtype = torch.bfloat16):
+    """bitsandbytes' 4-bit loading as TRL's ``get_quantization_config`` builds it (QLoRA)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_type=quant_type,
+                              bnb_4bit_use_double_quant=double_quant, bnb_4bit_quant_storage=quant_storage)
 
 
 def is_peft(model: torch.nn.Module) -> bool:

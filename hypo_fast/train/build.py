@@ -11,7 +11,7 @@ import datasets
 import torch
 
 from hypo_fast.models import FrozenReference, Policy, add_lora, load_causal_lm
-from hypo_fast.models.loading import DTYPES, known_model_type, load_errors, short_reason
+from hypo_fast.models.loading import DTYPES, four_bit_config, known_model_type, load_errors, short_reason
 from hypo_fast.train.config import ConfigError, TrainConfig
 from hypo_fast.train.data import PreferencePair, Prompt, Source
 from hypo_fast.train.fingerprint import Fingerprint
@@ -95,9 +95,17 @@ def load_policy(cfg: TrainConfig, device: torch.device) -> Policy:
             source = AutoConfig.for_model(model_type, **kwargs)
         except (ValueError, KeyError, TypeError) as err:
             raise ConfigError(f"model.config: {short_reason(err)}") from err
+    quantization = None
+    if m.load_in_4bit is not None:
+        if m.path is None:
+            raise ConfigError("model.load_in_4bit: needs model.path (a model built from model.config is not quantised)")
+        q = m.load_in_4bit
+        quantization = four_bit_config(q.quant_type, q.double_quant, q.quant_storage, compute_dtype=DTYPES[m.dtype])
     try:
         model = load_causal_lm(source, dtype=DTYPES[m.dtype], attn_implementation=m.attn_implementation,
-                               gradient_checkpointing=m.gradient_checkpointing, seed=m.init_seed).to(device)
+                               gradient_checkpointing=m.gradient_checkpointing, seed=m.init_seed,
+                               quantization_config=quantization)
+        model = model if quantization is not None else model.to(device)
     except load_errors() as err:  # a damaged or incomplete folder, an unknown architecture, offline
         raise ConfigError(f"model.path: cannot load a causal LM from {m.path or 'model.config'} "
                           f"({type(err).__name__}: {short_reason(err)})") from err
@@ -106,9 +114,11 @@ def load_policy(cfg: TrainConfig, device: torch.device) -> Policy:
     if m.lora is not None:
         try:
             model = add_lora(model, r=m.lora.r, alpha=m.lora.alpha, dropout=m.lora.dropout,
-                             target_modules=m.lora.target_modules)
+                             target_modules=m.lora.target_modules, use_dora=m.lora.use_dora,
+                             use_rslora=m.lora.use_rslora, modules_to_save=m.lora.modules_to_save)
         except ValueError as err:
-            raise ConfigError(f"model.lora.target_modules: {err}") from err
+            key = "modules_to_save" if str(err).startswith("modules_to_save") else "target_modules"
+            raise ConfigError(f"model.lora.{key}: {err}") from err
     else:
         reference = FrozenReference.copy_of(model, device=m.reference_device)
     model.train()
@@ -138,7 +148,7 @@ def load_datasets(cfg: TrainConfig, tokenizer, report: bool) -> Datasets:
     cache = Path(d.cache_dir) if d.cache_dir else Path(datasets.config.HF_DATASETS_CACHE) / "hypo_fast"
 
     def pairs_of(spec, split, split_key="data.split"):
-        source = Source(spec, split, split_key)
+        source = Source(spec, split, split_key, d.data_files if spec == d.train_file else None)
         loaded, stats = load_pairs(source, tokenizer, d, cache)
         _report(source.name + (f" [{split}]" if split else ""), stats, report)
         return loaded

@@ -25,10 +25,12 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 
 from hypo_fast.models.loading import is_peft
 from hypo_fast.train.errors import UserError
 from hypo_fast.train.fingerprint import Fingerprint
+from hypo_fast.train.model_card import model_card
 
 log = logging.getLogger("hypo_fast")
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -114,7 +116,8 @@ def _save_hf_model(model: torch.nn.Module, tokenizer, folder: Path, rank: int) -
 
     params = [p for p in model.parameters() if hasattr(p, "ds_id")]
     if is_peft(model):  # adapters are small: gather only those
-        params = [p for n, p in model.named_parameters() if hasattr(p, "ds_id") and "lora_" in n]
+        params = [p for n, p in model.named_parameters()  # the adapter's own: LoRA and modules_to_save copies
+                  if hasattr(p, "ds_id") and ("lora_" in n or "modules_to_save" in n)]
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None) if params else contextlib.nullcontext():
         if rank == 0:
             state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if params else None
@@ -146,6 +149,7 @@ def save_checkpoint(out_dir: Path, step: int, engine, model, tokenizer, trainer_
     torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
     if rank == 0:
         (tmp / "config.yaml").write_text(config_yaml)
+        (tmp / "README.md").write_text(model_card(yaml.safe_load(config_yaml) or {}, step))  # not PEFT's template
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
     dist.barrier()
     if rank == 0:

@@ -37,6 +37,16 @@ class LoraConfig:
     alpha: int = 32
     dropout: float = 0.0
     target_modules: tuple[str, ...] | None = DEFAULT_LORA_TARGETS  # None: PEFT's choice for the architecture
+    use_dora: bool = False  # weight-decomposed LoRA (PEFT's use_dora)
+    use_rslora: bool = False  # rank-stabilised scaling alpha/sqrt(r) (PEFT's use_rslora)
+    modules_to_save: tuple[str, ...] | None = None  # modules trained in full beside the adapters (e.g. lm_head)
+
+
+@dataclass(frozen=True)
+class FourBitConfig:  # QLoRA: the base weights loaded in 4 bits by bitsandbytes (CUDA only)
+    quant_type: str = "nf4"  # nf4 | fp4
+    double_quant: bool = False  # TRL's use_bnb_nested_quant
+    quant_storage: str | None = None  # e.g. uint8, bfloat16
 
 
 @dataclass(frozen=True)
@@ -48,6 +58,7 @@ class ModelConfig:
     attn_implementation: str = "auto"
     gradient_checkpointing: bool = False
     lora: LoraConfig | None = None
+    load_in_4bit: FourBitConfig | None = None  # needs model.lora, a CUDA GPU and bitsandbytes
     reference_device: str | None = None  # full fine-tuning: keep the frozen reference here (e.g. "cpu")
     init_seed: int = 0
 
@@ -65,6 +76,7 @@ class OptimConfig:
     lr: float = 5e-7
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8  # AdamW's epsilon (TRL's adam_epsilon)
     max_steps: int | None = None  # optimizer steps; None: num_epochs over the training pairs
     num_epochs: float = 1.0  # used when max_steps is None
     pairs_per_micro_batch: int = 2  # per rank
@@ -82,11 +94,13 @@ class DeepSpeedSettings:
     offload_optimizer: bool = False
     offload_params: bool = False
     config_file: str | None = None  # a user DeepSpeed JSON whose keys override the generated ones
+    config: dict | None = None  # the same, inline (TRL's `deepspeed:` mapping); applied after config_file
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     every: int = 0  # steps; 0 = only at the end
+    strategy: str = "steps"  # steps: every `every` steps | epoch: after each pass over the training pairs
     kl_prompts: int = 16
     kl_samples: int = 2
     reward: str | None = None  # "module:function" (prompts, responses) -> floats, or a local HF classifier folder
@@ -96,6 +110,8 @@ class EvalConfig:
 class OutputConfig:
     dir: str = "runs/hypo"
     save_every: int = 0  # steps; 0 = only at the end
+    save_strategy: str = "steps"  # steps: every `save_every` steps | epoch: after each pass over the pairs
+    run_name: str | None = None  # the W&B / MLflow run's name (default: the output folder's name)
     keep_last: int = 2
     log_every: int = 1
     resume: str = "auto"  # auto: continue the run in dir if its config and data match | never | a checkpoint folder
@@ -216,19 +232,26 @@ def _parse_override(item: str) -> tuple[str, Any]:
 
 def config_from_dict(data: dict, overrides: list[str] = ()) -> TrainConfig:
     """The validated tree from hypo_fast's sections, or from a TRL-style flat config (TRL's names, with
-    TRL's defaults for what it leaves out); ``overrides`` are ``key=value`` in either naming."""
+    TRL's defaults for what it leaves out); ``overrides`` are ``key=value`` in either naming: a dotted key
+    sets that setting, a flat (TRL) name is read as if the file held it."""
 
     tree = _plain(data or {})
+    parsed = [_parse_override(item) for item in overrides]
+    flat_overrides = {k: v for k, v in parsed if "." not in k and not trl_names.is_section(k, v)}
     if trl_names.is_trl_style(tree):
-        dotted, notes = trl_names.translate(tree)
-        tree = {k: v for k, v in tree.items() if k in trl_names.SECTIONS}
-        for key, value in dotted.items():
+        dotted, notes = trl_names.translate({**tree, **flat_overrides})
+    elif flat_overrides:  # TRL names over a hypo_fast config: no TRL defaults for the rest
+        dotted, notes = trl_names.translate(flat_overrides, defaults=False)
+    else:
+        dotted, notes = {}, []
+    tree = {k: v for k, v in tree.items() if trl_names.is_section(k, v)}
+    for key, value in dotted.items():
+        _set_dotted(tree, key, value)
+    for note in notes:
+        log.warning(note)
+    for key, value in parsed:
+        if "." in key or trl_names.is_section(key, value):
             _set_dotted(tree, key, value)
-        for note in notes:
-            log.warning(note)
-    for item in overrides:
-        key, value = _parse_override(item)
-        _set_dotted(tree, trl_names.NAMES.get(key, key) if "." not in key else key, value)
     cfg = _build(TrainConfig, tree)
     validate(cfg)
     return cfg
@@ -301,6 +324,11 @@ def validate(cfg: TrainConfig) -> None:
     _require(not z.offload_params or z.zero_stage == 3, "deepspeed.offload_params", "needs zero_stage 3")
     _require(not z.offload_optimizer or z.zero_stage >= 1, "deepspeed.offload_optimizer", "needs zero_stage ≥ 1")
     _require(e.every >= 0 and e.kl_prompts >= 0 and e.kl_samples >= 1, "eval", "every/kl_prompts ≥ 0, kl_samples ≥ 1")
+    _require(e.strategy in ("steps", "epoch"), "eval.strategy", f"must be steps or epoch, got {e.strategy!r}")
+    _require(out.save_strategy in ("steps", "epoch"), "output.save_strategy",
+             f"must be steps or epoch, got {out.save_strategy!r}")
+    _require(o.eps > 0, "optim.eps", "must be positive")
+    _validate_four_bit(m)
     _require(out.keep_last >= 1, "output.keep_last", "must be ≥ 1")
     unknown = sorted(set(out.report_to) - set(REPORTERS))
     _require(not unknown, "output.report_to", f"unknown {unknown} (known: {', '.join(REPORTERS)})")
@@ -310,3 +338,17 @@ def validate(cfg: TrainConfig) -> None:
              "float16 needs a CUDA GPU (on CPU use float32 or bfloat16)")
     _require(z.config_file is None or Path(z.config_file).is_file(), "deepspeed.config_file",
              f"{z.config_file}: no such file")
+
+
+def _validate_four_bit(m: ModelConfig) -> None:
+    """QLoRA as TRL runs it: 4-bit base weights under LoRA adapters, on CUDA with bitsandbytes."""
+    if m.load_in_4bit is None:
+        return
+    import importlib.util
+
+    _require(m.lora is not None, "model.load_in_4bit", "trains LoRA adapters only: set model.lora (TRL: use_peft)")
+    _require(m.load_in_4bit.quant_type in ("nf4", "fp4"), "model.load_in_4bit.quant_type", "must be nf4 or fp4")
+    _require(torch.cuda.is_available(), "model.load_in_4bit",
+             "needs a CUDA GPU (bitsandbytes' 4-bit layers do not run here: no CUDA device)")
+    _require(importlib.util.find_spec("bitsandbytes") is not None, "model.load_in_4bit",
+             "needs the bitsandbytes package (pip install bitsandbytes)")

@@ -3,10 +3,13 @@
 Formats (TRL's): *standard* rows ``{"prompt": str, "chosen": str, "rejected": str}``, *conversational* rows
 whose fields are lists of ``{"role", "content"}`` messages, and the *implicit-prompt* form (only
 ``chosen``/``rejected``, sharing the prompt). Prompt-only sets need just ``prompt``. Sources: ``.jsonl``,
-``.json`` (a list of rows), ``.parquet``, a folder written by ``Dataset.save_to_disk`` or
-``DatasetDict.save_to_disk`` (with ``data.split``), or a Hub dataset name, which ``datasets`` resolves
-itself when online. A file or a saved single ``Dataset`` has one split (``datasets`` calls a file's
-``train``): a ``data.split`` that names another is an error, never silently ignored. Files are only read. Turning rows into token ids is :mod:`hypo_fast.train.tokenization`.
+``.json`` (a list of rows), ``.parquet``, ``.csv``, a folder written by ``Dataset.save_to_disk`` or
+``DatasetDict.save_to_disk`` (with ``data.split``), a folder of data files read as ``datasets.load_dataset``
+reads it (json/jsonl/csv/parquet; splits from the file names, e.g. ``train.jsonl`` and ``test.jsonl``, or
+from ``data.data_files``), or a Hub dataset name, which ``datasets`` resolves itself when online. A file or
+a saved single ``Dataset`` has one split (``datasets`` calls a file's ``train``): a ``data.split`` that
+names another is an error, never silently ignored. Files are only read. Turning rows into token ids is
+:mod:`hypo_fast.train.tokenization`.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -33,6 +36,7 @@ class DataConfig:
 
     train_file: str | None = None  # JSONL / JSON / Parquet file, a saved `datasets` folder, or a Hub dataset name
     split: str | None = None  # the split of a saved DatasetDict or Hub dataset (default: train)
+    data_files: Any = None  # a folder's files per split, as datasets.load_dataset takes them ({train: a.jsonl, …})
     eval_file: str | None = None
     eval_split: str | None = None  # held-out pairs from this split of train_file's dataset
     prompt_file: str | None = None  # prompt-only set for online sampling (default: the train prompts)
@@ -128,18 +132,18 @@ class Source:
     instead of failing the whole file; everything else is read by ``datasets``.
     """
 
-    def __init__(self, spec: str | Path, split: str | None = None, split_key: str = "data.split"):
-        self.name, self.split, self.split_key = str(spec), split, split_key
+    def __init__(self, spec: str | Path, split: str | None = None, split_key: str = "data.split", data_files=None):
+        self.name, self.split, self.split_key, self.data_files = str(spec), split, split_key, data_files
         self.path = Path(spec)
         self._dataset = None
         if not self.path.exists() and not _looks_like_hub_name(self.name):
             raise DataError(f"{spec}: no such file or folder")
-        if self.is_lines or self.path.suffix == ".parquet":
+        if self.is_lines or self.path.suffix in (".parquet", ".csv"):
             check_single_split(split, "train", split_key, self.name)
 
     @property
     def is_lines(self) -> bool:
-        return self.path.is_file() and self.path.suffix != ".parquet"
+        return self.path.is_file() and self.path.suffix not in (".parquet", ".csv")
 
     def fingerprint(self) -> str:
         if self.path.is_file():
@@ -148,8 +152,8 @@ class Source:
 
     def dataset(self):
         if self._dataset is None:
-            self._dataset = self._lines() if self.is_lines else _read_dataset(self.path, self.name, self.split,
-                                                                              self.split_key)
+            self._dataset = self._lines() if self.is_lines else \
+                _read_dataset(self.path, self.name, self.split, self.split_key, self.data_files)
         return self._dataset
 
     def _lines(self):
@@ -187,7 +191,34 @@ def check_single_split(split: str | None, own: str, split_key: str, name: str) -
                         f"unset {split_key} or name a source that has the split")
 
 
-def _read_dataset(path: Path, name: str, split: str | None, split_key: str = "data.split"):
+DATA_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+
+
+def is_data_folder(path: Path) -> bool:
+    """A folder of data files (not a ``save_to_disk`` folder): what ``datasets.load_dataset(folder)`` reads."""
+    return path.is_dir() and any(p.suffix in DATA_FILE_SUFFIXES and p.is_file() for p in path.rglob("*"))
+
+
+def _read_folder(path: Path, name: str, split: str | None, data_files):
+    """One split of a folder of data files, read as ``datasets.load_dataset(folder, data_files=...)`` reads
+    it: splits come from the file names (``train.jsonl``, ``test.jsonl``, ``data/train-*.parquet``, …) or
+    from ``data_files``; a split the folder lacks is an error naming the ones it has."""
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(str(path), data_files=data_files)
+    except Exception as err:  # mixed formats, a damaged file, files that match no split
+        raise DataError(f"{name}: cannot be read as a folder of data files ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''})") from err
+    chosen = split or "train"
+    if chosen not in loaded:
+        raise DataError(f"{name}: the folder's splits are {sorted(loaded)} (from its file names or data_files); "
+                        f"there is no split {chosen!r} (set data.split / data.eval_split, TRL's dataset_train_split "
+                        "/ dataset_test_split, to one of them)")
+    return loaded[chosen]
+
+
+def _read_dataset(path: Path, name: str, split: str | None, split_key: str = "data.split", data_files=None):
     import datasets
 
     try:
@@ -198,8 +229,14 @@ def _read_dataset(path: Path, name: str, split: str | None, split_key: str = "da
 
             pyarrow.parquet.read_metadata(path)  # a damaged file fails here, before datasets logs about it
             return datasets.Dataset.from_parquet(str(path))
-        if not any((path / n).exists() for n in ("dataset_info.json", "state.json", "dataset_dict.json")):
-            raise DataError(f"{path}: a folder, but not a dataset saved with datasets' save_to_disk")
+        if path.suffix == ".csv":
+            return datasets.Dataset.from_csv(str(path))
+        saved = any((path / n).exists() for n in ("dataset_info.json", "state.json", "dataset_dict.json"))
+        if not saved and is_data_folder(path):
+            return _read_folder(path, name, split, data_files)
+        if not saved:
+            raise DataError(f"{path}: a folder, but not a dataset saved with datasets' save_to_disk, nor a folder "
+                            f"of data files ({', '.join(DATA_FILE_SUFFIXES)})")
         loaded = datasets.load_from_disk(str(path))
     except DataError:
         raise

@@ -14,6 +14,8 @@ from hypo_fast.train.config import TrainConfig
 def _merge(base: dict, override: dict) -> dict:
     out = dict(base)
     for key, value in override.items():
+        if value == "auto":  # Hugging Face's placeholder: the generated value stands
+            continue
         out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
@@ -42,12 +44,20 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
     }
     if z.config_file:
         ds = _merge(ds, json.loads(Path(z.config_file).read_text()))
+    if z.config:
+        ds = _merge(ds, z.config)
     return ds
 
 
 def warmup_steps(warmup: float, total: int) -> int:
     """An integer counts steps; a fraction below 1 is a share of the run (``transformers``' rule)."""
     return math.ceil(warmup * total) if 0 < warmup < 1 else int(warmup)
+
+
+def make_optimizer(module: torch.nn.Module, o) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters with ``optim``'s lr, betas, eps (TRL's ``adam_epsilon``) and decay."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
 
 
 def build_engine(module: torch.nn.Module, cfg: TrainConfig, world_size: int, total_steps: int):
@@ -57,8 +67,7 @@ def build_engine(module: torch.nn.Module, cfg: TrainConfig, world_size: int, tot
     from transformers import get_scheduler
 
     o = cfg.optim
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    optimizer = make_optimizer(module, o)
     scheduler = get_scheduler(o.scheduler, optimizer, num_warmup_steps=warmup_steps(o.warmup_steps, total_steps),
                               num_training_steps=total_steps, scheduler_specific_kwargs=o.scheduler_kwargs)
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,

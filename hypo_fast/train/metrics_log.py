@@ -25,6 +25,10 @@ def peak_memory_mb() -> float:
 class MetricsLog:
     """``metrics.jsonl`` always, plus the reporters of ``output.report_to``: TensorBoard, W&B, MLflow.
 
+    Names are TRL's: ``metrics.jsonl`` and MLflow hold them as TRL's log history does (``loss``,
+    ``rewards/chosen``, evaluation's under ``eval/``); TensorBoard and W&B get them as Hugging Face's Trainer
+    writes them there (``train/loss``, ``train/rewards/chosen``, ``eval/rewards/chosen``).
+
     A reporter whose package is missing is a clear error at start (not a silent gap in the logs). A resumed
     leg replays the steps after its checkpoint, so TensorBoard drops their old events (``purge_step``) and
     W&B / MLflow runs resume under the run folder's id.
@@ -83,6 +87,13 @@ def _require(package: str, reporter: str):
         raise UserError(f"output.report_to: {reporter} needs the {package} package (pip install {package})") from err
 
 
+def trainer_names(scalars: dict) -> dict:
+    """The names Hugging Face's Trainer (and so TRL) gives its TensorBoard and W&B scalars: ``train/loss``,
+    ``train/rewards/chosen``, …; evaluation's ``eval/…`` as they are (its ``rewrite_logs``), so runs of the
+    CLI and of the TRL integration overlay in one dashboard."""
+    return {k if k.startswith("eval/") else f"train/{k}": v for k, v in scalars.items()}
+
+
 class TensorBoardWriter:
     def __init__(self, out: Path, start_step: int, config: dict):
         _require("tensorboard", "tensorboard")
@@ -91,7 +102,7 @@ class TensorBoardWriter:
         self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1 if start_step else None)
 
     def log(self, step: int, scalars: dict) -> None:
-        for key, value in scalars.items():
+        for key, value in trainer_names(scalars).items():
             self.writer.add_scalar(key, value, step)
 
     def close(self) -> None:
@@ -106,10 +117,10 @@ class WandbWriter:
         id_file = out / "wandb_run_id"
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
         id_file.write_text(run_id)
-        self.run = self.wandb.init(id=run_id, resume="allow", dir=str(out), name=out.name, config=config)
+        self.run = self.wandb.init(id=run_id, resume="allow", dir=str(out), name=_run_name(out, config), config=config)
 
     def log(self, step: int, scalars: dict) -> None:
-        self.run.log(scalars, step=step)
+        self.run.log(trainer_names(scalars), step=step)
 
     def close(self) -> None:
         self.run.finish()
@@ -129,7 +140,7 @@ class MlflowWriter:
         if id_file.exists():
             self.run = self.mlflow.start_run(run_id=id_file.read_text().strip())
         else:
-            self.run = self.mlflow.start_run(run_name=out.name)
+            self.run = self.mlflow.start_run(run_name=_run_name(out, config))
             id_file.write_text(self.run.info.run_id)
             flat = {k: str(v)[:250] for k, v in _flatten(config).items()}
             self.mlflow.log_params(flat)
@@ -141,6 +152,11 @@ class MlflowWriter:
 
     def close(self) -> None:
         self.mlflow.end_run()
+
+
+def _run_name(out: Path, config: dict) -> str:
+    """``output.run_name`` (TRL's run_name), else the run folder's name."""
+    return (config.get("output") or {}).get("run_name") or out.name
 
 
 def local_mlflow_uri(out: Path) -> str:

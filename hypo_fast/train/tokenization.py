@@ -3,16 +3,20 @@
 Per row (standard rows hold strings, conversational rows lists of ``{"role", "content"}`` messages):
 
 * **implicit prompt**: a row without ``prompt`` gets the longest common prefix of ``chosen`` and
-  ``rejected`` (characters or whole messages; a trailing space stays with the completions);
+  ``rejected`` (characters or whole messages; where they differ after a space, the space starts the
+  completions; where one is a prefix of the other, its last element is the completion and the prompt keeps
+  any space before it, as TRL's ``extract_prompt`` does);
 * **standard rows**: the EOS string is appended to each completion that does not already end with it;
   ``prompt`` and ``prompt + completion`` are tokenized with the tokenizer's special tokens (so BOS comes
   once, from the tokenizer);
 * **conversational rows**: ``apply_chat_template(tokenize=True)`` renders the prompt (with the generation
-  prompt) and the prompt + completion; BOS comes only from the template, and no EOS is appended (the
+  prompt) and the prompt + completion, with the row's own ``tools`` (a list, or its JSON text) and
+  ``chat_template_kwargs`` (e.g. ``enable_thinking: false``); BOS comes only from the template, and no EOS is appended (the
   template ends the turn). ``data.eos: ensure`` (not TRL's behaviour) appends EOS to any completion that
   holds none, for templates whose turns end without one (a turn ending "EOS + newline" is left alone);
 * **split**: the prompt is the tokens the prompt shares with both full sequences; the rest are the
-  completions (so a template that re-tokenizes across the boundary is split where TRL splits it);
+  completions (so a template that re-tokenizes across the boundary is split where TRL splits it); a prompt
+  end left out that way is warned about once per data set, with the number of rows, as TRL warns;
 * **truncation** (TRL's ``keep_start``): each prompt + completion is cut to ``max_length`` tokens at the
   end of the completion; a row whose prompt alone fills ``max_length`` is dropped. ``max_prompt_length``
   (TRL ≤ 0.27's name) additionally cuts long prompts, keeping BOS and the prompt's end.
@@ -48,9 +52,13 @@ def implicit_prompt(row: dict, where: str) -> dict:
     """Split ``chosen``/``rejected`` that both start with the prompt into ``prompt`` + completions."""
     chosen, rejected = row["chosen"], row["rejected"]
     shorter = min(len(chosen), len(rejected))
-    shared = next((i for i in range(shorter) if chosen[i] != rejected[i]), shorter - 1)  # ≥ 1 element left each
-    if isinstance(chosen, str) and shared > 0 and chosen[shared - 1] == " ":
-        shared -= 1  # the separating space starts the completions
+    differ = next((i for i in range(shorter) if chosen[i] != rejected[i]), None)
+    if differ is None:  # one is a prefix of the other: its last element is the completion (TRL's rule)
+        shared = shorter - 1
+    else:
+        shared = differ
+        if isinstance(chosen, str) and shared > 0 and chosen[shared - 1] == " ":
+            shared -= 1  # the separating space starts the completions
     if shared <= 0:
         raise DataError(f"{where}: no 'prompt' field, and chosen and rejected share no prefix to take as one")
     return {**row, "prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
@@ -83,12 +91,27 @@ def _shared_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def _template_kwargs(row: dict, where: str) -> dict:
+    """The row's ``tools`` (a list, or its JSON text) and ``chat_template_kwargs``, as TRL passes them."""
+    tools = row.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: field 'tools' is not valid JSON ({err.msg})") from err
+    extra = row.get("chat_template_kwargs") or {}
+    if not isinstance(extra, dict):
+        raise DataError(f"{where}: field 'chat_template_kwargs' must be a mapping, got {type(extra).__name__}")
+    return {"tools": tools, **extra}
+
+
 class RowTokenizer:
     """Tokenizes one row the TRL way (see the module docstring); raises :class:`DataError` naming it."""
 
     def __init__(self, tokenizer, settings: DataConfig):
         self.tok, self.settings = tokenizer, settings
         self.eos_id, self.eos_text = tokenizer.eos_token_id, tokenizer.eos_token
+        self.left_out = ""  # the prompt end the last pair() left out of its sequences (see the module docstring)
 
     def _template(self, messages, where: str, **kwargs) -> list[int]:
         if getattr(self.tok, "chat_template", None) is None:
@@ -119,10 +142,12 @@ class RowTokenizer:
                     for c in (row["chosen"], row["rejected"])]
             full = [self._text(row["prompt"] + c) for c in ends]
         else:
-            prompt = self._template(row["prompt"], where, add_generation_prompt=True)
-            full = [self._template(row["prompt"] + row[k], where) for k in ("chosen", "rejected")]
+            extra = _template_kwargs(row, where)
+            prompt = self._template(row["prompt"], where, add_generation_prompt=True, **extra)
+            full = [self._template(row["prompt"] + row[k], where, **extra) for k in ("chosen", "rejected")]
             text = self.tok.decode(prompt)
         n = min(_shared_prefix(prompt, f) for f in full)
+        self.left_out = self.tok.decode(prompt[n:]) if n < len(prompt) else ""
         chosen, rejected = (f[n:] for f in full)
         if self.settings.eos == "ensure" and self.eos_id is not None:
             chosen, rejected = (c if self.eos_id in c else c + [self.eos_id] for c in (chosen, rejected))
@@ -138,9 +163,11 @@ class RowTokenizer:
 
 
 def _tokenize_pairs(example, index, *, row_tokenizer: RowTokenizer, source: Source):
-    where, out = source.where(example, index), {"error": "", "prompt_cut": False, "completion_cut": False}
+    where = source.where(example, index)
+    out = {"error": "", "prompt_cut": False, "completion_cut": False, "left_out": ""}
     try:
         prompt, chosen, rejected, text = row_tokenizer.pair(source.row(example, where), where)
+        out["left_out"] = row_tokenizer.left_out
         if not chosen or not rejected:
             raise DataError(f"{where}: a completion renders to no tokens")
         prompt, out["prompt_cut"] = row_tokenizer.truncate_prompt(prompt)
@@ -226,10 +253,22 @@ def load_pairs(source: Source | str | Path, tokenizer, settings: DataConfig = Da
         stats.responses_truncated += completion_cut
         if not dropped:
             pairs.append(PreferencePair(tuple(prompt), tuple(chosen), tuple(rejected), text))
+    _warn_left_out(source.name, columns["left_out"])
     if not pairs:
         raise DataError(f"{source.name}: no usable preference pairs ({stats.rows} rows, {stats.bad_rows} bad, "
                         f"{stats.dropped} whose prompt fills max_length)")
     return pairs, stats
+
+
+def _warn_left_out(name: str, left_out: list[str]) -> None:
+    tails = [t for t in left_out if t]
+    if tails:
+        log.warning("%s: in %d of %d rows the tokenized prompt is not a prefix of the tokenized prompt + completion "
+                    "(the chat template renders the prompt alone differently, or tokens merge across the boundary); "
+                    "the completion starts where they diverge, and this end of the prompt is left out of the training "
+                    "sequence, as TRL does (first: %r). Train and inference contexts then differ: use a template that "
+                    "renders the prompt the same way in both, or end prompts on a token boundary.",
+                    name, len(tails), len(left_out), tails[0])
 
 
 def load_prompts(source: Source | str | Path, tokenizer, settings: DataConfig = DataConfig(),

@@ -127,6 +127,17 @@ class Trainer:
         global_batch = o.pairs_per_micro_batch * o.gradient_accumulation_steps * self.world
         return max(1, math.ceil(o.num_epochs * len(self.train_pairs) / global_batch))
 
+    def _steps_per_epoch(self) -> int:
+        o = self.cfg.optim
+        return max(1, math.ceil(len(self.train_pairs) / (o.pairs_per_micro_batch * o.gradient_accumulation_steps
+                                                         * self.world)))
+
+    def _due(self, every: int, strategy: str) -> bool:
+        """Whether this step ends a period: every ``every`` steps, or (``epoch``) each pass over the pairs."""
+        if strategy == "epoch":
+            return self.step % self._steps_per_epoch() == 0
+        return bool(every) and self.step % every == 0
+
     def _claim_run_folder(self, data: dict) -> run_folder.Start:
         """Whether this start continues the folder's run, starts over, or must refuse (every rank decides
         from the same files before rank 0 writes anything)."""
@@ -332,16 +343,17 @@ class Trainer:
         history = []
         try:
             with StopRequests() as stop, self._timeouts_named():
-                if self.cfg.eval.every and self.step == 0:  # the starting point (= the reference)
+                evaluating = bool(self.cfg.eval.every) or self.cfg.eval.strategy == "epoch"
+                if evaluating and self.step == 0:  # the starting point (= the reference)
                     history.append(self._evaluate_and_log(logger))
                 while self.step < max_steps:
                     metrics = self.train_step()
                     if self.step % o.log_every == 0 or self.step == max_steps:
                         logger.log(self.step, metrics)
                     history.append({"step": self.step, **metrics})
-                    if self.cfg.eval.every and self.step % self.cfg.eval.every == 0 and self.step < max_steps:
+                    if self._due(self.cfg.eval.every, self.cfg.eval.strategy) and self.step < max_steps:
                         history.append(self._evaluate_and_log(logger))
-                    if o.save_every and self.step % o.save_every == 0:
+                    if self._due(o.save_every, o.save_strategy):
                         self.save()
                     self.phase = "the stop-signal check"
                     if stop.requested(self.device):

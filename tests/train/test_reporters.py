@@ -19,6 +19,7 @@ def test_wandb_and_mlflow_receive_every_step(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = toy_config(tmp_path, "run", steps=3)
     cfg["output"]["report_to"] = ["tensorboard", "wandb", "mlflow"]
+    cfg["output"]["run_name"] = "named-run"  # TRL's run_name
     Trainer(config_from_dict(cfg)).train()
     out = tmp_path / "run"
     rows = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
@@ -30,6 +31,7 @@ def test_wandb_and_mlflow_receive_every_step(tmp_path, monkeypatch):
     history = client.get_metric_history(run_id, "loss")
     assert [(m.step, m.value) for m in history] == [(r["step"], pytest.approx(r["loss"])) for r in rows]
     assert client.get_run(run_id).data.params["algorithm.beta"] == "0.1"
+    assert client.get_run(run_id).info.run_name == "named-run"
 
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))

@@ -60,7 +60,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(tmp_path / "killed" / "tensorboard")).Reload()
-    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4, 5, 6]
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
     a, b = _last_per_step(tmp_path / "straight" / "metrics.jsonl"), _last_per_step(metrics)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
     for step in a:

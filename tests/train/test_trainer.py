@@ -127,6 +127,25 @@ def test_tensorboard_events_are_written(tmp_path):
     assert list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_tensorboard_names_are_those_of_hf_trainer_and_trl(tmp_path):
+    """TRL's integration logs through HF's Trainer, whose TensorBoard/W&B callbacks rename its log history
+    (``loss``, ``eval_rewards/chosen``) with ``rewrite_logs``: the CLI's scalars carry the same names."""
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers.integrations.integration_utils import rewrite_logs
+
+    cfg = toy_config(tmp_path, "tb", steps=2, eval={"every": 1})
+    cfg["output"]["report_to"] = ["tensorboard"]
+    Trainer(config_from_dict(cfg)).train()
+    rows = [json.loads(line) for line in (tmp_path / "tb" / "metrics.jsonl").read_text().splitlines()]
+    history = {(k.replace("eval/", "eval_", 1) if k.startswith("eval/") else k): v  # HF's log-history names
+               for row in rows for k, v in row.items() if k != "step"}
+    tags = set(EventAccumulator(str(tmp_path / "tb" / "tensorboard")).Reload().Tags()["scalars"])
+    assert tags == set(rewrite_logs(history))
+    assert {"train/loss", "train/rewards/chosen", "train/learning_rate", "eval/rewards/chosen"} <= tags
+
+
 def test_the_schedule_is_transformers_get_scheduler(tmp_path):
     """Warm-up as Hugging Face's: the first update runs at lr·0; the logged rate is the one each step used."""
     import torch
