@@ -100,11 +100,11 @@ def head_grads_tile(
     BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, H_GRAD: tl.constexpr, W_GRAD: tl.constexpr,
     B_GRAD: tl.constexpr, DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Add one ``[BLOCK_N, BLOCK_V]`` tile ``dz`` of gradients with respect to the logits before the 1/τ
-    (fp32; rows and columns outside ``row_ok``/``v_ok`` are dropped here, 1/τ is applied here) into
-    ``dh += dz·W``, ``dW += dzᵀ·h`` and ``db += Σ_n dz`` with relaxed atomics (the sums need no ordering
-    with other memory traffic; acq_rel, Triton's default, puts GPU-wide fences and L1 invalidations around
-    every one of them). ``dh``/``db`` are fp32, ``dW`` fp32 or the weight dtype.
+    """Add one ``[BLOCK_N, BLOCK_V]`` fp32 tile ``dz = ∂loss/∂z`` of the tempered logits ``z = (h Wᵀ + b)/τ``
+    into ``dh += dz·W/τ``, ``dW += dzᵀ·h/τ`` and ``db += Σ_n dz/τ``: the 1/τ and the mask (rows outside
+    ``row_ok``, columns outside ``v_ok`` dropped) are applied here. Relaxed atomics: the sums need no
+    ordering with other memory traffic (acq_rel, Triton's default, puts GPU-wide fences and L1
+    invalidations around every one of them). ``dh``/``db`` are fp32, ``dW`` fp32 or the weight dtype.
     """
     dz = tl.where(row_ok[:, None] & v_ok[None, :], dz * inv_temp, 0.0)
     if HAS_BIAS and B_GRAD:
