@@ -40,8 +40,8 @@ import triton.language as tl
 
 from .launch import Launch, check_inputs, device_arch, head_bwd_plan, head_fwd_plan, head_grads
 from .launch import row_order  # noqa: F401 -- callers plan the order once and pass it to both launches
-from .tiles import (head_grads_tile, logits_tile, no_rows, online_softmax_update, row_values, split_program,
-                    target_grad, tile_program)
+from .tiles import (head_grads_tile, logits_tile, no_rows, online_softmax_update, row_values, split_columns,
+                    split_program, target_grad, tile_columns, tile_program)
 
 
 @triton.jit
@@ -61,8 +61,7 @@ def _linear_logprobs_fwd_kernel(
     DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
 ):
-    rows, tgt, row_ok, split, v_begin, v_end = split_program(order_ptr, tgt_ptr, N, V, ignore_index, v_per_split,
-                                                             num_splits, BLOCK_N, GROUP_N)
+    rows, tgt, row_ok, split = split_program(order_ptr, tgt_ptr, N, ignore_index, num_splits, BLOCK_N, GROUP_N)
     if no_rows(row_ok):
         return  # every row ignored: no vocabulary FLOPs; the launcher zeroes these outputs
 
@@ -71,6 +70,7 @@ def _linear_logprobs_fwd_kernel(
     z_tgt = tl.zeros((BLOCK_N,), dtype=tl.float32)
     t = tl.zeros((BLOCK_N,), dtype=tl.float32)
     zsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    v_begin, v_end = split_columns(split, v_per_split, V)
     for v0 in range(v_begin, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         v_ok = offs_v < v_end
@@ -112,10 +112,11 @@ def _linear_logprobs_bwd_kernel(
     DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
 ):
-    rows, tgt, row_ok, offs_v, v_ok = tile_program(order_ptr, tgt_ptr, N, V, ignore_index, BLOCK_N, BLOCK_V, GROUP_N)
+    rows, tgt, row_ok, pid_v = tile_program(order_ptr, tgt_ptr, N, V, ignore_index, BLOCK_N, BLOCK_V, GROUP_N)
     if no_rows(row_ok):
         return
 
+    offs_v, v_ok = tile_columns(pid_v, V, BLOCK_V)
     z = logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, offs_v, v_ok, D, stride_hn, stride_wv,
                     inv_temp, BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, DOT_IN_FP32, DOT_PRECISION)
     lse = row_values(lse_ptr, rows, row_ok)

@@ -34,8 +34,8 @@ import triton
 import triton.language as tl
 
 from .launch import Launch, check_inputs, device_arch, head_bwd_plan, head_fwd_plan, head_grads
-from .tiles import (head_grads_tile, logits_tile, no_rows, online_softmax_update, row_values, split_program,
-                    target_grad, tile_program)
+from .tiles import (head_grads_tile, logits_tile, no_rows, online_softmax_update, row_values, split_columns,
+                    split_program, target_grad, tile_columns, tile_program)
 
 
 @triton.jit
@@ -60,8 +60,7 @@ def _linear_token_kl_fwd_kernel(
     DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
 ):
-    rows, tgt, row_ok, split, v_begin, v_end = split_program(order_ptr, tgt_ptr, N, V, ignore_index, v_per_split,
-                                                             num_splits, BLOCK_N, GROUP_N)
+    rows, tgt, row_ok, split = split_program(order_ptr, tgt_ptr, N, ignore_index, num_splits, BLOCK_N, GROUP_N)
     if no_rows(row_ok):
         return  # every row ignored: no vocabulary FLOPs; the launcher zeroes these outputs
 
@@ -72,6 +71,7 @@ def _linear_token_kl_fwd_kernel(
     s_r = tl.zeros((BLOCK_N,), dtype=tl.float32)
     z_tgt = tl.zeros((BLOCK_N,), dtype=tl.float32)
     r_tgt = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    v_begin, v_end = split_columns(split, v_per_split, V)
     for v0 in range(v_begin, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         v_ok = offs_v < v_end
@@ -126,10 +126,11 @@ def _linear_token_kl_bwd_kernel(
     DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
 ):
-    rows, tgt, row_ok, offs_v, v_ok = tile_program(order_ptr, tgt_ptr, N, V, ignore_index, BLOCK_N, BLOCK_V, GROUP_N)
+    rows, tgt, row_ok, pid_v = tile_program(order_ptr, tgt_ptr, N, V, ignore_index, BLOCK_N, BLOCK_V, GROUP_N)
     if no_rows(row_ok):
         return
 
+    offs_v, v_ok = tile_columns(pid_v, V, BLOCK_V)
     z = logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, offs_v, v_ok, D, stride_hn, stride_wv,
                     inv_temp, BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, DOT_IN_FP32, DOT_PRECISION)
     r = logits_tile(hr_ptr, wr_ptr, br_ptr, rows, row_ok, offs_v, v_ok, DR, stride_hrn, stride_wrv,

@@ -168,22 +168,35 @@ def row_values(ptr, rows, row_ok):
 
 
 @triton.jit
-def split_program(order_ptr, tgt_ptr, N, V, ignore_index, v_per_split, num_splits,
-                  BLOCK_N: tl.constexpr, GROUP_N: tl.constexpr):
+def split_program(order_ptr, tgt_ptr, N, ignore_index, num_splits, BLOCK_N: tl.constexpr, GROUP_N: tl.constexpr):
     """A split forward's program (token tile × vocabulary split): its rows, targets and scored mask
-    (:func:`rows_of_tile`), its split and the split's columns ``[v_begin, v_end)``."""
+    (:func:`rows_of_tile`) and its split. The split's columns: :func:`split_columns`, after the exit of
+    tiles with no scored row (:func:`no_rows`)."""
     pid_n, split = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), num_splits, GROUP_N)
     rows, tgt, row_ok = rows_of_tile(order_ptr, tgt_ptr, pid_n, N, ignore_index, BLOCK_N)
+    return rows, tgt, row_ok, split
+
+
+@triton.jit
+def split_columns(split, v_per_split, V):
+    """The columns ``[v_begin, v_end)`` of vocabulary split ``split``."""
     v_begin = split * v_per_split
-    return rows, tgt, row_ok, split, v_begin, tl.minimum(v_begin + v_per_split, V)
+    return v_begin, tl.minimum(v_begin + v_per_split, V)
 
 
 @triton.jit
 def tile_program(order_ptr, tgt_ptr, N, V, ignore_index,
                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, GROUP_N: tl.constexpr):
     """A backward's program (token tile × vocabulary tile): its rows, targets and scored mask
-    (:func:`rows_of_tile`), its columns and their mask."""
+    (:func:`rows_of_tile`) and its vocabulary tile. The tile's columns: :func:`tile_columns`, after the
+    exit of tiles with no scored row (:func:`no_rows`)."""
     pid_n, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP_N)
     rows, tgt, row_ok = rows_of_tile(order_ptr, tgt_ptr, pid_n, N, ignore_index, BLOCK_N)
+    return rows, tgt, row_ok, pid_v
+
+
+@triton.jit
+def tile_columns(pid_v, V, BLOCK_V: tl.constexpr):
+    """The columns of vocabulary tile ``pid_v`` and their mask."""
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    return rows, tgt, row_ok, offs_v, offs_v < V
+    return offs_v, offs_v < V
