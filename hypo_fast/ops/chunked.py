@@ -10,9 +10,11 @@ The same two-pass algorithm as the Triton kernels, one ``[N, chunk]`` logits blo
   ``dh += dz·W_c`` and ``dW_c += dzᵀ·h`` with two GEMMs; the true-class term ``+g`` is added once,
   outside the loop, as ``g ⊗ W[y]`` / ``index_add`` (exact, in fp32).
 
-Peak extra memory is ``O(N·chunk + N·D)`` plus the gradients, never ``O(N·V)``. Ignored rows are
-dropped before any vocabulary work. On CPU the GEMMs run in fp32 (faster than bf16 without AMX, and
-exact enough to be an oracle); on CUDA they run in the input dtype with fp32 statistics.
+Chunk widths follow ``kernels.launch.vocab_chunks`` (the native op's rule too), with this module's
+``DEFAULT_CHUNK_ELEMENTS`` and ``MIN_CHUNK``. Peak extra memory is ``O(N·chunk + N·D)`` plus the
+gradients, never ``O(N·V)``. Ignored rows are dropped before any vocabulary work. On CPU the GEMMs
+run in fp32 (faster than bf16 without AMX, and exact enough to be an oracle); on CUDA they run in the
+input dtype with fp32 statistics.
 
 ``linear_token_kl`` streams both heads' logits chunk by chunk: per row a running max and sum-exp of each
 (the same fold for both, so identical heads give exactly 0) and ``u = Σ e^(z−m)·(z − r)``; then
