@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from benchlib import REPO, PhasePeaks
+from model_shapes import SHAPES
 
 GB = 1024**3
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"
@@ -46,8 +47,6 @@ def cell_case(name: str, device: str = "cpu", malloc: str = "mmap") -> dict:
     mode, rest = name.split("-", 1)
     shape, seq = rest.rsplit("-", 1)
     seq = int(seq)
-    from memory_8b import SHAPES
-
     if shape not in SHAPES or mode not in ("lora", "full"):
         raise ValueError(f"unknown cell {name!r}: MODE-SHAPE-SEQ with MODE lora|full, SHAPE one of {sorted(SHAPES)}")
     prompt = seq // 2
@@ -67,7 +66,6 @@ def run_config(case: dict, folder: Path) -> dict:
     import random
 
     from hypo_fast.examples.toy import char_tokenizer
-    from memory_8b import SHAPES
 
     shape = SHAPES[case["shape"]]
     char_tokenizer(ALPHABET).save_pretrained(folder / "tok")

@@ -1,4 +1,5 @@
-"""Host-side pieces every Triton launcher shares: the per-arch tile table, input checks, launch records.
+"""Host-side pieces every Triton launcher shares: the per-arch tile table, input checks, the vocabulary
+split and chunk rules, the head kernels' shared launch plan (``HeadPlan``), launch records.
 
 ``TILES`` is the one table of tile configs. The launchers read it, and ``benchmarks/kernel_resources.py``
 compiles exactly what it holds (through the launchers' own ``*_launch`` functions) for sm_80, sm_90a and
@@ -7,6 +8,7 @@ sm_100a, so the registers, spills and MMA instructions it reports are those of r
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -79,22 +81,25 @@ TILES: dict[str, dict] = {
     },
 }
 
-# Sampling head (decode): the row tile follows the batch B; bucket → the largest B it serves.
-HEAD_ROW_TILES = (16, 32, 64, 128)
+def head_row_tiles(arch: int, precision_name: str) -> list[int]:
+    """The sampling head's row tiles on ``arch`` for a precision: the keys of its ``TILES`` column."""
+    return sorted(TILES["sample_head"][precision_name][arch])
 
 
 def head_row_buckets(arch: int) -> list[int]:
-    """Decode batch sizes B that select each distinct sampling-head row tile on ``arch`` (largest B each)."""
-    return list(HEAD_ROW_TILES)
+    """Decode batch sizes B that select each distinct sampling-head row tile on ``arch`` (largest B each):
+    the row tiles of the arch's ``TILES`` column, over all precisions."""
+    return sorted({b for name in TILES["sample_head"] for b in head_row_tiles(arch, name)})
 
 
 def head_tile(dtype: torch.dtype, arch: int | None, rows: int, allow_tf32: bool = False) -> TileConfig:
-    """The sampling head's config for a decode batch of ``rows``: the smallest row tile holding them all
-    (the largest tile beyond that)."""
+    """The sampling head's config for a decode batch of ``rows``: the smallest row tile of the arch's
+    column holding them all (the largest tile beyond that)."""
     if arch is None:
         return INTERPRETER_HEAD_TILE
-    table = TILES["sample_head"][precision(dtype, allow_tf32)][arch]
-    return table[next((b for b in HEAD_ROW_TILES if rows <= b), HEAD_ROW_TILES[-1])]
+    name = precision(dtype, allow_tf32)
+    tiles = head_row_tiles(arch, name)
+    return TILES["sample_head"][name][arch][next((b for b in tiles if rows <= b), tiles[-1])]
 
 
 # Interpreted runs (CPU tensors, TRITON_INTERPRET=1) are simulated on numpy: few, large program instances.
@@ -159,28 +164,104 @@ def weight_grad_dtype(dtype: torch.dtype, arch: int | None, fp32_weight_grad: bo
     return dtype
 
 
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def num_splits(n_tiles: int, v_tiles: int, device: torch.device, arch: int | None) -> int:
     """Vocabulary splits so that about two programs per SM run; 1 when interpreted."""
     if arch is None:
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else SM_COUNT[arch]
-    return max(1, min(v_tiles, -(-2 * sms // n_tiles)))
+    return max(1, min(v_tiles, cdiv(2 * sms, n_tiles)))
 
 
 def vocab_splits(n_rows: int, vocab: int, cfg: TileConfig, device: torch.device, arch: int | None,
                  splits: int | None = None) -> tuple[int, int, int]:
     """``(token tiles, vocabulary splits, columns per split)`` of a split forward (``splits``: None for
     :func:`num_splits`'s choice); every split holds at least one column."""
-    n_tiles, v_tiles = -(-n_rows // cfg.block_n), -(-vocab // cfg.block_v)
+    n_tiles, v_tiles = cdiv(n_rows, cfg.block_n), cdiv(vocab, cfg.block_v)
     splits = splits or num_splits(n_tiles, v_tiles, device, arch)
-    v_per_split = -(-v_tiles // splits) * cfg.block_v
-    return n_tiles, -(-vocab // v_per_split), v_per_split
+    v_per_split = cdiv(v_tiles, splits) * cfg.block_v
+    return n_tiles, cdiv(vocab, v_per_split), v_per_split
+
+
+def vocab_chunks(n_rows: int, vocab: int, chunk_elements: int, min_chunk: int) -> Iterator[tuple[int, int]]:
+    """Column ranges ``[lo, hi)`` of the PyTorch path's vocabulary chunks: about ``chunk_elements`` logits
+    for all ``n_rows`` rows, at least ``min_chunk`` columns, at most the vocabulary (the native op's
+    ``chunk_columns`` is this rule in C++)."""
+    width = min(vocab, max(min_chunk, chunk_elements // max(n_rows, 1)))
+    return ((lo, min(lo + width, vocab)) for lo in range(0, vocab, width))
+
+
+def row_order(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Row permutation [N] int64 with every non-ignored row first (stable, no host sync)."""
+    return torch.argsort((targets == ignore_index).to(torch.int8), stable=True)
 
 
 def tile_constexprs(cfg: TileConfig) -> dict:
     """A head kernel's tile constexprs and launch options."""
     return dict(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_N=cfg.group_n,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+@dataclass(frozen=True)
+class HeadPlan:
+    """What every head kernel's launch (``linear_logprobs``, ``linear_token_kl``) plans the same way: the grid,
+    the row order (ignored rows last) and the constexprs its kernel shares with the others (``HAS_BIAS``, the
+    dot flags, the tile; the backward's also ``H_GRAD``/``W_GRAD``/``B_GRAD``). The forward's vocabulary
+    split: ``splits`` programs per token tile, ``v_per_split`` columns each."""
+
+    grid: tuple[int]
+    order: torch.Tensor
+    constexprs: dict
+    splits: int = 1
+    v_per_split: int = 0
+
+    def partials(self, n_rows: int, device: torch.device, names: tuple[str, ...], **optional: bool) -> SimpleNamespace:
+        """The forward's ``[S, N]`` fp32 per-split outputs: one per name, and one per ``optional`` name whose
+        flag is set; an unset one aliases the first output (its kernel never writes it)."""
+        partial = lambda: torch.empty((self.splits, n_rows), device=device, dtype=torch.float32)  # noqa: E731
+        out = SimpleNamespace(**{name: partial() for name in names})
+        first = getattr(out, names[0])
+        for name, wanted in optional.items():
+            setattr(out, name, partial() if wanted else first)
+        return out
+
+
+def _head_constexprs(cfg: TileConfig, hidden: torch.Tensor, bias: torch.Tensor | None, arch: int | None,
+                     allow_tf32: bool) -> dict:
+    dot_in_fp32, dot_precision = dot_flags(hidden.dtype, arch, allow_tf32)
+    return dict(HAS_BIAS=bias is not None, DOT_IN_FP32=dot_in_fp32, DOT_PRECISION=dot_precision,
+                **tile_constexprs(cfg))
+
+
+def head_fwd_plan(kernel: str, hidden: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, vocab: int,
+                  *, arch: int | None, ignore_index: int, allow_tf32: bool, order: torch.Tensor | None,
+                  splits: int | None) -> HeadPlan:
+    """The shared plan of a split forward over (token tile × vocabulary split) for ``TILES[kernel]``."""
+    cfg = tile_config(kernel, hidden.dtype, arch, allow_tf32)
+    n_tiles, splits, v_per_split = vocab_splits(hidden.shape[0], vocab, cfg, hidden.device, arch, splits)
+    order = row_order(targets, ignore_index) if order is None else order
+    return HeadPlan((n_tiles * splits,), order, _head_constexprs(cfg, hidden, bias, arch, allow_tf32), splits,
+                    v_per_split)
+
+
+def head_bwd_plan(kernel: str, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  targets: torch.Tensor, *, arch: int | None, ignore_index: int, allow_tf32: bool,
+                  order: torch.Tensor | None, needs_grad: tuple[bool, bool, bool], fp32_weight_grad: bool,
+                  unused: torch.Tensor) -> tuple[HeadPlan, SimpleNamespace]:
+    """The shared plan of a backward over (token tile × vocabulary tile) for ``TILES[kernel]``, and its zeroed
+    accumulators (:func:`head_grad_buffers`, ``unused`` standing in for those not wanted)."""
+    (N, _), V = hidden.shape, weight.shape[0]
+    cfg = tile_config(kernel, hidden.dtype, arch, allow_tf32)
+    order = row_order(targets, ignore_index) if order is None else order
+    grads = head_grad_buffers(hidden, weight, bias, needs_grad, weight_grad_dtype(weight.dtype, arch, fp32_weight_grad),
+                              unused=unused)
+    want_h, want_w, want_b = grads.want
+    constexprs = dict(_head_constexprs(cfg, hidden, bias, arch, allow_tf32), H_GRAD=want_h, W_GRAD=want_w,
+                      B_GRAD=want_b)
+    return HeadPlan((cdiv(N, cfg.block_n) * cdiv(V, cfg.block_v),), order, constexprs), grads
 
 
 def head_grad_buffers(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

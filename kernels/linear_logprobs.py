@@ -1,4 +1,5 @@
-"""Triton kernels for fused linear log-probabilities (DESIGN.md §3, ``linear_logprobs``).
+"""Triton kernels for fused linear log-probabilities (``linear_logprobs``). Design notes (cost, why the
+gradient is not formed in the forward) and compiled-code facts: docs/kernels.md.
 
     logp[n] = z[n, y_n] - logsumexp_v z[n, v],   z = (h Wᵀ + b) / τ
 
@@ -22,6 +23,10 @@ compiles exactly those). fp32 inputs use exact fp32 (FMA) dots unless ``allow_tf
 ``TRITON_INTERPRET=1`` (CPU tensors) half-precision ``tl.dot`` operands are cast to fp32: the
 interpreter mis-computes bf16 dots (triton-lang/triton#11584).
 
+What both head kernels (this one and ``linear_token_kl``) do alike has one home: ``launch.head_fwd_plan`` /
+``head_bwd_plan`` (grid, row order, shared constexprs, accumulators) and ``tiles`` (program prologues,
+the gradient tile's atomics). This file holds what is particular to the log-probs.
+
 Layer 0: imports torch and triton only.
 """
 
@@ -33,9 +38,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import (Launch, check_inputs, device_arch, dot_flags, head_grad_buffers, head_grads, tile_config,
-                     tile_constexprs, vocab_splits, weight_grad_dtype)
-from .tiles import grouped_tile, head_grads_tile, logits_tile, online_softmax_update, rows_of_tile
+from .launch import Launch, check_inputs, device_arch, head_bwd_plan, head_fwd_plan, head_grads
+from .launch import row_order  # noqa: F401 -- callers plan the order once and pass it to both launches
+from .tiles import (head_grads_tile, logits_tile, no_rows, online_softmax_update, row_values, split_columns,
+                    split_program, target_grad, tile_columns, tile_program)
 
 
 @triton.jit
@@ -55,9 +61,8 @@ def _linear_logprobs_fwd_kernel(
     DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
 ):
-    pid_n, split = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), num_splits, GROUP_N)
-    rows, tgt, row_ok = rows_of_tile(order_ptr, tgt_ptr, pid_n, N, ignore_index, BLOCK_N)
-    if tl.max(row_ok.to(tl.int32), axis=0) == 0:
+    rows, tgt, row_ok, split = split_program(order_ptr, tgt_ptr, N, ignore_index, num_splits, BLOCK_N, GROUP_N)
+    if no_rows(row_ok):
         return  # every row ignored: no vocabulary FLOPs; the launcher zeroes these outputs
 
     m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
@@ -65,8 +70,7 @@ def _linear_logprobs_fwd_kernel(
     z_tgt = tl.zeros((BLOCK_N,), dtype=tl.float32)
     t = tl.zeros((BLOCK_N,), dtype=tl.float32)
     zsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    v_begin = split * v_per_split
-    v_end = tl.minimum(v_begin + v_per_split, V)
+    v_begin, v_end = split_columns(split, v_per_split, V)
     for v0 in range(v_begin, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         v_ok = offs_v < v_end
@@ -108,34 +112,24 @@ def _linear_logprobs_bwd_kernel(
     DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
 ):
-    pid_n, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP_N)
-    rows, tgt, row_ok = rows_of_tile(order_ptr, tgt_ptr, pid_n, N, ignore_index, BLOCK_N)
-    if tl.max(row_ok.to(tl.int32), axis=0) == 0:
+    rows, tgt, row_ok, pid_v = tile_program(order_ptr, tgt_ptr, N, V, ignore_index, BLOCK_N, BLOCK_V, GROUP_N)
+    if no_rows(row_ok):
         return
 
-    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    v_ok = offs_v < V
+    offs_v, v_ok = tile_columns(pid_v, V, BLOCK_V)
     z = logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, offs_v, v_ok, D, stride_hn, stride_wv,
-                          inv_temp, BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, DOT_IN_FP32, DOT_PRECISION)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
+                    inv_temp, BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, DOT_IN_FP32, DOT_PRECISION)
+    lse = row_values(lse_ptr, rows, row_ok)
+    g = row_values(g_ptr, rows, row_ok)
     p = tl.exp(z - lse[:, None])  # softmax tile, 0 at padded columns
-    onehot = offs_v[None, :] == tgt[:, None]
-    # g·(onehot − p), formed in fp32 so the true class keeps 1 − p exactly
-    dz = tl.where(onehot, g[:, None] * (1.0 - p), -g[:, None] * p)
+    dz = target_grad(p, offs_v[None, :] == tgt[:, None], g)
     if HAS_ENTROPY_GRAD:
-        ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
-        g_ent = tl.load(g_ent_ptr + rows, mask=row_ok, other=0.0)
+        ent = row_values(ent_ptr, rows, row_ok)
+        g_ent = row_values(g_ent_ptr, rows, row_ok)
         log_p = tl.where(v_ok[None, :], z - lse[:, None], 0.0)
         dz -= g_ent[:, None] * p * (log_p + ent[:, None])  # ∂H/∂z_v = −p_v·(log p_v + H)
-    dz = tl.where(row_ok[:, None] & v_ok[None, :], dz * inv_temp, 0.0)
-    head_grads_tile(dz, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr, rows, row_ok, offs_v, v_ok, D, stride_hn, stride_wv,
-                    BLOCK_D, HAS_BIAS, H_GRAD, W_GRAD, B_GRAD, DOT_IN_FP32, DOT_PRECISION)
-
-
-def row_order(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """Row permutation [N] int64 with every non-ignored row first (stable, no host sync)."""
-    return torch.argsort((targets == ignore_index).to(torch.int8), stable=True)
+    head_grads_tile(dz, inv_temp, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr, rows, row_ok, offs_v, v_ok, D, stride_hn,
+                    stride_wv, BLOCK_D, HAS_BIAS, H_GRAD, W_GRAD, B_GRAD, DOT_IN_FP32, DOT_PRECISION)
 
 
 def fwd_launch(
@@ -156,24 +150,15 @@ def fwd_launch(
     """Plan the forward launch on ``arch`` (None: interpreter): the Launch and its ``[S, N]`` partial outputs."""
     check_inputs(hidden, weight, bias, targets)
     (N, D), V = hidden.shape, weight.shape[0]
-    device = hidden.device
-    cfg = tile_config("linear_logprobs_fwd", hidden.dtype, arch, allow_tf32)
-    n_tiles, splits, v_per_split = vocab_splits(N, V, cfg, device, arch, splits)
-    if order is None:
-        order = row_order(targets, ignore_index)
-    partial = lambda: torch.empty((splits, N), device=device, dtype=torch.float32)  # noqa: E731
-    out = SimpleNamespace(m=partial(), s=partial(), z_tgt=partial())
-    out.t = partial() if return_entropy else out.m
-    out.zsum = partial() if return_logit_mean else out.m
-    dot_in_fp32, dot_precision = dot_flags(hidden.dtype, arch, allow_tf32)
+    plan = head_fwd_plan("linear_logprobs_fwd", hidden, bias, targets, V, arch=arch, ignore_index=ignore_index,
+                         allow_tf32=allow_tf32, order=order, splits=splits)
+    out = plan.partials(N, hidden.device, ("m", "s", "z_tgt"), t=return_entropy, zsum=return_logit_mean)
     launch = Launch(
-        _linear_logprobs_fwd_kernel, (n_tiles * splits,),
-        (hidden, weight, bias if bias is not None else weight, targets, order,
+        _linear_logprobs_fwd_kernel, plan.grid,
+        (hidden, weight, bias if bias is not None else weight, targets, plan.order,
          out.m, out.s, out.z_tgt, out.t, out.zsum,
-         N, V, D, hidden.stride(0), weight.stride(0), 1.0 / temperature, ignore_index, v_per_split, splits),
-        dict(HAS_BIAS=bias is not None, HAS_ENTROPY=return_entropy, HAS_LOGIT_SUM=return_logit_mean,
-             DOT_IN_FP32=dot_in_fp32, DOT_PRECISION=dot_precision,
-             **tile_constexprs(cfg)),
+         N, V, D, hidden.stride(0), weight.stride(0), 1.0 / temperature, ignore_index, plan.v_per_split, plan.splits),
+        dict(plan.constexprs, HAS_ENTROPY=return_entropy, HAS_LOGIT_SUM=return_logit_mean),
     )
     return launch, out
 
@@ -240,26 +225,19 @@ def bwd_launch(
     """Plan the backward launch on ``arch``: the Launch and its (zeroed) fp32/low-precision accumulators."""
     check_inputs(hidden, weight, bias, targets)
     (N, D), V = hidden.shape, weight.shape[0]
-    cfg = tile_config("linear_logprobs_bwd", hidden.dtype, arch, allow_tf32)
-    if order is None:
-        order = row_order(targets, ignore_index)
-    out = head_grad_buffers(hidden, weight, bias, needs_grad, weight_grad_dtype(weight.dtype, arch, fp32_weight_grad),
-                            unused=lse)
-    want_h, want_w, want_b = out.want
+    plan, out = head_bwd_plan("linear_logprobs_bwd", hidden, weight, bias, targets, arch=arch,
+                              ignore_index=ignore_index, allow_tf32=allow_tf32, order=order, needs_grad=needs_grad,
+                              fp32_weight_grad=fp32_weight_grad, unused=lse)
     has_entropy_grad = grad_entropy is not None
-    dot_in_fp32, dot_precision = dot_flags(hidden.dtype, arch, allow_tf32)
     launch = Launch(
-        _linear_logprobs_bwd_kernel, (triton.cdiv(N, cfg.block_n) * triton.cdiv(V, cfg.block_v),),
-        (hidden, weight, bias if bias is not None else weight, targets, order, lse,
+        _linear_logprobs_bwd_kernel, plan.grid,
+        (hidden, weight, bias if bias is not None else weight, targets, plan.order, lse,
          grad_logp.float().contiguous(),
          entropy if has_entropy_grad else lse,
          grad_entropy.float().contiguous() if has_entropy_grad else lse,
          out.dh, out.dw, out.db,
          N, V, D, hidden.stride(0), weight.stride(0), 1.0 / temperature, ignore_index),
-        dict(HAS_BIAS=bias is not None, HAS_ENTROPY_GRAD=has_entropy_grad,
-             H_GRAD=want_h, W_GRAD=want_w, B_GRAD=want_b,
-             DOT_IN_FP32=dot_in_fp32, DOT_PRECISION=dot_precision,
-             **tile_constexprs(cfg)),
+        dict(plan.constexprs, HAS_ENTROPY_GRAD=has_entropy_grad),
     )
     return launch, out
 

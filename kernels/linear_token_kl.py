@@ -20,8 +20,9 @@ relaxed atomics through ``tiles.head_grads_tile``, as the log-prob kernel does. 
 no gradient. Cost: forward 4NVD FLOPs, backward 8NVD (both tiles recomputed, then dh and dW).
 
 Tile configs come from ``launch.TILES`` (per arch); ``fwd_launch``/``bwd_launch`` plan a launch without
-running it (the compile gate compiles exactly those). Ignored rows are visited last and tiles made only
-of them exit at once. Layer 0: imports torch and triton only.
+running it (the compile gate compiles exactly those); what they plan like the log-prob kernel's comes from
+``launch.head_fwd_plan``/``head_bwd_plan``. Ignored rows are visited last and tiles made only of them exit
+at once. Layer 0: imports torch and triton only.
 """
 
 from __future__ import annotations
@@ -32,10 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import (Launch, check_inputs, device_arch, dot_flags, head_grad_buffers, head_grads, tile_config,
-                     tile_constexprs, vocab_splits, weight_grad_dtype)
-from .linear_logprobs import row_order
-from .tiles import grouped_tile, head_grads_tile, logits_tile, online_softmax_update, rows_of_tile
+from .launch import Launch, check_inputs, device_arch, head_bwd_plan, head_fwd_plan, head_grads
+from .tiles import (head_grads_tile, logits_tile, no_rows, online_softmax_update, row_values, split_columns,
+                    split_program, target_grad, tile_columns, tile_program)
 
 
 @triton.jit
@@ -60,9 +60,8 @@ def _linear_token_kl_fwd_kernel(
     DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
 ):
-    pid_n, split = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), num_splits, GROUP_N)
-    rows, tgt, row_ok = rows_of_tile(order_ptr, tgt_ptr, pid_n, N, ignore_index, BLOCK_N)
-    if tl.max(row_ok.to(tl.int32), axis=0) == 0:
+    rows, tgt, row_ok, split = split_program(order_ptr, tgt_ptr, N, ignore_index, num_splits, BLOCK_N, GROUP_N)
+    if no_rows(row_ok):
         return  # every row ignored: no vocabulary FLOPs; the launcher zeroes these outputs
 
     m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
@@ -72,8 +71,7 @@ def _linear_token_kl_fwd_kernel(
     s_r = tl.zeros((BLOCK_N,), dtype=tl.float32)
     z_tgt = tl.zeros((BLOCK_N,), dtype=tl.float32)
     r_tgt = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    v_begin = split * v_per_split
-    v_end = tl.minimum(v_begin + v_per_split, V)
+    v_begin, v_end = split_columns(split, v_per_split, V)
     for v0 in range(v_begin, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         v_ok = offs_v < v_end
@@ -128,34 +126,30 @@ def _linear_token_kl_bwd_kernel(
     DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
 ):
-    pid_n, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP_N)
-    rows, tgt, row_ok = rows_of_tile(order_ptr, tgt_ptr, pid_n, N, ignore_index, BLOCK_N)
-    if tl.max(row_ok.to(tl.int32), axis=0) == 0:
+    rows, tgt, row_ok, pid_v = tile_program(order_ptr, tgt_ptr, N, V, ignore_index, BLOCK_N, BLOCK_V, GROUP_N)
+    if no_rows(row_ok):
         return
 
-    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    v_ok = offs_v < V
+    offs_v, v_ok = tile_columns(pid_v, V, BLOCK_V)
     z = logits_tile(h_ptr, w_ptr, b_ptr, rows, row_ok, offs_v, v_ok, D, stride_hn, stride_wv,
                     inv_temp, BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, DOT_IN_FP32, DOT_PRECISION)
     r = logits_tile(hr_ptr, wr_ptr, br_ptr, rows, row_ok, offs_v, v_ok, DR, stride_hrn, stride_wrv,
                     inv_temp, BLOCK_N, BLOCK_V, BLOCK_D, HAS_REF_BIAS, DOT_IN_FP32, DOT_PRECISION)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    mu = tl.load(mu_ptr + rows, mask=row_ok, other=0.0)
-    g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
+    lse = row_values(lse_ptr, rows, row_ok)
+    mu = row_values(mu_ptr, rows, row_ok)
+    g = row_values(g_ptr, rows, row_ok)
     p = tl.exp(z - lse[:, None])  # softmax tile, 0 at padded columns
     delta = tl.where(v_ok[None, :], z, 0.0) - tl.where(v_ok[None, :], r, 0.0)  # no −inf − −inf
     dz = g[:, None] * p * (delta - mu[:, None])  # ∂KL/∂z_v = p_v·(δ_v − μ)
-    if HAS_LOGP_GRAD:  # + g_logp·(onehot − p), the true class as 1 − p in fp32
-        g_logp = tl.load(gl_ptr + rows, mask=row_ok, other=0.0)
-        onehot = offs_v[None, :] == tgt[:, None]
-        dz += tl.where(onehot, g_logp[:, None] * (1.0 - p), -g_logp[:, None] * p)
-    dz = tl.where(row_ok[:, None] & v_ok[None, :], dz * inv_temp, 0.0)
-    head_grads_tile(dz, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr, rows, row_ok, offs_v, v_ok, D, stride_hn, stride_wv,
-                    BLOCK_D, HAS_BIAS, H_GRAD, W_GRAD, B_GRAD, DOT_IN_FP32, DOT_PRECISION)
+    if HAS_LOGP_GRAD:  # + g_logp·(onehot − p)
+        dz += target_grad(p, offs_v[None, :] == tgt[:, None], row_values(gl_ptr, rows, row_ok))
+    head_grads_tile(dz, inv_temp, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr, rows, row_ok, offs_v, v_ok, D, stride_hn,
+                    stride_wv, BLOCK_D, HAS_BIAS, H_GRAD, W_GRAD, B_GRAD, DOT_IN_FP32, DOT_PRECISION)
 
 
-def _check_reference(hidden, weight, ref_hidden, ref_weight, ref_bias) -> None:
-    """The reference side, in the launcher's terms (``ValueError`` naming the argument)."""
+def _check_heads(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias) -> None:
+    """Both heads, in the launcher's terms (``ValueError`` naming the argument)."""
+    check_inputs(hidden, weight, bias, targets)
     check_inputs(ref_hidden, ref_weight, ref_bias)
     if ref_hidden.shape[0] != hidden.shape[0]:
         raise ValueError(f"ref_hidden must have N={hidden.shape[0]} rows, got {tuple(ref_hidden.shape)}")
@@ -183,29 +177,20 @@ def fwd_launch(
     splits: int | None = None,
 ) -> tuple[Launch, SimpleNamespace]:
     """Plan the forward launch on ``arch`` (None: interpreter): the Launch and its ``[S, N]`` partial outputs."""
-    check_inputs(hidden, weight, bias, targets)
-    _check_reference(hidden, weight, ref_hidden, ref_weight, ref_bias)
+    _check_heads(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias)
     (N, D), V, DR = hidden.shape, weight.shape[0], ref_weight.shape[1]
-    device = hidden.device
-    cfg = tile_config("linear_token_kl_fwd", hidden.dtype, arch, allow_tf32)
-    n_tiles, splits, v_per_split = vocab_splits(N, V, cfg, device, arch, splits)
-    if order is None:
-        order = row_order(targets, ignore_index)
-    partial = lambda: torch.empty((splits, N), device=device, dtype=torch.float32)  # noqa: E731
-    out = SimpleNamespace(m=partial(), s=partial(), u=partial(), m_r=partial(), s_r=partial())
-    out.z_tgt = partial() if return_logprobs else out.m
-    out.r_tgt = partial() if return_logprobs else out.m
-    dot_in_fp32, dot_precision = dot_flags(hidden.dtype, arch, allow_tf32)
+    plan = head_fwd_plan("linear_token_kl_fwd", hidden, bias, targets, V, arch=arch, ignore_index=ignore_index,
+                         allow_tf32=allow_tf32, order=order, splits=splits)
+    out = plan.partials(N, hidden.device, ("m", "s", "u", "m_r", "s_r"), z_tgt=return_logprobs,
+                        r_tgt=return_logprobs)
     launch = Launch(
-        _linear_token_kl_fwd_kernel, (n_tiles * splits,),
+        _linear_token_kl_fwd_kernel, plan.grid,
         (hidden, weight, bias if bias is not None else weight, ref_hidden, ref_weight,
-         ref_bias if ref_bias is not None else ref_weight, targets, order,
+         ref_bias if ref_bias is not None else ref_weight, targets, plan.order,
          out.m, out.s, out.u, out.m_r, out.s_r, out.z_tgt, out.r_tgt,
          N, V, D, DR, hidden.stride(0), weight.stride(0), ref_hidden.stride(0), ref_weight.stride(0),
-         1.0 / temperature, ignore_index, v_per_split, splits),
-        dict(HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None, HAS_LOGP=return_logprobs,
-             DOT_IN_FP32=dot_in_fp32, DOT_PRECISION=dot_precision,
-             **tile_constexprs(cfg)),
+         1.0 / temperature, ignore_index, plan.v_per_split, plan.splits),
+        dict(plan.constexprs, HAS_REF_BIAS=ref_bias is not None, HAS_LOGP=return_logprobs),
     )
     return launch, out
 
@@ -275,29 +260,21 @@ def bwd_launch(
     order: torch.Tensor | None = None,
 ) -> tuple[Launch, SimpleNamespace]:
     """Plan the backward launch on ``arch``: the Launch and its (zeroed) accumulators."""
-    check_inputs(hidden, weight, bias, targets)
-    _check_reference(hidden, weight, ref_hidden, ref_weight, ref_bias)
+    _check_heads(hidden, weight, bias, targets, ref_hidden, ref_weight, ref_bias)
     (N, D), V, DR = hidden.shape, weight.shape[0], ref_weight.shape[1]
-    cfg = tile_config("linear_token_kl_bwd", hidden.dtype, arch, allow_tf32)
-    if order is None:
-        order = row_order(targets, ignore_index)
-    out = head_grad_buffers(hidden, weight, bias, needs_grad, weight_grad_dtype(weight.dtype, arch, fp32_weight_grad),
-                            unused=lse)
-    want_h, want_w, want_b = out.want
+    plan, out = head_bwd_plan("linear_token_kl_bwd", hidden, weight, bias, targets, arch=arch,
+                              ignore_index=ignore_index, allow_tf32=allow_tf32, order=order, needs_grad=needs_grad,
+                              fp32_weight_grad=fp32_weight_grad, unused=lse)
     has_logp_grad = grad_logp is not None
-    dot_in_fp32, dot_precision = dot_flags(hidden.dtype, arch, allow_tf32)
     launch = Launch(
-        _linear_token_kl_bwd_kernel, (triton.cdiv(N, cfg.block_n) * triton.cdiv(V, cfg.block_v),),
+        _linear_token_kl_bwd_kernel, plan.grid,
         (hidden, weight, bias if bias is not None else weight, ref_hidden, ref_weight,
-         ref_bias if ref_bias is not None else ref_weight, targets, order, lse, mu,
+         ref_bias if ref_bias is not None else ref_weight, targets, plan.order, lse, mu,
          grad_kl.float().contiguous(), grad_logp.float().contiguous() if has_logp_grad else lse,
          out.dh, out.dw, out.db,
          N, V, D, DR, hidden.stride(0), weight.stride(0), ref_hidden.stride(0), ref_weight.stride(0),
          1.0 / temperature, ignore_index),
-        dict(HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None, HAS_LOGP_GRAD=has_logp_grad,
-             H_GRAD=want_h, W_GRAD=want_w, B_GRAD=want_b,
-             DOT_IN_FP32=dot_in_fp32, DOT_PRECISION=dot_precision,
-             **tile_constexprs(cfg)),
+        dict(plan.constexprs, HAS_REF_BIAS=ref_bias is not None, HAS_LOGP_GRAD=has_logp_grad),
     )
     return launch, out
 

@@ -1,4 +1,5 @@
-"""Triton fused sampling head (DESIGN.md §3, ``sample_head``): next token and its log-probability.
+"""Triton fused sampling head (``sample_head``): next token and its log-probability. Design notes and
+compiled-code facts: docs/kernels.md, "The decode-shaped sampling head".
 
 For each row of hidden states ``h [B, D]`` and LM head ``W [V, D]``, with ``z = (h Wᵀ + b)/τ``, draws
 ``token ~ softmax(z)`` and returns ``logp = z_token − logsumexp_v z_v`` (and optionally the entropy) in
@@ -16,9 +17,9 @@ fixed per arch in ``launch.TILES``). Greedy decoding races the tiles' maxima.
 Decode-shaped launch: a step has few rows (B = prompts × samples, typically 8–256) and is bound by
 reading ``W``. Each program computes a transposed tile ``zᵀ [BLOCK_V, BLOCK_B]`` (the vocabulary on the
 MMA's M side), the row tile ``BLOCK_B`` follows B (``launch.head_tile``), and the vocabulary is split
-over enough programs to fill the GPU, so a step reads ``W`` once per row tile — once in total for
-B ≤ BLOCK_B. A second small kernel merges the per-split partials (max, sum-exp, entropy term, race
-winner) exactly.
+over enough programs to fill the GPU (``launch.vocab_splits``, as for the log-prob kernels), so a step
+reads ``W`` once per row tile — once in total for B ≤ BLOCK_B. A second small kernel merges the
+per-split partials (max, sum-exp, entropy term, race winner) exactly.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import Launch, check_inputs, device_arch, dot_flags, head_tile, num_splits
+from .launch import Launch, check_inputs, device_arch, dot_flags, head_tile, vocab_splits
 from .tiles import logits_tile, logits_tile_t, merge_softmax_stats
 
 
@@ -169,12 +170,10 @@ def sample_head_launch(
     (B, D), V = hidden.shape, weight.shape[0]
     device = hidden.device
     cfg = head_tile(hidden.dtype, arch, B, allow_tf32)
-    b_tiles, v_tiles = triton.cdiv(B, cfg.block_n), triton.cdiv(V, cfg.block_v)
+    v_tiles = triton.cdiv(V, cfg.block_v)  # the Philox counters' stride: one per (row, vocabulary tile)
     if B * v_tiles >= 2**31:
         raise ValueError(f"hidden: B·V/BLOCK_V = {B * v_tiles} must stay below 2³¹ (int32 Philox counters)")
-    splits = splits or num_splits(b_tiles, v_tiles, device, arch)
-    v_per_split = triton.cdiv(v_tiles, splits) * cfg.block_v
-    splits = triton.cdiv(V, v_per_split)  # every split holds at least one column
+    b_tiles, splits, v_per_split = vocab_splits(B, V, cfg, device, arch, splits)
     part = lambda dtype=torch.float32: torch.empty((splits, B), device=device, dtype=dtype)  # noqa: E731
     out = SimpleNamespace(m=part(), s=part(), key=part(), zc=part(), tok=part(torch.int32), row_tiles=b_tiles)
     out.t = part() if return_entropy else out.m

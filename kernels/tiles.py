@@ -88,16 +88,25 @@ def online_softmax_update(m, s, t, z, z_finite, HAS_ENTROPY: tl.constexpr):
 
 
 @triton.jit
+def target_grad(p, onehot, g):
+    """``g·(onehot − p)`` for a softmax tile ``p`` and per-row weights ``g``, formed in fp32 so that the true
+    class keeps ``1 − p`` exactly."""
+    return tl.where(onehot, g[:, None] * (1.0 - p), -g[:, None] * p)
+
+
+@triton.jit
 def head_grads_tile(
-    dz, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr, rows, row_ok, offs_v, v_ok, D, stride_hn, stride_wv,
+    dz, inv_temp, h_ptr, w_ptr, dh_ptr, dw_ptr, db_ptr, rows, row_ok, offs_v, v_ok, D, stride_hn, stride_wv,
     BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, H_GRAD: tl.constexpr, W_GRAD: tl.constexpr,
     B_GRAD: tl.constexpr, DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Add one ``[BLOCK_N, BLOCK_V]`` logits-gradient tile ``dz`` (fp32, zero outside the tile's rows and
-    columns, 1/τ applied) into ``dh += dz·W``, ``dW += dzᵀ·h`` and ``db += Σ_n dz`` with relaxed atomics
-    (the sums need no ordering with other memory traffic; acq_rel, Triton's default, puts GPU-wide fences
-    and L1 invalidations around every one of them). ``dh``/``db`` are fp32, ``dW`` fp32 or the weight dtype.
+    """Add one ``[BLOCK_N, BLOCK_V]`` fp32 tile ``dz = ∂loss/∂z`` of the tempered logits ``z = (h Wᵀ + b)/τ``
+    into ``dh += dz·W/τ``, ``dW += dzᵀ·h/τ`` and ``db += Σ_n dz/τ``: the 1/τ and the mask (rows outside
+    ``row_ok``, columns outside ``v_ok`` dropped) are applied here. Relaxed atomics: the sums need no
+    ordering with other memory traffic (acq_rel, Triton's default, puts GPU-wide fences and L1
+    invalidations around every one of them). ``dh``/``db`` are fp32, ``dW`` fp32 or the weight dtype.
     """
+    dz = tl.where(row_ok[:, None] & v_ok[None, :], dz * inv_temp, 0.0)
     if HAS_BIAS and B_GRAD:
         tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=v_ok, sem="relaxed")
     dz_op = dz.to(h_ptr.dtype.element_ty)
@@ -144,3 +153,50 @@ def rows_of_tile(order_ptr, tgt_ptr, pid_n, N, ignore_index, BLOCK_N: tl.constex
     rows = tl.load(order_ptr + offs, mask=in_range, other=0).to(tl.int64)
     tgt = tl.load(tgt_ptr + rows, mask=in_range, other=ignore_index).to(tl.int64)
     return rows, tgt, in_range & (tgt != ignore_index)
+
+
+@triton.jit
+def no_rows(row_ok):
+    """True when a token tile scores no row: its program exits before any vocabulary work."""
+    return tl.max(row_ok.to(tl.int32), axis=0) == 0
+
+
+@triton.jit
+def row_values(ptr, rows, row_ok):
+    """A per-row fp32 input ``ptr[rows]`` of a token tile (0 in rows not scored)."""
+    return tl.load(ptr + rows, mask=row_ok, other=0.0)
+
+
+@triton.jit
+def split_program(order_ptr, tgt_ptr, N, ignore_index, num_splits, BLOCK_N: tl.constexpr, GROUP_N: tl.constexpr):
+    """A split forward's program (token tile × vocabulary split): its rows, targets and scored mask
+    (:func:`rows_of_tile`) and its split. The split's columns: :func:`split_columns`, after the exit of
+    tiles with no scored row (:func:`no_rows`)."""
+    pid_n, split = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), num_splits, GROUP_N)
+    rows, tgt, row_ok = rows_of_tile(order_ptr, tgt_ptr, pid_n, N, ignore_index, BLOCK_N)
+    return rows, tgt, row_ok, split
+
+
+@triton.jit
+def split_columns(split, v_per_split, V):
+    """The columns ``[v_begin, v_end)`` of vocabulary split ``split``."""
+    v_begin = split * v_per_split
+    return v_begin, tl.minimum(v_begin + v_per_split, V)
+
+
+@triton.jit
+def tile_program(order_ptr, tgt_ptr, N, V, ignore_index,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, GROUP_N: tl.constexpr):
+    """A backward's program (token tile × vocabulary tile): its rows, targets and scored mask
+    (:func:`rows_of_tile`) and its vocabulary tile. The tile's columns: :func:`tile_columns`, after the
+    exit of tiles with no scored row (:func:`no_rows`)."""
+    pid_n, pid_v = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP_N)
+    rows, tgt, row_ok = rows_of_tile(order_ptr, tgt_ptr, pid_n, N, ignore_index, BLOCK_N)
+    return rows, tgt, row_ok, pid_v
+
+
+@triton.jit
+def tile_columns(pid_v, V, BLOCK_V: tl.constexpr):
+    """The columns of vocabulary tile ``pid_v`` and their mask."""
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    return offs_v, offs_v < V

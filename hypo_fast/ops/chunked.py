@@ -10,9 +10,11 @@ The same two-pass algorithm as the Triton kernels, one ``[N, chunk]`` logits blo
   ``dh += dz·W_c`` and ``dW_c += dzᵀ·h`` with two GEMMs; the true-class term ``+g`` is added once,
   outside the loop, as ``g ⊗ W[y]`` / ``index_add`` (exact, in fp32).
 
-Peak extra memory is ``O(N·chunk + N·D)`` plus the gradients, never ``O(N·V)``. Ignored rows are
-dropped before any vocabulary work. On CPU the GEMMs run in fp32 (faster than bf16 without AMX, and
-exact enough to be an oracle); on CUDA they run in the input dtype with fp32 statistics.
+Chunk widths follow ``kernels.launch.vocab_chunks`` (the native op's rule too), with this module's
+``DEFAULT_CHUNK_ELEMENTS`` and ``MIN_CHUNK``. Peak extra memory is ``O(N·chunk + N·D)`` plus the
+gradients, never ``O(N·V)``. Ignored rows are dropped before any vocabulary work. On CPU the GEMMs
+run in fp32 (faster than bf16 without AMX, and exact enough to be an oracle); on CUDA they run in the
+input dtype with fp32 statistics.
 
 ``linear_token_kl`` streams both heads' logits chunk by chunk: per row a running max and sum-exp of each
 (the same fold for both, so identical heads give exactly 0) and ``u = Σ e^(z−m)·(z − r)``; then
@@ -24,6 +26,8 @@ from __future__ import annotations
 
 import torch
 
+from hypo_fast.kernels.launch import vocab_chunks
+
 # Elements per logits block; 4M fp32 = 16 MiB keeps a block near the last-level cache.
 DEFAULT_CHUNK_ELEMENTS = 4 * 1024 * 1024
 MIN_CHUNK = 256
@@ -33,8 +37,9 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float32 if t.device.type == "cpu" else t.dtype
 
 
-def _chunk_size(n_rows: int, vocab: int, chunk_elements: int) -> int:
-    return min(vocab, max(MIN_CHUNK, chunk_elements // max(n_rows, 1)))
+def _chunks(n_rows: int, vocab: int, chunk_elements: int | None = None):
+    """``launch.vocab_chunks`` with this module's defaults, read at call time (tests shrink them)."""
+    return vocab_chunks(n_rows, vocab, chunk_elements or DEFAULT_CHUNK_ELEMENTS, MIN_CHUNK)
 
 
 def _valid_rows(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -105,9 +110,7 @@ def chunked_fwd(
 
     state = None  # lse, or (m, s, t) when the entropy is wanted
     sum_z = torch.zeros(n, device=hidden.device) if return_logit_mean else None
-    chunk = _chunk_size(n, V, chunk_elements or DEFAULT_CHUNK_ELEMENTS)
-    for lo in range(0, V, chunk):
-        hi = min(lo + chunk, V)
+    for lo, hi in _chunks(n, V, chunk_elements):
         z = _logits_chunk(h_scaled, weight[lo:hi].to(h_scaled.dtype), bias, lo, hi, inv_temp)  # [n, chunk]
         if return_logit_mean:
             sum_z += z.sum(1)
@@ -209,9 +212,7 @@ def chunked_bwd(
     ent = None if grad_entropy is None else entropy.index_select(0, rows)
 
     grads = _HeadGradSums(hidden, weight, bias, rows, needs_grad, fp32_weight_grad, cdtype)
-    chunk = _chunk_size(h.shape[0], V, chunk_elements or DEFAULT_CHUNK_ELEMENTS)
-    for lo in range(0, V, chunk):
-        hi = min(lo + chunk, V)
+    for lo, hi in _chunks(h.shape[0], V, chunk_elements):
         w_c = weight[lo:hi].to(cdtype)
         log_p = _logits_chunk(h_scaled, w_c, bias, lo, hi, inv_temp).sub_(lse[:, None])  # [n, chunk]
         if g_ent is None:
@@ -262,9 +263,7 @@ def chunked_token_kl_fwd(
     h_scaled, ref_scaled = h.to(cdtype) * inv_temp, h_ref.to(cdtype) * inv_temp
 
     state = ref_state = u = None  # u = Σ e^(z − m)·(z − r), rescaled with the policy's running max
-    chunk = _chunk_size(h.shape[0], V, chunk_elements or DEFAULT_CHUNK_ELEMENTS)
-    for lo in range(0, V, chunk):
-        hi = min(lo + chunk, V)
+    for lo, hi in _chunks(h.shape[0], V, chunk_elements):
         z = _logits_chunk(h_scaled, weight[lo:hi].to(cdtype), bias, lo, hi, inv_temp)  # [n, chunk]
         r = _logits_chunk(ref_scaled, ref_weight[lo:hi].to(cdtype), ref_bias, lo, hi, inv_temp)
         delta = torch.sub(z, r)
@@ -325,9 +324,7 @@ def chunked_token_kl_bwd(
     g_logp = None if grad_logp is None else grad_logp.index_select(0, rows).float() * inv_temp
 
     grads = _HeadGradSums(hidden, weight, bias, rows, needs_grad, fp32_weight_grad, cdtype)
-    chunk = _chunk_size(h.shape[0], V, chunk_elements or DEFAULT_CHUNK_ELEMENTS)
-    for lo in range(0, V, chunk):
-        hi = min(lo + chunk, V)
+    for lo, hi in _chunks(h.shape[0], V, chunk_elements):
         w_c = weight[lo:hi].to(cdtype)
         z = _logits_chunk(h_scaled, w_c, bias, lo, hi, inv_temp)  # [n, chunk]
         r = _logits_chunk(ref_scaled, ref_weight[lo:hi].to(cdtype), ref_bias, lo, hi, inv_temp)
@@ -355,12 +352,10 @@ def chunked_sample_head(hidden, weight, bias=None, *, temperature=1.0, seed=0, g
     generator = None if greedy else torch.Generator(device=hidden.device).manual_seed(seed)
     cdtype = torch.float32 if hidden.device.type == "cpu" else hidden.dtype
     h_t = (hidden.to(cdtype) * inv_temp).t()  # [D, B]
-    chunk = min(V, max(MIN_CHUNK, DEFAULT_CHUNK_ELEMENTS // max(B, 1)))
     zeros = lambda: torch.zeros(B, device=hidden.device)  # noqa: E731
     m, s, t, z_best = torch.full((B,), float("-inf"), device=hidden.device), zeros(), zeros(), zeros()
     tokens = torch.zeros(B, dtype=torch.long, device=hidden.device)
-    for lo in range(0, V, chunk):
-        hi = min(lo + chunk, V)
+    for lo, hi in _chunks(B, V):
         z = torch.mm(weight[lo:hi].to(cdtype), h_t).t().float().contiguous()  # [B, chunk]; W-major GEMM is faster
         if bias is not None:
             z += bias[lo:hi].float() * inv_temp

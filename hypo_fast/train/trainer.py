@@ -1,4 +1,4 @@
-"""The HyPO trainer (DESIGN.md §2): sample → pack → reference → one policy forward → objective → step.
+"""The HyPO trainer, one step: sample → pack → reference → one policy forward → objective → step.
 
 Composition, not inheritance: the trainer holds the policy (model + fused head + reference + sampling
 temperature), the objective, the sampler, the data streams, the DeepSpeed engine and the logs. It knows
