@@ -76,12 +76,14 @@ def test_transformers_imports_its_models(python):
     _from_root(python, "-c", "from transformers import LlamaConfig, LlamaForCausalLM; LlamaConfig()")
 
 
+@pytest.mark.slow
 def test_the_demo_runs_from_the_repository_root(python, tmp_path):
     out = _from_root(python, "-m", "hypo_fast.demo", "--quick", "--out", str(tmp_path / "demo")).stdout
     assert "manipulation check:" in out and "quick mode:" in out
     assert (tmp_path / "demo" / "frontier.png").is_file()
 
 
+@pytest.mark.slow
 def test_pytest_collects_the_suite_from_the_repository_root(python):
     out = _from_root(python, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider").stdout
     summary = out.strip().splitlines()[-1]

@@ -105,6 +105,7 @@ def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("install")
 
 
+@pytest.mark.slow
 def test_plain_checkout_on_pythonpath_then_editable_without_native(workdir):
     source = _source_copy(workdir / "a" / "hypo_fast_src")
     python = _venv(workdir / "a" / "venv")
@@ -118,6 +119,7 @@ def test_plain_checkout_on_pythonpath_then_editable_without_native(workdir):
                       "native": "not built (HYPO_FAST_NATIVE=0)"}
 
 
+@pytest.mark.slow
 def test_non_editable_install_builds_native_and_runs_from_the_repo_root(workdir):
     if not (shutil.which("cmake") and shutil.which(os.environ.get("CXX", "c++"))):
         pytest.skip("no cmake or C++ compiler here")
@@ -133,6 +135,7 @@ def test_non_editable_install_builds_native_and_runs_from_the_repo_root(workdir)
     assert "site-packages" in from_root["native"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("missing", ["cmake", "compiler"])
 def test_without_a_toolchain_the_install_still_works(workdir, missing):
     source = _source_copy(workdir / missing / "hypo_fast_src")

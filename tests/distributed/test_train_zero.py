@@ -31,6 +31,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_ranks_match_one_process(tmp_path, stage):
     runs = {
@@ -59,6 +60,7 @@ def test_two_ranks_match_one_process(tmp_path, stage):
     assert _shm_buffers() <= shm_before
 
 
+@pytest.mark.slow
 def test_two_ranks_hypo_under_zero3_match_one_process(tmp_path):
     """Sampling (weights gathered once per generation), the online reference forward and the offline
     reference cache are all collective under ZeRO-3. A draw is seeded by its place in the global batch,

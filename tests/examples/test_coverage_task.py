@@ -115,6 +115,7 @@ def tiny_seed(tmp_path_factory):
     return rows, spec, root
 
 
+@pytest.mark.slow
 def test_run_seed_rows(tiny_seed):
     rows, spec, root = tiny_seed
     assert [(r["data"], r["policy"]) for r in rows] == [
@@ -205,6 +206,7 @@ def test_h3_is_the_change_of_the_paired_difference():
     assert h3["delta"][0] == pytest.approx(-0.35) and h3["verdict"] == "advantage shrinks"
 
 
+@pytest.mark.slow
 def test_demo_runs_at_test_size(tmp_path, capsys):
     from hypo_fast import demo
 

@@ -59,6 +59,7 @@ def test_summary_is_median_and_range_over_seeds(tmp_path):
     assert (tmp_path / "summary.json").exists() and (tmp_path / "kl_over_training.png").stat().st_size > 5000
 
 
+@pytest.mark.slow
 def test_tiny_recipe_trains_on_cpu_and_summarises(tmp_path):
     summary = tldr.main(["smoke", "--out", str(tmp_path), "--shape", "tiny", "--steps", "2", "--seeds", "0", "1"])
     assert summary["seeds"] == ["seed0", "seed1"] and summary["steps"] == [0, 1, 2]

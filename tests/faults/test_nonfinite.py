@@ -43,6 +43,7 @@ for stage in map(int, sys.argv[2].split(",")):
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stages", ["0,1,2", "3"])  # ZeRO-3 patches module construction: its own process
 def test_nonfinite_loss_skips_the_step_under_every_zero_stage(tmp_path, stages):
     out = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path), stages], env=subprocess_env(),

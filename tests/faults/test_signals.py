@@ -19,6 +19,7 @@ def uninterrupted(tmp_path_factory):
     return losses(tmp_path / "straight")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_saves_and_resume_continues_exactly(tmp_path, sig, uninterrupted):
     cfg = config(tmp_path, "stopped", steps=6, kl_coef=0.5, output={"save_every": 0, "report_to": ["tensorboard"]})

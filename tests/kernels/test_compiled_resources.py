@@ -37,6 +37,7 @@ def _compiling_env() -> dict:
     return env
 
 
+@pytest.mark.slow
 @needs_ptxas
 def test_compile_gate_bf16_on_sm90a_and_sm80(tmp_path):
     """Every kernel (bf16, the ci flag set: each mode with no extras and with all of them, every
@@ -58,6 +59,7 @@ def test_compile_gate_bf16_on_sm90a_and_sm80(tmp_path):
     assert result["summary"]["local_in_loops_total"] == 0
 
 
+@pytest.mark.slow
 @needs_ptxas
 def test_gate_catches_a_config_that_spills_in_its_loop():
     """The fp32 backward with the config main shipped (64×64×32, 4 warps, ieee FMA dots) spills

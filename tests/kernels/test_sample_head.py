@@ -28,6 +28,7 @@ def _chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return float(chisquare(observed.numpy(), expected.numpy()).pvalue)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl,device", IMPL_DEVICE)
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 @pytest.mark.parametrize("chunks", [1, 5])
@@ -52,6 +53,7 @@ def test_draws_follow_the_tempered_softmax(impl, device, temperature, chunks, mo
     torch.testing.assert_close(logp.cpu(), probs.log()[tokens.cpu()], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl,device", IMPL_DEVICE)
 def test_vocabulary_tiles_are_picked_by_their_mass(impl, device, monkeypatch):
     """Two 16-column tiles: one holds a single logit log 8 (mass 8), the other sixteen zeros (mass 16).

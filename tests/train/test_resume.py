@@ -8,6 +8,7 @@ import signal
 import subprocess
 import time
 
+import pytest
 import yaml
 
 from tests.train.helpers import PYTHON, subprocess_env, toy_config
@@ -27,6 +28,7 @@ def _run(config_path, cwd):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     paths = {}
     for name in ("straight", "killed"):

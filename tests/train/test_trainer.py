@@ -88,6 +88,7 @@ def _cli(*args, cwd):
                           env=subprocess_env(), timeout=600)
 
 
+@pytest.mark.slow
 def test_cli_reports_bad_config_and_bad_data(tmp_path):
     cfg = toy_config(tmp_path, "cli", steps=1)
     path = tmp_path / "run.yaml"
