@@ -51,12 +51,18 @@ def _fast(core, specials, template, **tokens):
     return tok
 
 
-def llama3():
-    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+def _byte_level_bpe(specials: list[str]) -> Tokenizer:
+    """A byte-level BPE trained on the corpus (the Llama-3 and Qwen families' kind of tokenizer)."""
     core = Tokenizer(models.BPE())
     core.pre_tokenizer, core.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
     core.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return core
+
+
+def llama3():
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    core = _byte_level_bpe(specials)
     core.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
                                                         special_tokens=[("<|begin_of_text|>", 0)])
     return _fast(core, specials, LLAMA3, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
@@ -65,11 +71,7 @@ def llama3():
 
 def qwen3():
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer, core.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    core.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
-                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return _fast(core, specials, QWEN3, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    return _fast(_byte_level_bpe(specials), specials, QWEN3, eos_token="<|im_end|>", pad_token="<|endoftext|>")
 
 
 def gemma():
