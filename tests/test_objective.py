@@ -104,3 +104,18 @@ def test_bad_options_name_the_option(options, option):
     with pytest.raises(OptionError) as err:
         HyPOObjective(**options)
     assert err.value.option == option
+
+
+def test_held_out_batches_join_into_one_step():
+    """Evaluation scores held-out pairs in batches; joined, they are one step: per-pair fields concatenated,
+    the scalar logits means weighted by each batch's pair count."""
+    parts = [StepLogps(*(torch.randn(n, dtype=torch.float64) for _ in range(4)), None,
+                       torch.tensor(mean, dtype=torch.float64), torch.tensor(-mean, dtype=torch.float64),
+                       torch.full((n,), 3.0, dtype=torch.float64), torch.full((n,), 4.0, dtype=torch.float64))
+             for n, mean in ((2, 1.0), (3, 6.0))]
+    joined = StepLogps.of_pairs(parts)
+    for name in ("chosen", "rejected", "ref_chosen", "ref_rejected", "chosen_tokens", "rejected_tokens"):
+        torch.testing.assert_close(getattr(joined, name), torch.cat([getattr(p, name) for p in parts]))
+    torch.testing.assert_close(joined.chosen_logits_mean, torch.tensor((2 * 1.0 + 3 * 6.0) / 5, dtype=torch.float64))
+    torch.testing.assert_close(joined.rejected_logits_mean, -joined.chosen_logits_mean)
+    assert joined.online is None
