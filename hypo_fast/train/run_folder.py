@@ -164,7 +164,7 @@ def _choose(out: Path, record: dict | None) -> Start:
         raise RunFolderError(f"output.dir {out}: every checkpoint of the run is damaged ({'; '.join(damage)}). "
                              + way_out)
     legs = record["legs"] if record else []
-    if legs and legs[-1]["from_step"] >= 0:
+    if legs and legs[-1].get("from_checkpoint"):
         raise RunFolderError(f"output.dir {out}: the run's last leg continued from {legs[-1]['from_checkpoint']} "
                              f"(step {legs[-1]['from_step']}), which is gone, and wrote no checkpoint. " + way_out)
     return Start(None, False, ())  # the run never saved: it starts again from step 0

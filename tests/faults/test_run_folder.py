@@ -81,3 +81,17 @@ def test_an_explicit_checkpoint_continues_with_new_settings_and_records_them(tmp
     assert metric_steps(folder) == [1, 2, 3, 4, 5]  # steps 3 and 4 of the first leg were replaced
     legs = json.loads((folder / "run.json").read_text())["legs"]
     assert legs[-1]["from_step"] == 2 and "algorithm.beta: 0.1 → 0.2" in legs[-1]["changes"]
+
+
+def test_a_run_that_never_saved_starts_again_even_from_an_earlier_releases_record(tmp_path):
+    """A fresh leg that crashed before its first checkpoint starts over at step 0, whichever release wrote its
+    record (earlier ones wrote a fresh leg's from_step as 0, this one as −1)."""
+    from hypo_fast.train.run_folder import RUN_RECORD, decide
+
+    out = tmp_path / "run"
+    out.mkdir()
+    for from_step in (0, -1):
+        leg = {"started": "2026-11-30T12:00:00", "from_step": from_step, "from_checkpoint": None, "changes": []}
+        (out / RUN_RECORD).write_text(json.dumps({"config": {"a": 1}, "data": {"train": "x"}, "legs": [leg]}))
+        start = decide(out, {"a": 1}, {"train": "x"}, "auto", False)
+        assert start.resume_from is None and not start.overwrite
