@@ -81,8 +81,9 @@ class PairScorer:
         D = blocks[0][0].shape[-1]
         rows = [h.reshape(-1, D) for h, _ in blocks]
         targets = [t.reshape(-1) for _, t in blocks]
-        join = (lambda parts: parts[0]) if len(blocks) == 1 else torch.cat  # [Σ R·T, D]: one call when τ allows
-        return Segments(join(rows), join(targets), 0 if pairs is None else targets[0].numel(), self.temperature)
+        if len(blocks) == 1:
+            return Segments(rows[0], targets[0], 0 if pairs is None else targets[0].numel(), self.temperature)
+        return Segments(tuple(rows), torch.cat(targets), targets[0].numel(), self.temperature)  # rows joined if one call
 
     def _score(self, weight, bias):
         return lambda rows, targets, tau, logit_mean: linear_logprobs(

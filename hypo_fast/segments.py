@@ -23,7 +23,8 @@ class Segments(NamedTuple):
     """The hidden states whose next token is scored, pairs first: ``rows[:pair_rows]`` predict the pairs'
     response tokens (chosen rows, then rejected), ``rows[pair_rows:]`` the online samples' tokens."""
 
-    rows: torch.Tensor  # [N, D]
+    rows: torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # [N, D], or apart as (pairs [N_off, D], online
+                                                            # [N_on, D]): joined only if one call scores both
     targets: torch.Tensor  # [N] the scored token of each row (ignore_index where a padded row scores nothing)
     pair_rows: int  # N_off
     temperature: float = 1.0  # τ the online samples were drawn at
@@ -32,9 +33,17 @@ class Segments(NamedTuple):
         """``[N, ...]`` per-row values → ``(pairs [N_off, ...], online [N_on, ...])``."""
         return values[:self.pair_rows], values[self.pair_rows:]
 
+    def row_parts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(pairs [N_off, D], online [N_on, D])``: views, never a copy."""
+        return self.rows if isinstance(self.rows, tuple) else self.split(self.rows)
+
+    def joined_rows(self) -> torch.Tensor:
+        """``[N, D]``: the rows as one tensor (a copy only when they were given apart)."""
+        return torch.cat(self.rows) if isinstance(self.rows, tuple) else self.rows
+
     @property
     def online_rows(self) -> int:
-        return self.rows.shape[0] - self.pair_rows
+        return self.targets.shape[0] - self.pair_rows
 
 
 class SegmentLogps(NamedTuple):
@@ -53,12 +62,12 @@ def score_segments(score: Score, segments: Segments, *, logit_mean: bool = False
     With ``token_kl`` the online rows go through the fused exact-KL op instead (their log-prob and exact
     KL_t against the reference in one pass; the ``exact_token`` estimator), the pairs through ``score``.
     """
-    pair_rows, online_rows = segments.split(segments.rows)
+    pair_rows, online_rows = segments.row_parts()
     pair_targets, online_targets = segments.split(segments.targets)
     tau = segments.temperature
     exact = token_kl is not None and segments.online_rows > 0
     if not exact and (tau == 1.0 or segments.online_rows == 0 or segments.pair_rows == 0):
-        out = score(segments.rows, segments.targets, 1.0 if segments.pair_rows else tau, logit_mean)
+        out = score(segments.joined_rows(), segments.targets, 1.0 if segments.pair_rows else tau, logit_mean)
         return SegmentLogps(*out) if logit_mean else SegmentLogps(out)
     pairs = score(pair_rows, pair_targets, 1.0, logit_mean)
     online_kls = online_ref = None
