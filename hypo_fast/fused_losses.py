@@ -17,9 +17,9 @@ from typing import NamedTuple, Sequence
 import torch
 
 from hypo_fast.losses import sequence_logps
-from hypo_fast.objective import DPOAux, HyPOObjective, OnlineLogps, OptionError, StepLogps
+from hypo_fast.objective import DPOAux, HyPOObjective, OnlineLogps, OptionError, PreferenceAux, StepLogps
 from hypo_fast.ops import linear_logprobs, linear_token_kl
-from hypo_fast.segments import Segments, score_segments
+from hypo_fast.segments import RowMetrics, Segments, score_segments
 
 _DEFAULT = HyPOObjective  # keyword defaults below are read from the objective's fields: one default each
 
@@ -50,10 +50,13 @@ class ScoredPairs(NamedTuple):
     chosen_tokens: torch.Tensor  # [B] scored tokens per sequence (1 each with average_log_prob: already means)
     rejected_tokens: torch.Tensor  # [B]
     online_kls: torch.Tensor | None = None  # [M, T'] exact KL_t of the online samples at τ (exact_token), with grad
+    entropy: torch.Tensor | None = None  # scalar: mean entropy over the scored chosen and rejected tokens
+    mean_token_accuracy: torch.Tensor | None = None  # scalar: scored chosen tokens that are the top-1
 
     def step_logps(self, online: OnlineLogps | None = None) -> StepLogps:
         return StepLogps(self.chosen, self.rejected, self.ref_chosen, self.ref_rejected, online,
-                         self.chosen_logits_mean, self.rejected_logits_mean, self.chosen_tokens, self.rejected_tokens)
+                         self.chosen_logits_mean, self.rejected_logits_mean, self.chosen_tokens, self.rejected_tokens,
+                         self.entropy, self.mean_token_accuracy)
 
 
 class OnlineInputs(NamedTuple):
@@ -86,9 +89,12 @@ class PairScorer:
         return Segments(tuple(rows), torch.cat(targets), targets[0].numel(), self.temperature)  # rows joined if one call
 
     def _score(self, weight, bias):
-        return lambda rows, targets, tau, logit_mean: linear_logprobs(
-            rows, weight, targets, bias=bias, ignore_index=self.ignore_index, return_logit_mean=logit_mean,
-            temperature=tau, impl=self.impl)
+        def score(rows, targets, tau, metrics):
+            out = linear_logprobs(rows, weight, targets, bias=bias, ignore_index=self.ignore_index,
+                                  return_entropy=metrics, return_logit_mean=metrics, return_top1=metrics,
+                                  temperature=tau, impl=self.impl)
+            return RowMetrics.of_linear_logprobs(*out) if metrics else out
+        return score
 
     def _token_kl(self, weight, bias, ref_weight, ref_bias, ref_online_input):
         """The samples through the fused KL op: exact KL_t, log π_τ and log π_ref,τ from one pass."""
@@ -110,11 +116,12 @@ class PairScorer:
         ref_weight = lin_weight if ref_weight is None else ref_weight
         token_kl = self._token_kl(lin_weight, bias, ref_weight, ref_bias, online.ref_input) if online and exact else None
         segments = self._segments((_input, target), None if online is None else (online.input, online.target))
-        scored = score_segments(self._score(lin_weight, bias), segments, logit_mean=True, token_kl=token_kl)
+        scored = score_segments(self._score(lin_weight, bias), segments, metrics=True, token_kl=token_kl)
         pair_logps, sample_logps = segments.split(scored.logps)
         token_logps = pair_logps.view(target.shape)  # [2B, T]
         online_logps = None if online is None else sample_logps.view(online.target.shape)  # [M, T']
-        logit_means = segments.split(scored.logit_means)[0].view(target.shape)
+        logit_means, entropy, is_top1 = (segments.split(v)[0].view(target.shape)  # [2B, T] each
+                                         for v in scored.metrics)
         seq = sequence_logps(token_logps, mask, average=self.average_log_prob)
 
         # reference: precomputed, or live (no grad), or zero
@@ -149,7 +156,7 @@ class PairScorer:
             seq[:n_pairs], seq[n_pairs:], ref_chosen, ref_rejected,
             _masked_mean(logit_means[:n_pairs], mask[:n_pairs]), _masked_mean(logit_means[n_pairs:], mask[n_pairs:]),
             -_masked_mean(token_logps[:n_pairs], mask[:n_pairs]), online_logps, counts[:n_pairs], counts[n_pairs:],
-            online_kls)
+            online_kls, _masked_mean(entropy, mask), _masked_mean(is_top1[:n_pairs].float(), mask[:n_pairs]))
         return scored_pairs, online_ref
 
     def _pair_reference(self, n_pairs, seq, mask, ref_token_logps, ref_chosen, ref_rejected):
@@ -192,11 +199,15 @@ def _liger_wording(err: OptionError, loss_type) -> str:
 
 class LigerDPOAux(DPOAux):
     """:class:`DPOAux` with Liger's own logits means in elements 2 and 3 (what Liger's tuple holds), while
-    :meth:`metrics` reports TRL's ``logits/*``: the mean over the vocabulary and the *scored* tokens."""
+    :meth:`metrics` reports TRL's ``logits/*`` (the mean over the vocabulary and the *scored* tokens), and
+    TRL's ``entropy`` and ``mean_token_accuracy``, from the objective's aux kept beside the tuple."""
 
     def metrics(self, prefix: str = "") -> dict[str, float]:
-        chosen, rejected = self.__dict__.get("trl_logits_means", (self.chosen_logits_mean, self.rejected_logits_mean))
-        return DPOAux(*self._replace(chosen_logits_mean=chosen, rejected_logits_mean=rejected)).metrics(prefix)
+        trl = self.__dict__.get("trl_aux")  # PreferenceAux
+        if trl is None:
+            return DPOAux.metrics(self, prefix)
+        return PreferenceAux(*self[:2], *trl[2:4], *self[4:], entropy=trl.entropy,
+                             mean_token_accuracy=trl.mean_token_accuracy).metrics(prefix)
 
 
 class FusedLinearDPOLoss(torch.nn.Module):
@@ -286,7 +297,7 @@ class FusedLinearDPOLoss(torch.nn.Module):
         loss, aux = self.objective(s.step_logps(), nll)
         liger_means = liger_logits_means(_input, lin_weight, bias, s.chosen.shape[0])
         out = LigerDPOAux(*aux[:2], *liger_means, *aux[4:len(DPOAux._fields)])
-        out.trl_logits_means = (aux[2], aux[3])
+        out.trl_aux = aux
         return (loss if nll is None else loss + self.alpha * nll), out
 
 

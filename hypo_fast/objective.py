@@ -62,11 +62,13 @@ class StepLogps(NamedTuple):
     rejected_logits_mean: torch.Tensor | None = None
     chosen_tokens: torch.Tensor | None = None  # [B] response token counts (ipo, sigmoid_norm and sft need them)
     rejected_tokens: torch.Tensor | None = None  # [B]
+    entropy: torch.Tensor | None = None  # scalar metric: policy entropy over chosen and rejected tokens (TRL's)
+    mean_token_accuracy: torch.Tensor | None = None  # scalar metric: chosen tokens that are the top-1 (TRL's)
 
     @classmethod
     def of_pairs(cls, parts: "list[StepLogps]") -> "StepLogps":
         """The pairs of several offline-only batches as one: per-pair fields concatenated, the scalar
-        ``logits/*`` means weighted by each batch's pair count (evaluation sees every held-out pair at once)."""
+        token metrics weighted by each batch's pair count (evaluation sees every held-out pair at once)."""
         sizes = [p.chosen.shape[0] for p in parts]
 
         def weighted(name):
@@ -78,7 +80,7 @@ class StepLogps(NamedTuple):
 
         return cls(joined("chosen"), joined("rejected"), joined("ref_chosen"), joined("ref_rejected"), None,
                    weighted("chosen_logits_mean"), weighted("rejected_logits_mean"), joined("chosen_tokens"),
-                   joined("rejected_tokens"))
+                   joined("rejected_tokens"), weighted("entropy"), weighted("mean_token_accuracy"))
 
 
 class PreferenceAux(NamedTuple):
@@ -96,6 +98,8 @@ class PreferenceAux(NamedTuple):
     online_kl: torch.Tensor | None = None  # scalar mean k1 estimate of KL(π_τ ‖ π_ref,τ) on the samples
     advantages: torch.Tensor | None = None  # [M] RLOO advantages r_i − b_i (exact_token: per scored token)
     online_kl_exact: torch.Tensor | None = None  # scalar mean over samples of Σ_t KL_t (exact per-token KLs)
+    entropy: torch.Tensor | None = None  # scalar: mean policy entropy (τ = 1) over chosen and rejected tokens
+    mean_token_accuracy: torch.Tensor | None = None  # scalar: fraction of chosen tokens that are the top-1
 
     def metrics(self, prefix: str = "") -> dict[str, float]:
         """Scalar metrics under TRL's names plus ``loss/dpo``, ``loss/kl``, ``kl/online`` (and
@@ -119,7 +123,8 @@ class PreferenceAux(NamedTuple):
             "logits/rejected": self.rejected_logits_mean,
             "nll_loss": self.nll_loss.detach(),
         }
-        for key, value in (("loss/dpo", self.dpo_loss), ("loss/kl", self.kl_loss), ("kl/online", self.online_kl),
+        for key, value in (("entropy", self.entropy), ("mean_token_accuracy", self.mean_token_accuracy),
+                           ("loss/dpo", self.dpo_loss), ("loss/kl", self.kl_loss), ("kl/online", self.online_kl),
                            ("kl/online_exact", self.online_kl_exact)):
             if value is not None:
                 out[key] = value.detach()
@@ -230,5 +235,7 @@ class HyPOObjective:
             result.chosen_rewards, result.rejected_rewards, result.dpo_losses.mean().detach(),
             None if online is None else result.kl_loss,
             None if online is None else result.online_kl,
-            result.advantages, result.online_kl_exact)
+            result.advantages, result.online_kl_exact,
+            None if logps.entropy is None else logps.entropy.detach(),
+            None if logps.mean_token_accuracy is None else logps.mean_token_accuracy.detach())
         return result.loss, aux

@@ -173,13 +173,17 @@ def linear_logprobs_fwd(
     ignore_index: int = -100,
     return_entropy: bool = False,
     return_logit_mean: bool = False,
+    return_top1: bool = False,
     allow_tf32: bool = False,
     order: torch.Tensor | None = None,
     num_splits: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Fused forward. Returns ``(logp [N], lse [N], entropy [N] | None, logit_mean [N] | None)``, fp32.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Fused forward. Returns ``(logp [N], lse [N], entropy [N] | None, logit_mean [N] | None,
+    is_top1 [N] bool | None)``, fp32 but ``is_top1``.
 
-    Ignored rows get 0 in every output. ``order`` (from :func:`row_order`) may be passed to reuse it.
+    ``is_top1``: the target's logit is the row's largest (a tie counts). No extra kernel work: the target
+    logit and the split maxima are the same tile values, so the comparison is exact.
+    Ignored rows get 0 (False) in every output. ``order`` (from :func:`row_order`) may be passed to reuse it.
     ``allow_tf32`` lets fp32 inputs use TF32 tensor cores (default: exact fp32 dots).
     """
     launch, out = fwd_launch(
@@ -194,14 +198,17 @@ def linear_logprobs_fwd(
     scale = torch.exp(out.m - m_max)  # [S, N]
     sum_exp = (out.s * scale).sum(dim=0)
     lse = torch.where(valid, m_max + torch.log(sum_exp), 0.0)
-    logp = torch.where(valid, out.z_tgt.sum(dim=0) - lse, 0.0)
-    entropy = logit_mean = None
+    z_tgt = out.z_tgt.sum(dim=0)  # exact: the splits that do not hold the target add 0
+    logp = torch.where(valid, z_tgt - lse, 0.0)
+    entropy = logit_mean = is_top1 = None
     if return_entropy:  # H = Σ p·(lse − z) = T/S + log S, with T re-centred on the global max
         t_total = (scale * (out.t + (m_max - out.m) * out.s)).sum(dim=0)
         entropy = torch.where(valid, t_total / sum_exp + torch.log(sum_exp), 0.0)
     if return_logit_mean:
         logit_mean = torch.where(valid, out.zsum.sum(dim=0) / weight.shape[0], 0.0)
-    return logp, lse, entropy, logit_mean
+    if return_top1:
+        is_top1 = valid & (z_tgt >= m_max)
+    return logp, lse, entropy, logit_mean, is_top1
 
 
 def bwd_launch(

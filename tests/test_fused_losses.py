@@ -58,6 +58,17 @@ def naive_dpo(weight, hidden, target, bias, ref_hidden, ref_weight, *, beta, los
     return losses.mean(), (seq[:n], seq[n:], *logit_means, cr, rr)
 
 
+def _trl_token_metrics(hidden, weight, bias, target):
+    """TRL's ``entropy`` (all scored tokens, chosen and rejected) and ``mean_token_accuracy`` (scored chosen
+    tokens whose target is the argmax), from float64 logits."""
+    logits = hidden.double() @ weight.double().T + bias.double()  # [2B, T, V]
+    mask = target != IGNORE
+    entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+    chosen = mask[:target.shape[0] // 2]
+    hits = (logits.argmax(-1) == target)[:target.shape[0] // 2]
+    return float(entropy[mask].mean()), float(hits[chosen].float().mean())
+
+
 MPO = ("sigmoid", "bco_pair", "sft"), 0.0, (0.8, 0.2, 1.0)  # TRL's MPO example: types, ε, weights
 
 
@@ -96,6 +107,9 @@ def test_dpo_module_matches_naive_float64(impl, loss_type, ls, loss_weights, ave
     for ours, ref in zip((aux.chosen_logps, aux.rejected_logps, *trl_logits, aux.chosen_rewards,
                           aux.rejected_rewards), parts):
         torch.testing.assert_close(ours.double(), ref.detach(), atol=1e-4, rtol=1e-5)
+    entropy, accuracy = _trl_token_metrics(hidden, weight, bias, target)
+    assert aux.metrics()["entropy"] == pytest.approx(entropy, abs=1e-5)
+    assert aux.metrics()["mean_token_accuracy"] == pytest.approx(accuracy, abs=1e-6)
     for i, rows in ((2, slice(0, B)), (3, slice(B, None))):  # the aux tuple itself holds Liger's definition
         torch.testing.assert_close(aux[i].double(), _liger_logits_mean(hidden, weight, bias, rows), atol=1e-5,
                                    rtol=1e-5)

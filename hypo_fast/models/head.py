@@ -6,6 +6,7 @@ import torch
 
 from hypo_fast.ops import linear_logprobs, linear_token_kl
 from hypo_fast.ops.sample_head import sample_tokens
+from hypo_fast.segments import RowMetrics
 
 
 class FusedLogprobHead(torch.nn.Module):
@@ -25,20 +26,23 @@ class FusedLogprobHead(torch.nn.Module):
         return cls(linear.weight, getattr(linear, "bias", None), impl)
 
     def forward(self, hidden: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor | None = None,
-                temperature: float = 1.0, return_logit_mean: bool = False):
+                temperature: float = 1.0, return_metrics: bool = False):
         """Log-probs ``[N]`` of ``targets [N]`` at ``positions [N]`` (flat indices into ``hidden [..., D]``;
         ``None``: ``hidden`` is already the ``[N, D]`` rows).
 
         Only those rows reach the vocabulary projection; no host sync (targets come validated from the
-        data side). With ``return_logit_mean`` also the mean logit over the vocabulary per row (a metric).
+        data side). With ``return_metrics`` ``(logps, RowMetrics)``: also the per-row values behind TRL's
+        ``logits/*``, ``entropy`` and ``mean_token_accuracy`` (no grad).
         """
         rows = _rows(hidden, positions)  # [N, D]
-        return linear_logprobs(rows, self.weight, targets, bias=self.bias, temperature=temperature,
-                               return_logit_mean=return_logit_mean, impl=self.impl, check_targets=False)
+        out = linear_logprobs(rows, self.weight, targets, bias=self.bias, temperature=temperature,
+                              return_entropy=return_metrics, return_logit_mean=return_metrics,
+                              return_top1=return_metrics, impl=self.impl, check_targets=False)
+        return RowMetrics.of_linear_logprobs(*out) if return_metrics else out
 
-    def score(self, rows: torch.Tensor, targets: torch.Tensor, temperature: float, logit_mean: bool):
+    def score(self, rows: torch.Tensor, targets: torch.Tensor, temperature: float, metrics: bool):
         """:func:`hypo_fast.segments.score_segments`' ``score``: this module's forward on ``[N, D]`` rows."""
-        return self(rows, targets, None, temperature, logit_mean)
+        return self(rows, targets, None, temperature, metrics)
 
     def token_kl(self, rows: torch.Tensor, targets: torch.Tensor, ref_rows: torch.Tensor,
                  ref_head: "FusedLogprobHead", temperature: float = 1.0):

@@ -15,7 +15,7 @@ import torch
 
 from hypo_fast.losses import sequence_logps
 from hypo_fast.objective import OnlineLogps, StepLogps
-from hypo_fast.segments import Segments
+from hypo_fast.segments import RowMetrics, Segments
 
 
 @dataclass(frozen=True)
@@ -158,7 +158,7 @@ class StepBatch:
         return counts[:self.num_pairs], counts[self.num_pairs:]
 
     def step_logps(self, token_logps: torch.Tensor, ref_pairs: torch.Tensor, ref_online: torch.Tensor | None = None,
-                   logit_means: torch.Tensor | None = None, online_token_kls: torch.Tensor | None = None) -> StepLogps:
+                   row_metrics: RowMetrics | None = None, online_token_kls: torch.Tensor | None = None) -> StepLogps:
         """The objective's input, by segment, from one forward's ``[N]`` outputs (no host sync).
 
         The pairs' log-probs are sums with their token counts beside them: each loss type of the objective
@@ -168,7 +168,7 @@ class StepBatch:
             token_logps: ``[N]`` policy log-probs at every loss position (pairs at τ = 1, online at τ).
             ref_pairs: ``[B, 2]`` reference (chosen, rejected) summed sequence log-probs.
             ref_online: ``[N_on]`` reference token log-probs of the online samples at τ.
-            logit_means: ``[N]`` mean logit per position (for the ``logits/*`` metrics).
+            row_metrics: per position (for TRL's ``logits/*``, ``entropy`` and ``mean_token_accuracy``).
             online_token_kls: ``[N_on]`` exact KL_t at the online positions, with grad (``exact_token``).
         """
         offline, online = self.split(token_logps)
@@ -180,14 +180,16 @@ class StepBatch:
             if online_token_kls is not None and online_token_kls.shape != online.shape:
                 raise ValueError(f"online_token_kls must hold the {online.shape[0]} online positions' KLs")
             online_logps = OnlineLogps(online, ref_online, self.online_segment_ids, self.num_online, online_token_kls)
-        means = (None, None)
-        if logit_means is not None:
+        means = token_metrics = (None, None)
+        if row_metrics is not None:
             ids = self.tokens.segment_ids[:self.offline_positions]
-            offline_means = self.split(logit_means)[0]
-            masks = ((ids < self.num_pairs).float(), (ids >= self.num_pairs).float())
-            means = tuple((offline_means * m).sum() / m.sum().clamp_min(1) for m in masks)
+            pairs = RowMetrics(*(self.split(values)[0] for values in row_metrics))  # [N_off] each
+            chosen_mask, rejected_mask = (ids < self.num_pairs).float(), (ids >= self.num_pairs).float()
+            means = tuple((pairs.logit_mean * m).sum() / m.sum().clamp_min(1) for m in (chosen_mask, rejected_mask))
+            token_metrics = (pairs.entropy.mean() if pairs.entropy.numel() else pairs.entropy.new_zeros(()),
+                             (pairs.is_top1 * chosen_mask).sum() / chosen_mask.sum().clamp_min(1))
         return StepLogps(chosen, rejected, ref_pairs[:, 0], ref_pairs[:, 1], online_logps, *means,
-                         *self.pair_token_counts(chosen.dtype))
+                         *self.pair_token_counts(chosen.dtype), *token_metrics)
 
 
 def pack_step(pairs: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int]]],

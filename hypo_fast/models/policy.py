@@ -69,9 +69,11 @@ class Policy:
         """``[N]`` log π(target | prefix) at the batch's loss positions (τ = 1), with grad."""
         return self.head(final_hidden(self.model, batch), batch.targets, batch.loss_positions)
 
-    def step_logprobs(self, batch: StepBatch, return_logit_mean: bool = False,
+    def step_logprobs(self, batch: StepBatch, return_metrics: bool = False,
                       ref_online_hidden: torch.Tensor | None = None):
         """``[N]`` log-probs of a step batch, with grad: pairs under π, online samples under π_τ.
+
+        With ``return_metrics`` also their :class:`~hypo_fast.segments.RowMetrics` (for TRL's token metrics).
 
         With ``ref_online_hidden`` (``[N_on, D_ref]``, from ``reference_online_logprobs(return_hidden=True)``)
         also ``[N_on]`` exact per-token KL(π_τ ‖ π_ref,τ) of the online samples, last in the tuple.
@@ -83,11 +85,11 @@ class Policy:
             token_kl = lambda rows, targets, tau: self.head.token_kl(rows, targets, ref_online_hidden,  # noqa: E731
                                                                      ref_head, tau)
         out = score_segments(self.head.score, batch.segments(hidden, self.temperature),
-                             logit_mean=return_logit_mean, token_kl=token_kl)
-        values = (out.logps, out.logit_means) if return_logit_mean else (out.logps,)
+                             metrics=return_metrics, token_kl=token_kl)
+        values = (out.logps, out.metrics) if return_metrics else (out.logps,)
         if ref_online_hidden is not None and batch.num_online:
             return *values, out.online_kls
-        return values if return_logit_mean else out.logps
+        return values if return_metrics else out.logps
 
     @torch.no_grad()
     def reference_token_logprobs(self, batch: TokenBatch) -> torch.Tensor:

@@ -94,10 +94,11 @@ def chunked_fwd(
     ignore_index: int = -100,
     return_entropy: bool = False,
     return_logit_mean: bool = False,
+    return_top1: bool = False,
     allow_tf32: bool = False,
     chunk_elements: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Same contract as ``hypo_fast.kernels.linear_logprobs_fwd``: ``(logp, lse, entropy, logit_mean)``.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Same contract as ``hypo_fast.kernels.linear_logprobs_fwd``: ``(logp, lse, entropy, logit_mean, is_top1)``.
 
     ``allow_tf32`` is accepted for the common contract; fp32 GEMMs follow torch's own TF32 settings.
     """
@@ -108,12 +109,20 @@ def chunked_fwd(
     h_scaled = h.to(_compute_dtype(hidden)) * inv_temp
     n = h.shape[0]
 
+    tgt = targets.index_select(0, rows).long()
     state = None  # lse, or (m, s, t) when the entropy is wanted
     sum_z = torch.zeros(n, device=hidden.device) if return_logit_mean else None
+    if return_top1:  # the running max and the target's logit, both read from the same chunk values
+        z_max = torch.full((n,), float("-inf"), device=hidden.device)
+        z_tgt = torch.zeros(n, device=hidden.device)
     for lo, hi in _chunks(n, V, chunk_elements):
         z = _logits_chunk(h_scaled, weight[lo:hi].to(h_scaled.dtype), bias, lo, hi, inv_temp)  # [n, chunk]
         if return_logit_mean:
             sum_z += z.sum(1)
+        if return_top1:
+            z_max = torch.maximum(z_max, z.amax(1))
+            in_chunk = (tgt >= lo) & (tgt < hi)
+            z_tgt = torch.where(in_chunk, z.gather(1, (tgt - lo).clamp(0, hi - lo - 1)[:, None]).squeeze(1), z_tgt)
         state = _fold_entropy_stats(state, z) if return_entropy else _fold_lse(state, z)
     if return_entropy:
         m, s, t = state
@@ -121,15 +130,15 @@ def chunked_fwd(
     else:
         lse = state
 
-    tgt = targets.index_select(0, rows).long()
     logp = _target_logits(h.float(), weight, bias, tgt, inv_temp) - lse
 
     def scatter(values):  # valid rows → [N], 0 elsewhere
-        return torch.zeros(N, device=hidden.device).index_copy_(0, rows, values)
+        return torch.zeros(N, device=hidden.device, dtype=values.dtype).index_copy_(0, rows, values)
 
     entropy = scatter(entropy) if return_entropy else None
     logit_mean = scatter(sum_z / V) if return_logit_mean else None
-    return scatter(logp), scatter(lse), entropy, logit_mean
+    is_top1 = scatter(z_tgt >= z_max) if return_top1 else None
+    return scatter(logp), scatter(lse), entropy, logit_mean, is_top1
 
 
 class _HeadGradSums:

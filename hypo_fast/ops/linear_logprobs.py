@@ -65,22 +65,22 @@ class LinearLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, return_entropy,
-                return_logit_mean, impl, fp32_weight_grad, allow_tf32):
+                return_logit_mean, return_top1, impl, fp32_weight_grad, allow_tf32):
         ctx.set_materialize_grads(False)
         fwd, _ = BACKENDS[impl]
         with no_autocast(hidden.device):
-            logp, lse, entropy, logit_mean = fwd(
+            logp, lse, entropy, logit_mean, is_top1 = fwd(
                 hidden, weight, targets, bias, temperature=temperature, ignore_index=ignore_index,
-                return_entropy=return_entropy, return_logit_mean=return_logit_mean, allow_tf32=allow_tf32,
+                return_entropy=return_entropy, return_logit_mean=return_logit_mean, return_top1=return_top1,
+                allow_tf32=allow_tf32,
             )
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
         ctx.options = (temperature, ignore_index, impl, fp32_weight_grad, allow_tf32)
-        if logit_mean is not None:
-            ctx.mark_non_differentiable(logit_mean)
-        return logp, entropy, logit_mean
+        ctx.mark_non_differentiable(*(t for t in (logit_mean, is_top1) if t is not None))
+        return logp, entropy, logit_mean, is_top1
 
     @staticmethod
-    def backward(ctx, grad_logp, grad_entropy, _grad_logit_mean):
+    def backward(ctx, grad_logp, grad_entropy, _grad_logit_mean, _grad_top1):
         if torch.is_grad_enabled():  # create_graph=True: its gradient would be differentiated again
             raise RuntimeError(
                 "linear_logprobs has no double backward: its gradient cannot be differentiated again "
@@ -90,7 +90,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
         temperature, ignore_index, impl, fp32_weight_grad, allow_tf32 = ctx.options
         needs = ctx.needs_input_grad[:3]
         if not any(needs) or (grad_logp is None and grad_entropy is None):
-            return (None,) * 11
+            return (None,) * 12
         if grad_logp is None:
             grad_logp = torch.zeros_like(lse)
         _, bwd = BACKENDS[impl]
@@ -100,7 +100,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
                 temperature=temperature, ignore_index=ignore_index, needs_grad=needs,
                 fp32_weight_grad=fp32_weight_grad, allow_tf32=allow_tf32,
             )
-        return d_hidden, d_weight, d_bias, None, None, None, None, None, None, None, None
+        return d_hidden, d_weight, d_bias, *(None,) * 9
 
 
 def linear_logprobs(
@@ -113,6 +113,7 @@ def linear_logprobs(
     ignore_index: int = -100,
     return_entropy: bool = False,
     return_logit_mean: bool = False,
+    return_top1: bool = False,
     impl: str = "auto",
     fp32_weight_grad: bool = True,
     allow_tf32: bool = False,
@@ -140,6 +141,8 @@ def linear_logprobs(
             cost no vocabulary FLOPs.
         return_entropy: also return the entropy of ``softmax(z)`` per row (differentiable).
         return_logit_mean: also return the mean logit over the vocabulary per row (a metric, no grad).
+        return_top1: also return whether the target is the row's most likely token (bool, no grad;
+            a tie for the maximum counts as top-1): TRL's ``is_top1``, behind ``mean_token_accuracy``.
         impl: ``"auto"`` (Triton on CUDA; on CPU the native op when built, else chunked PyTorch),
             ``"triton"``, ``"native"`` or ``"torch"``.
         fp32_weight_grad: accumulate the weight gradient in fp32 (default); ``False`` accumulates it
@@ -152,8 +155,8 @@ def linear_logprobs(
             are already known valid.
 
     Returns:
-        ``logp`` fp32 ``[...]``; with ``return_entropy`` and/or ``return_logit_mean``, a tuple
-        ``(logp, entropy, logit_mean)`` in that order holding only the requested extras.
+        ``logp`` fp32 ``[...]``; with any of ``return_entropy``, ``return_logit_mean``, ``return_top1``, a
+        tuple ``(logp, entropy, logit_mean, is_top1)`` in that order holding only the requested extras.
 
     Raises:
         ValueError: naming the argument that is malformed (shapes, dtypes, devices, target range).
@@ -170,17 +173,16 @@ def linear_logprobs(
 
     if targets_1d.numel() == 0:  # nothing to score: keep the graph so grads are zero, not missing
         zero = hidden_2d.sum(-1).float() * 0.0
-        logp, entropy, logit_mean = zero, zero.clone() if return_entropy else None, None
-        if return_logit_mean:
-            logit_mean = zero.detach().clone()
+        logp, entropy = zero, zero.clone() if return_entropy else None
+        logit_mean = zero.detach().clone() if return_logit_mean else None
+        is_top1 = torch.zeros(zero.shape, dtype=torch.bool, device=zero.device) if return_top1 else None
     else:
-        logp, entropy, logit_mean = LinearLogprobsFunction.apply(
+        logp, entropy, logit_mean, is_top1 = LinearLogprobsFunction.apply(
             hidden_2d, weight, bias, targets_1d, float(temperature), int(ignore_index),
-            return_entropy, return_logit_mean, impl, fp32_weight_grad, allow_tf32,
+            return_entropy, return_logit_mean, return_top1, impl, fp32_weight_grad, allow_tf32,
         )
     outputs = [logp.view(batch_shape)]
-    if return_entropy:
-        outputs.append(entropy.view(batch_shape))
-    if return_logit_mean:
-        outputs.append(logit_mean.view(batch_shape))
+    for wanted, extra in ((return_entropy, entropy), (return_logit_mean, logit_mean), (return_top1, is_top1)):
+        if wanted:
+            outputs.append(extra.view(batch_shape))
     return outputs[0] if len(outputs) == 1 else tuple(outputs)

@@ -87,10 +87,12 @@ def _register_fakes() -> None:
     """Shape-only implementations for tracing (``torch.compile``, FakeTensor)."""
 
     @torch.library.register_fake("hypo_fast::linear_logprobs_fwd")
-    def _(hidden, weight, targets, bias, temperature, ignore_index, return_entropy, return_logit_mean, *chunking):
+    def _(hidden, weight, targets, bias, temperature, ignore_index, return_entropy, return_logit_mean, return_top1,
+          *chunking):
         rows = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
-        extra = lambda wanted: rows.new_empty(rows.shape if wanted else (0,))  # noqa: E731
-        return rows, rows.new_empty(rows.shape), extra(return_entropy), extra(return_logit_mean)
+        extra = lambda wanted, dtype=torch.float32: rows.new_empty(rows.shape if wanted else (0,), dtype=dtype)  # noqa: E731
+        return (rows, rows.new_empty(rows.shape), extra(return_entropy), extra(return_logit_mean),
+                extra(return_top1, torch.bool))
 
     @torch.library.register_fake("hypo_fast::linear_logprobs_bwd")
     def _(hidden, weight, targets, bias, lse, grad_logp, entropy, grad_entropy, temperature, ignore_index,
@@ -115,11 +117,12 @@ def _chunking() -> tuple[int, int]:
 
 
 def linear_logprobs_fwd(hidden, weight, targets, bias=None, *, temperature=1.0, ignore_index=-100,
-                        return_entropy=False, return_logit_mean=False, allow_tf32=False):
-    logp, lse, entropy, logit_mean = torch.ops.hypo_fast.linear_logprobs_fwd(
-        hidden, weight, targets, bias, temperature, ignore_index, return_entropy, return_logit_mean,
+                        return_entropy=False, return_logit_mean=False, return_top1=False, allow_tf32=False):
+    logp, lse, entropy, logit_mean, is_top1 = torch.ops.hypo_fast.linear_logprobs_fwd(
+        hidden, weight, targets, bias, temperature, ignore_index, return_entropy, return_logit_mean, return_top1,
         *_chunking())
-    return logp, lse, entropy if return_entropy else None, logit_mean if return_logit_mean else None
+    return (logp, lse, entropy if return_entropy else None, logit_mean if return_logit_mean else None,
+            is_top1 if return_top1 else None)
 
 
 def linear_logprobs_bwd(hidden, weight, targets, bias, lse, grad_logp, *, entropy=None, grad_entropy=None,

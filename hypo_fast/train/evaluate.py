@@ -55,8 +55,8 @@ def pair_metrics(policy: Policy, objective: HyPOObjective, pairs: list[Preferenc
     for start in range(0, len(pairs), batch_pairs):
         chunk = pairs[start:start + batch_pairs]
         batch = pack_step([p.ids for p in chunk]).to(device)
-        logps, logit_means = policy.step_logprobs(batch, return_logit_mean=True)
-        steps.append(batch.step_logps(logps, ref_logps[start:start + len(chunk)].to(device), logit_means=logit_means))
+        logps, row_metrics = policy.step_logprobs(batch, return_metrics=True)
+        steps.append(batch.step_logps(logps, ref_logps[start:start + len(chunk)].to(device), row_metrics=row_metrics))
     step = StepLogps.of_pairs(steps)
     _, aux = objective(step)
     return aux.metrics(prefix="eval/")

@@ -49,7 +49,7 @@ class TrainModule(torch.nn.Module):
         self.policy = policy
 
     def forward(self, batch: StepBatch, ref_online_hidden: torch.Tensor | None = None):
-        return self.policy.step_logprobs(batch, return_logit_mean=True, ref_online_hidden=ref_online_hidden)
+        return self.policy.step_logprobs(batch, return_metrics=True, ref_online_hidden=ref_online_hidden)
 
 
 @dataclass
@@ -219,8 +219,8 @@ class Trainer:
             ref_seconds = time.perf_counter() - start
         self.phase = "the policy forward"
         # ONE policy forward over pairs and samples together (exact_token: plus the samples' exact KL_t)
-        token_logps, logit_means, *token_kls = self.engine(batch, ref_online_hidden=ref_hidden)
-        step = batch.step_logps(token_logps, self.ref_train[pair_index].to(self.device), ref_online, logit_means,
+        token_logps, row_metrics, *token_kls = self.engine(batch, ref_online_hidden=ref_hidden)
+        step = batch.step_logps(token_logps, self.ref_train[pair_index].to(self.device), ref_online, row_metrics,
                                 token_kls[0] if token_kls else None)
         loss, aux = self.objective(step)
         metrics = {"loss": loss.detach(), **aux.metric_tensors()}  # on the device: transferred once per step

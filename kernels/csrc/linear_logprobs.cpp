@@ -88,10 +88,10 @@ void for_row_blocks(int64_t rows, int64_t block, const Fn& fn) {
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
     const c10::optional<at::Tensor>& bias, double temperature, int64_t ignore_index, bool return_entropy,
-    bool return_logit_mean, int64_t chunk_elements, int64_t min_chunk) {
+    bool return_logit_mean, bool return_top1, int64_t chunk_elements, int64_t min_chunk) {
   const at::NoGradGuard no_grad;  // differentiated by its autograd.Function (ops/linear_logprobs.py)
   check_shapes(hidden, weight, targets, bias);
   const int64_t N = hidden.size(0), V = weight.size(0);
@@ -101,6 +101,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd(
 
   std::vector<SegmentStats> stats(n, SegmentStats{-std::numeric_limits<float>::infinity(), 0.f, 0.f});
   std::vector<float> sum_z(return_logit_mean ? n : 0, 0.f);
+  std::vector<float> z_tgt(return_top1 ? n : 0, 0.f);  // the target's logit as its chunk holds it (vs stats.m)
+  const int64_t* tgt = rows.target.data_ptr<int64_t>();
   const int64_t C = chunk_columns(n, V, chunk_elements, min_chunk), BN = block_rows(n);
   for (int64_t lo = 0; lo < V && n > 0; lo += C) {
     const int64_t hi = std::min(V, lo + C), cols = hi - lo;
@@ -114,6 +116,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd(
         float* row = zp + (r - r0) * cols;
         scale_and_shift(row, shift_ptr, inv_temp, cols);
         if (return_logit_mean) sum_z[r] += row_sum(row, cols);
+        if (return_top1 && tgt[r] >= lo && tgt[r] < hi) z_tgt[r] = row[tgt[r] - lo];
         merge_stats(stats[r], segment_stats(row, cols, return_entropy, /*store_exp=*/false));
       }
     });
@@ -128,13 +131,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logprobs_fwd(
     if (return_entropy) entropy_p[r] = stats[r].t / stats[r].s + log_s;
   }
   at::Tensor logp = target_logits(rows, weight, bias, inv_temp) - lse;
-  at::Tensor logit_mean;
+  at::Tensor logit_mean, is_top1;
   if (return_logit_mean) {
     logit_mean = scatter_rows(at::tensor(sum_z, lse.options()) / static_cast<double>(V), rows.index, N);
   }
+  if (return_top1) {  // exact: stats.m is the max of the same chunk values the target's logit was read from
+    at::Tensor top1 = at::empty({n}, lse.options().dtype(at::kBool));
+    bool* top1_p = top1.data_ptr<bool>();
+    for (int64_t r = 0; r < n; ++r) top1_p[r] = z_tgt[r] >= stats[r].m;
+    is_top1 = scatter_rows(top1, rows.index, N);
+  }
   return {scatter_rows(logp, rows.index, N), scatter_rows(lse, rows.index, N),
           return_entropy ? scatter_rows(entropy, rows.index, N) : at::empty({0}, lse.options()),
-          return_logit_mean ? logit_mean : at::empty({0}, lse.options())};
+          return_logit_mean ? logit_mean : at::empty({0}, lse.options()),
+          return_top1 ? is_top1 : at::empty({0}, lse.options().dtype(at::kBool))};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logprobs_bwd(

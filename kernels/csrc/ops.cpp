@@ -15,8 +15,8 @@ TORCH_LIBRARY(hypo_fast, m) {
   m.def("built_with() -> str", &built_with);
   m.def(
       "linear_logprobs_fwd(Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, float temperature, "
-      "int ignore_index, bool return_entropy, bool return_logit_mean, int chunk_elements, int min_chunk) "
-      "-> (Tensor logp, Tensor lse, Tensor entropy, Tensor logit_mean)");
+      "int ignore_index, bool return_entropy, bool return_logit_mean, bool return_top1, int chunk_elements, "
+      "int min_chunk) -> (Tensor logp, Tensor lse, Tensor entropy, Tensor logit_mean, Tensor is_top1)");
   m.def(
       "linear_logprobs_bwd(Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, Tensor lse, "
       "Tensor grad_logp, Tensor? entropy, Tensor? grad_entropy, float temperature, int ignore_index, "

@@ -46,9 +46,12 @@ def test_fused_dpo_path_equals_trls_own_dpo(tmp_path):
     theirs = _trainer(DPOTrainer, DPOConfig, tmp_path / "theirs", model=copy.deepcopy(model))
     ours.train()
     theirs.train()
-    for key in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "grad_norm"):
+    for key in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "grad_norm",
+                "logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy"):  # TRL's token metrics too
+        assert _history(theirs, key), f"TRL logged no {key}"
         torch.testing.assert_close(torch.tensor(_history(ours, key)), torch.tensor(_history(theirs, key)),
                                    atol=2e-5, rtol=2e-4, msg=key)
+    assert 0 < sum(_history(theirs, "mean_token_accuracy")) < len(_history(theirs, "mean_token_accuracy"))
     assert _history(ours, "num_tokens") == _history(theirs, "num_tokens")
 
 
@@ -78,3 +81,19 @@ def test_lora_reference_is_the_base_model_and_bf16_autocast_reaches_the_decoder(
     trainer.train()
     assert dtypes and set(dtypes) == {torch.bfloat16}  # every forward (training, reference, sampling) autocast
     assert len([r for r in trainer.state.log_history if "kl/online" in r]) == 2
+
+
+def test_the_cli_logs_every_metric_trls_dpo_trainer_logs(tmp_path):
+    """One set of names: each metric TRL's own DPOTrainer logs in a training step (``entropy`` and
+    ``mean_token_accuracy`` included) is in the CLI's log under the same name."""
+    from hypo_fast.train.config import config_from_dict
+    from hypo_fast.train.trainer import Trainer
+    from tests.train.helpers import toy_config
+
+    theirs = _trainer(DPOTrainer, DPOConfig, tmp_path / "theirs")
+    theirs.train()
+    trl_names = {k for row in theirs.state.log_history if "loss" in row for k in row}
+    ours = Trainer(config_from_dict(toy_config(tmp_path, "ours", steps=2))).train()
+    cli_names = {k for row in ours if "loss" in row for k in row}
+    assert {"entropy", "mean_token_accuracy", "logits/chosen"} <= trl_names
+    assert trl_names - cli_names == set()

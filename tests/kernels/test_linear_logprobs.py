@@ -29,9 +29,9 @@ def _inputs(N, V, D, dtype=torch.float32, device=DEVICE, ignore_frac=0.25):
 def test_vocabulary_splits_merge_exactly(splits, seed):
     hidden, weight, bias, targets = _inputs(45, 300, 40)
     one = linear_logprobs_fwd(hidden, weight, targets, bias, temperature=0.9, return_entropy=True,
-                              return_logit_mean=True, num_splits=1)
+                              return_logit_mean=True, return_top1=True, num_splits=1)
     many = linear_logprobs_fwd(hidden, weight, targets, bias, temperature=0.9, return_entropy=True,
-                               return_logit_mean=True, num_splits=splits)
+                               return_logit_mean=True, return_top1=True, num_splits=splits)
     for a, b in zip(one, many):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
     logp, entropy = linear_logprobs_reference(hidden.double(), weight.double(), targets, bias.double(), 0.9)
@@ -48,7 +48,7 @@ def test_tiles_of_ignored_rows_are_skipped_but_outputs_zeroed(seed):
     # 100 rows, only 3 scored: most token tiles exit early; their outputs must still be 0, not NaN
     hidden, weight, bias, targets = _inputs(100, 130, 24, ignore_frac=1.0)
     targets[[3, 50, 97]] = torch.tensor([0, 129, 64], device=DEVICE)
-    logp, lse, entropy, _ = linear_logprobs_fwd(hidden, weight, targets, bias, return_entropy=True)
+    logp, lse, entropy, *_ = linear_logprobs_fwd(hidden, weight, targets, bias, return_entropy=True)
     assert torch.isfinite(logp).all() and torch.isfinite(lse).all() and torch.isfinite(entropy).all()
     assert (logp.count_nonzero() == 3) and (entropy.count_nonzero() == 3)
     d_hidden, _, _ = linear_logprobs_bwd(hidden, weight, targets, bias, lse, torch.ones_like(logp))
@@ -58,7 +58,7 @@ def test_tiles_of_ignored_rows_are_skipped_but_outputs_zeroed(seed):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_weight_dtype_accumulation(dtype, seed):
     hidden, weight, bias, targets = _inputs(64, 200, 32, dtype)
-    logp, lse, _, _ = linear_logprobs_fwd(hidden, weight, targets, bias)
+    logp, lse, *_ = linear_logprobs_fwd(hidden, weight, targets, bias)
     g = torch.randn_like(logp)
     _, dw32, _ = linear_logprobs_bwd(hidden, weight, targets, bias, lse, g, fp32_weight_grad=True)
     _, dw16, _ = linear_logprobs_bwd(hidden, weight, targets, bias, lse, g, fp32_weight_grad=False)
@@ -69,7 +69,7 @@ def test_weight_dtype_accumulation(dtype, seed):
 
 def test_only_requested_grads_are_computed(seed):
     hidden, weight, bias, targets = _inputs(20, 50, 16)
-    logp, lse, _, _ = linear_logprobs_fwd(hidden, weight, targets, bias)
+    logp, lse, *_ = linear_logprobs_fwd(hidden, weight, targets, bias)
     grads = linear_logprobs_bwd(hidden, weight, targets, bias, lse, torch.ones_like(logp),
                                 needs_grad=(False, True, False))
     assert grads[0] is None and grads[1] is not None and grads[2] is None

@@ -66,3 +66,38 @@ def test_step_logps_carries_sums_and_token_counts():
     assert step.chosen_tokens.tolist() == [3, 1] and step.rejected_tokens.tolist() == [1, 4]
     # chosen tokens come first in the row: −(1+2+3), −4; then rejected: −5, −(6+7+8+9)
     assert step.chosen.tolist() == [-6, -4] and step.rejected.tolist() == [-5, -30]
+
+
+def test_step_metrics_are_trls_from_the_hf_logits():
+    """The packed step's ``logits/*``, ``entropy`` (chosen and rejected tokens) and ``mean_token_accuracy``
+    (chosen tokens) as TRL defines them, from the HF model's own logits; online samples do not count."""
+    from hypo_fast.models import pack_step
+
+    model = tiny_llama(vocab_size=8).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)  # confident: argmax targets are then frequent
+    pairs = [([1, 2], [3, 4, 5], [6]), ([7], [1, 1], [2, 3, 4, 5])]
+    with torch.no_grad():  # half the chosen tokens are the model's own greedy choice
+        ids = torch.tensor([[1, 2]])
+        pairs[0] = ([1, 2], [int(model(ids).logits[0, -1].argmax()), 4, 5], [6])
+    online = [([1], [2, 3])]
+    chosen, rejected = [], []
+    with torch.no_grad():
+        for i, (prompt, c, r) in enumerate(pairs):
+            for response, into in ((c, chosen), (r, rejected)):
+                logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1].double()
+                into += [(row, t) for row, t in zip(logits, response)]
+        batch = pack_step(pairs, online)
+        logps, row_metrics = Policy(model, temperature=0.5).step_logprobs(batch, return_metrics=True)
+    n_online = logps.shape[0] - batch.offline_positions
+    step = batch.step_logps(logps, torch.zeros(2, 2), torch.zeros(n_online), row_metrics)
+
+    def entropy(row):
+        return float(-(row.softmax(-1) * row.log_softmax(-1)).sum())
+
+    assert float(step.entropy) == pytest.approx(sum(entropy(z) for z, _ in chosen + rejected) / len(chosen + rejected),
+                                                abs=1e-5)
+    accuracy = sum(int(z.argmax()) == t for z, t in chosen) / len(chosen)
+    assert 0 < accuracy < 1 and float(step.mean_token_accuracy) == pytest.approx(accuracy)
+    assert float(step.chosen_logits_mean) == pytest.approx(sum(float(z.mean()) for z, _ in chosen) / len(chosen),
+                                                           abs=1e-5)

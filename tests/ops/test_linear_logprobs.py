@@ -147,6 +147,29 @@ def test_logit_mean_and_output_order(impl, seed):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_top1_is_the_argmax(impl, temperature, seed):
+    """``is_top1`` (TRL's, behind ``mean_token_accuracy``) over many vocabulary chunks / splits: half the
+    targets are the float64 argmax; rows whose top two logits are within fp32 rounding are not judged."""
+    hidden, weight, bias, targets = make_inputs(*SHAPES[impl][3], torch.float32, DEVICE[impl], bias=True)
+    logits = (hidden.double() @ weight.double().T + bias.double()) / temperature  # [N, V]
+    take_argmax = torch.rand(targets.shape, device=targets.device) < 0.5
+    targets = torch.where(take_argmax & (targets != -100), logits.argmax(-1), targets)
+    logp, ent, mean, top1 = linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
+                                            return_entropy=True, return_logit_mean=True, return_top1=True, impl=impl)
+    top2 = logits.topk(min(2, logits.shape[-1]), -1).values
+    decidable = (top2[:, 0] - top2[:, -1] > 1e-4) | (logits.shape[-1] == 1)
+    expected = (logits.argmax(-1) == targets) & (targets != -100)
+    assert top1.dtype == torch.bool and not top1.requires_grad
+    assert (top1[decidable] == expected[decidable]).all()
+    assert expected[decidable].any() and not expected[decidable].all()  # both outcomes are exercised
+    logp_only, top1_only = linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
+                                           return_top1=True, impl=impl)
+    torch.testing.assert_close(logp_only, logp)
+    assert torch.equal(top1_only, top1)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_only_entropy_has_a_gradient(impl, seed):
     hidden, weight, _, targets = make_inputs(*SHAPES[impl][3], torch.float32, DEVICE[impl])
     g = torch.randn(targets.shape, dtype=torch.float64, device=hidden.device)
@@ -170,8 +193,9 @@ def test_impls_agree_and_auto_dispatch(seed):
 def test_no_rows(seed):
     hidden = torch.randn(0, 16, requires_grad=True)
     weight = torch.randn(11, 16, requires_grad=True)
-    logp, ent = linear_logprobs(hidden, weight, torch.zeros(0, dtype=torch.long), return_entropy=True)
-    assert logp.shape == ent.shape == (0,)
+    logp, ent, top1 = linear_logprobs(hidden, weight, torch.zeros(0, dtype=torch.long), return_entropy=True,
+                                      return_top1=True)
+    assert logp.shape == ent.shape == top1.shape == (0,) and top1.dtype == torch.bool
     (logp.sum() + ent.sum()).backward()
     assert hidden.grad.shape == (0, 16)
 

@@ -100,8 +100,8 @@ def test_switched_off_by_environment():
 def test_direct_op_calls_check_shapes():
     hidden, weight, targets = torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,))
     with pytest.raises(RuntimeError, match="weight"):
-        torch.ops.hypo_fast.linear_logprobs_fwd(hidden, weight[:, :7], targets, None, 1.0, -100, False, False, 1024, 64)
+        torch.ops.hypo_fast.linear_logprobs_fwd(hidden, weight[:, :7], targets, None, 1.0, -100, False, False, False, 1024, 64)
     with pytest.raises(RuntimeError, match="targets"):
-        torch.ops.hypo_fast.linear_logprobs_fwd(hidden, weight, targets[:3], None, 1.0, -100, False, False, 1024, 64)
+        torch.ops.hypo_fast.linear_logprobs_fwd(hidden, weight, targets[:3], None, 1.0, -100, False, False, False, 1024, 64)
     with pytest.raises(RuntimeError, match="bias"):
         torch.ops.hypo_fast.sample_head(hidden, weight, torch.zeros(9), 1.0, 0, False, False, 2048)
