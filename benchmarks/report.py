@@ -193,6 +193,38 @@ SETTING_TITLES = {("partial", "worse"): "partial coverage, uncovered responses w
                   ("global-better", "better"): "global coverage (control), uncovered responses better"}
 
 
+def _paired_interval(policy_rows: list[dict], policy: str, key: str) -> tuple[float, float, float, float]:
+    """Per-seed ``policy − reference`` of one mass on the partial-coverage data, as coverage.py pairs them."""
+    from coverage_stats import interval
+
+    ours = {r["seed"]: r[key] for r in policy_rows if r["policy"] == policy and r["data"] == "partial"}
+    ref = {r["seed"]: r[key] for r in policy_rows if r["policy"] == "reference"}
+    return interval([ours[s] - ref[s] for s in sorted(ours) if s in ref])
+
+
+def coverage_valid_section(path: Path) -> list[str]:
+    """The latest full run of the second task (``coverage.py --task valid``): its own report, and its plot."""
+    import coverage_valid
+
+    try:
+        rows = coverage_valid.latest_rows(path, quick=False)
+    except SystemExit:
+        return []
+    seeds, orders = sorted({r["seed"] for r in rows}), sorted({r["order"] for r in rows if r["order"] is not None})
+    first = rows[0]
+    lines = ["## Coverage experiment, second task: every response valid", "",
+             f"{first.get('machine')}; torch {first.get('torch')}, transformers {first.get('transformers')}, trl "
+             f"{first.get('trl')}, deepspeed {first.get('deepspeed')}, commit {first.get('commit')}, {first.get('date')}. "
+             "Design, predictions and decision rules: the docstring of `benchmarks/coverage.py`, committed before "
+             "the first run. The report as `benchmarks/coverage_valid.py` prints it:", "", "```",
+             coverage_valid.report(coverage_valid.analyse(rows), seeds, orders), "```"]
+    image = path.parent / "coverage_valid_frontier.png"
+    if image.exists():
+        (DOCS / image.name).write_bytes(image.read_bytes())
+        lines += ["", f"![reward against KL, every response valid, mean ± SE over seeds]({image.name})"]
+    return lines + [""]
+
+
 def coverage_section(path: Path) -> list[str]:
     """The latest full run of benchmarks/coverage.py: the check, a table per setting, the hypotheses, the plot."""
     runs: dict[str, list[dict]] = defaultdict(list)
@@ -213,11 +245,15 @@ def coverage_section(path: Path) -> list[str]:
              "committed before the first run. ± is the standard error over seeds; [a, b] a 95% t-interval of the "
              "per-seed paired difference.", "", "Manipulation check (partial coverage: does DPO put more mass on "
              "responses the pairs never show than the reference does?):", ""]
+    policy_rows = [r for r in rows if r.get("kind") == "policy"]
     for r in rows:
         if r.get("kind") == "manipulation_check":
             mean, se, low, high = r["diff"]
             lines.append(f"- {r['policy']}: DPO − reference not-covered mass {mean:+.3f} ± {se:.3f} "
                          f"[{low:+.3f}, {high:+.3f}]: **{'PASS' if r['pass'] else 'FAIL'}**")
+            for key, label in (("mass_uncovered", "valid uncovered templates"), ("mass_off", "malformed strings")):
+                mean, se, low, high = _paired_interval(policy_rows, r["policy"], key)
+                lines.append(f"  - of which {label}: {mean:+.3f} ± {se:.3f} [{low:+.3f}, {high:+.3f}]")
     for (data, scenario), title in SETTING_TITLES.items():
         table = [r for r in rows if r.get("kind") == "summary" and r["data"] == data and r["scenario"] == scenario]
         if not table:
@@ -276,6 +312,8 @@ def main() -> None:
     lines += memory_sections()
     if (RESULTS / "coverage.jsonl").exists():
         lines += coverage_section(RESULTS / "coverage.jsonl")
+    if (RESULTS / "coverage_valid.jsonl").exists():
+        lines += coverage_valid_section(RESULTS / "coverage_valid.jsonl")
     (DOCS / "benchmarks.md").write_text("\n".join(lines))
     print(f"wrote {DOCS / 'benchmarks.md'}")
 
