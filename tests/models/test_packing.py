@@ -77,9 +77,10 @@ def test_step_metrics_are_trls_from_the_hf_logits():
     with torch.no_grad():
         model.lm_head.weight.mul_(8.0)  # confident: argmax targets are then frequent
     pairs = [([1, 2], [3, 4, 5], [6]), ([7], [1, 1], [2, 3, 4, 5])]
-    with torch.no_grad():  # half the chosen tokens are the model's own greedy choice
-        ids = torch.tensor([[1, 2]])
-        pairs[0] = ([1, 2], [int(model(ids).logits[0, -1].argmax()), 4, 5], [6])
+    with torch.no_grad():  # one chosen token is the model's own greedy choice, every rejected token of pair 0
+        first = int(model(torch.tensor([[1, 2]])).logits[0, -1].argmax())
+        second = int(model(torch.tensor([[1, 2, first]])).logits[0, -1].argmax())
+        pairs[0] = ([1, 2], [first, 4, 5], [first, second])
     online = [([1], [2, 3])]
     chosen, rejected = [], []
     with torch.no_grad():
@@ -98,6 +99,8 @@ def test_step_metrics_are_trls_from_the_hf_logits():
     assert float(step.entropy) == pytest.approx(sum(entropy(z) for z, _ in chosen + rejected) / len(chosen + rejected),
                                                 abs=1e-5)
     accuracy = sum(int(z.argmax()) == t for z, t in chosen) / len(chosen)
-    assert 0 < accuracy < 1 and float(step.mean_token_accuracy) == pytest.approx(accuracy)
+    everywhere = sum(int(z.argmax()) == t for z, t in chosen + rejected) / len(chosen + rejected)
+    assert 0 < accuracy < everywhere  # TRL's accuracy reads the chosen tokens only
+    assert float(step.mean_token_accuracy) == pytest.approx(accuracy)
     assert float(step.chosen_logits_mean) == pytest.approx(sum(float(z.mean()) for z, _ in chosen) / len(chosen),
                                                            abs=1e-5)
