@@ -88,3 +88,18 @@ def test_trl_runs_with_hypo_fasts_checkpointing_setting():
     assert result["grad_ckpt_used"] is False
     assert result["lm_head"].startswith("TRL fused LM head")
     assert result["step_s"] > 0
+
+
+def test_the_benchmarks_page_shows_both_coverage_experiments(tmp_path, monkeypatch):
+    """docs/benchmarks.md (report.py) renders the committed runs: the first experiment's manipulation check
+    split into valid uncovered and malformed mass, and the second task's own report."""
+    import report
+
+    monkeypatch.setattr(report, "DOCS", tmp_path)  # the plots are copied here
+    results = REPO / "benchmarks" / "results"
+    first = "\n".join(report.coverage_section(results / "coverage.jsonl"))
+    assert first.count("of which valid uncovered templates") == first.count("of which malformed strings") == 2
+    assert "+0.597 ± 0.145" in first  # DPO β=0.1's malformed mass, as coverage_report.txt states it
+    second = "\n".join(report.coverage_valid_section(results / "coverage_valid.jsonl"))
+    assert "every response valid" in second and "manipulation check" in second
+    assert "P2 adversarial" in second and (tmp_path / "coverage_valid_frontier.png").exists()
