@@ -18,6 +18,7 @@ import logging
 import sys
 
 DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS)
+NO_PERMISSION = (errno.EACCES, errno.EPERM)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,12 +51,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C: the first one asks for a clean stop after the step
         print("hypo-fast: interrupted; the last saved checkpoint is intact", file=sys.stderr)
         return 130
-    except OSError as err:  # a disk that fills (or turns read-only) outside the training loop, e.g. at start-up
-        if err.errno not in DISK_FULL:
-            raise
-        print(f"hypo-fast: error: cannot write {err.filename or ''} ({err.strerror}); checkpoints already saved are "
-              "whole: free space and run the same command again", file=sys.stderr)
-        return 2
+    except OSError as err:  # a disk that fills, turns read-only or refuses this user, e.g. at start-up
+        if err.errno in DISK_FULL:
+            print(f"hypo-fast: error: cannot write {err.filename or ''} ({err.strerror}); checkpoints already saved "
+                  "are whole: free space and run the same command again", file=sys.stderr)
+            return 2
+        if err.errno in NO_PERMISSION:
+            print(f"hypo-fast: error: cannot access {err.filename or ''} ({err.strerror}); checkpoints already "
+                  "saved are whole: give this user access (or choose another output.dir) and run the same command "
+                  "again", file=sys.stderr)
+            return 2
+        raise
     except CollectiveTimeout as err:  # a frozen or dead peer
         print(f"hypo-fast: error: {err}", file=sys.stderr)
         return 3

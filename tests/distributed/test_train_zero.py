@@ -35,30 +35,49 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
-def test_two_ranks_match_one_process(tmp_path, stage):
-    runs = {
-        # one process: 2 micro-batches of 2 pairs per step; two ranks: 2 pairs each — the same 4 pairs
-        "single": ([PYTHON, "-m", "hypo_fast.cli"], {"gradient_accumulation_steps": 2}),
-        # DeepSpeed's own launcher, as the README documents it (it passes --local_rank first)
-        "ranks": ([str(Path(PYTHON).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(_free_port()),
-                   "--module", "hypo_fast.cli"], {"gradient_accumulation_steps": 1}),
-    }
-    shm_before = _shm_buffers()
-    for name, (launcher, optim) in runs.items():
-        cfg = toy_config(tmp_path, name, steps=3, optim={"pairs_per_micro_batch": 2, **optim},
-                         deepspeed={"zero_stage": stage, "config": PARTITION_EVERYTHING if stage == 3 else None})
+def _launcher(kind: str) -> list[str]:
+    """Two ranks on this machine: DeepSpeed's own launcher, as the README documents it (it passes
+    --local_rank first), or torchrun."""
+    if kind == "deepspeed":
+        return [str(Path(PYTHON).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(_free_port()),
+                "--module", "hypo_fast.cli"]
+    return [PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+            "-m", "hypo_fast.cli"]
+
+
+def _one_process_and_two_ranks(tmp_path, launcher: str, *, steps: int, zero_stage: int, kl_coef: float = 0.0,
+                               lora: dict | None = None) -> tuple[dict, dict]:
+    """The same global batch of 4 pairs per step, as one process (2 micro-batches of 2 pairs) and as two ranks
+    (2 pairs each); returns each run's logged steps (``{step: row}``)."""
+    runs = {"single": ([PYTHON, "-m", "hypo_fast.cli"], 2), "ranks": (_launcher(launcher), 1)}
+    for name, (command, accumulation) in runs.items():
+        zero = {"zero_stage": zero_stage, "config": PARTITION_EVERYTHING if zero_stage == 3 else None}
+        cfg = toy_config(tmp_path, name, kl_coef=kl_coef, steps=steps, deepspeed=zero,
+                         optim={"pairs_per_micro_batch": 2, "gradient_accumulation_steps": accumulation})
+        if lora is not None:
+            cfg["model"]["lora"] = lora
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg))
-        result = subprocess.run([*launcher, "train", str(path)], cwd=tmp_path, env=subprocess_env(),
+        result = subprocess.run([*command, "train", str(path)], cwd=tmp_path, env=subprocess_env(),
                                 capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     single, ranks = _losses(tmp_path / "single"), _losses(tmp_path / "ranks")
-    assert sorted(single) == sorted(ranks) == [1, 2, 3]
+    assert sorted(single) == sorted(ranks) == list(range(1, steps + 1))
+    return single, ranks
+
+
+def _assert_same(single: dict, ranks: dict, keys: tuple[str, ...]) -> None:
     for step in single:
-        for key in ("loss", "rewards/margins", "logps/chosen"):
+        for key in keys:
             assert abs(single[step][key] - ranks[step][key]) <= 1e-5 * max(1.0, abs(single[step][key])), (step, key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_ranks_match_one_process(tmp_path, stage):
+    shm_before = _shm_buffers()
+    single, ranks = _one_process_and_two_ranks(tmp_path, "deepspeed", steps=3, zero_stage=stage)
+    _assert_same(single, ranks, ("loss", "rewards/margins", "logps/chosen"))
     assert (tmp_path / "ranks" / "checkpoint-3" / "model.safetensors").exists()
     # DeepSpeed's CPU shared-memory all-reduce segments (67 MB of RAM each) do not outlive the runs
     assert _shm_buffers() <= shm_before
@@ -69,26 +88,10 @@ def test_two_ranks_hypo_under_zero3_match_one_process(tmp_path):
     """Sampling (weights gathered once per generation), the online reference forward and the offline
     reference cache are all collective under ZeRO-3. A draw is seeded by its place in the global batch,
     so two ranks sample, score and step exactly as one process with two micro-batches does."""
-    runs = {
-        "single": ([PYTHON, "-m", "hypo_fast.cli"], {"gradient_accumulation_steps": 2}),
-        "ranks": ([PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-                   "-m", "hypo_fast.cli"], {"gradient_accumulation_steps": 1}),
-    }
-    for name, (launcher, optim) in runs.items():
-        cfg = toy_config(tmp_path, name, kl_coef=0.5, steps=3, optim={"pairs_per_micro_batch": 2, **optim},
-                         deepspeed={"zero_stage": 3, "config": PARTITION_EVERYTHING})
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        result = subprocess.run([*launcher, "train", str(path)], cwd=tmp_path, env=subprocess_env(),
-                                capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    single, ranks = _losses(tmp_path / "single"), _losses(tmp_path / "ranks")
-    assert sorted(single) == sorted(ranks) == [1, 2, 3]
+    single, ranks = _one_process_and_two_ranks(tmp_path, "torchrun", steps=3, zero_stage=3, kl_coef=0.5)
     assert all(r["generation/tokens_per_s"] > 0 for r in ranks.values())
     assert abs(ranks[3]["loss/kl"]) > 1e-3  # the policy has left the reference: the online term is live
-    for step in single:
-        for key in ("loss", "loss/dpo", "loss/kl", "kl/online", "advantages/std", "rewards/margins"):
-            assert abs(single[step][key] - ranks[step][key]) <= 1e-5 * max(1.0, abs(single[step][key])), (step, key)
+    _assert_same(single, ranks, ("loss", "loss/dpo", "loss/kl", "kl/online", "advantages/std", "rewards/margins"))
 
 
 @pytest.mark.slow
@@ -98,30 +101,15 @@ def test_two_ranks_lora_with_modules_to_save_under_zero3_save_the_gathered_adapt
     of one process on the same global batch, and the token metrics agree too."""
     from safetensors.torch import load_file
 
-    runs = {
-        "single": ([PYTHON, "-m", "hypo_fast.cli"], {"gradient_accumulation_steps": 2}),
-        "ranks": ([PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-                   "-m", "hypo_fast.cli"], {"gradient_accumulation_steps": 1}),
-    }
-    for name, (launcher, optim) in runs.items():
-        cfg = toy_config(tmp_path, name, steps=2, optim={"pairs_per_micro_batch": 2, **optim},
-                         deepspeed={"zero_stage": 3, "config": PARTITION_EVERYTHING})
-        cfg["model"]["lora"] = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"],
-                                "modules_to_save": ["embed_tokens"]}
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        result = subprocess.run([*launcher, "train", str(path)], cwd=tmp_path, env=subprocess_env(),
-                                capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    single, ranks = _losses(tmp_path / "single"), _losses(tmp_path / "ranks")
-    for step in single:
-        for key in ("loss", "entropy", "mean_token_accuracy", "logits/chosen"):
-            assert abs(single[step][key] - ranks[step][key]) <= 1e-5 * max(1.0, abs(single[step][key])), (step, key)
-    saved = {name: load_file(tmp_path / name / "checkpoint-2" / "adapter_model.safetensors") for name in runs}
+    lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "modules_to_save": ["embed_tokens"]}
+    single, ranks = _one_process_and_two_ranks(tmp_path, "torchrun", steps=2, zero_stage=3, lora=lora)
+    _assert_same(single, ranks, ("loss", "entropy", "mean_token_accuracy", "logits/chosen"))
+    saved = {name: load_file(tmp_path / name / "checkpoint-2" / "adapter_model.safetensors")
+             for name in ("single", "ranks")}
     embeds = [k for k in saved["ranks"] if "embed_tokens" in k]
     assert embeds and sorted(saved["ranks"]) == sorted(saved["single"])
-    vocab, hidden = cfg["model"]["config"]["vocab_size"], cfg["model"]["config"]["hidden_size"]
     for key, tensor in saved["ranks"].items():
         assert tensor.numel() > 0, key  # a partition placeholder would be empty
         assert abs(tensor - saved["single"][key]).max() <= 1e-5, key
-    assert saved["ranks"][embeds[0]].shape == (vocab, hidden)
+    model = yaml.safe_load((tmp_path / "ranks.yaml").read_text())["model"]["config"]
+    assert saved["ranks"][embeds[0]].shape == (model["vocab_size"], model["hidden_size"])

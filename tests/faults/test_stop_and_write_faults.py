@@ -137,15 +137,20 @@ def test_a_damaged_reference_cache_is_scored_again(tmp_path, caplog):
     assert metric_steps(tmp_path / "run") == [1, 2, 3, 4]
 
 
-def test_a_full_disk_at_start_up_is_one_line(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("code,strerror,line", [
+    (errno.ENOSPC, "No space left on device", r"cannot write .*ref_cache/train-.* \(No space left on device\); "
+                                              r"checkpoints already saved are whole: free space"),
+    (errno.EACCES, "Permission denied", r"cannot access .*ref_cache/train-.* \(Permission denied\); checkpoints "
+                                        r"already saved are whole: give this user access"),
+])
+def test_a_write_error_at_start_up_is_one_line(tmp_path, monkeypatch, capsys, code, strerror, line):
     from hypo_fast.train import reference_cache
 
-    def full(obj, path, *args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    def refused(obj, path, *args, **kwargs):
+        raise OSError(code, strerror, str(path))
 
-    monkeypatch.setattr(reference_cache.torch, "save", full)  # the reference cache is written at start-up
+    monkeypatch.setattr(reference_cache.torch, "save", refused)  # the reference cache is written at start-up
     assert _cli(tmp_path, config(tmp_path, steps=2)) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    assert re.match(r"hypo-fast: error: cannot write .*ref_cache/train-.* \(No space left on device\); checkpoints "
-                    r"already saved are whole", err.strip().splitlines()[-1]), err[-2000:]
+    assert re.match("hypo-fast: error: " + line, err.strip().splitlines()[-1]), err[-2000:]
