@@ -145,6 +145,7 @@ def test_tensorboard_names_are_those_of_hf_trainer_and_trl(tmp_path):
     tags = set(EventAccumulator(str(tmp_path / "tb" / "tensorboard")).Reload().Tags()["scalars"])
     assert tags == set(rewrite_logs(history))
     assert {"train/loss", "train/rewards/chosen", "train/learning_rate", "eval/rewards/chosen"} <= tags
+    assert {"train/entropy", "train/mean_token_accuracy", "eval/entropy", "eval/mean_token_accuracy"} <= tags
 
 
 def test_the_schedule_is_transformers_get_scheduler(tmp_path):
