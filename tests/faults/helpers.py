@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from hypo_fast.train import checkpoint
 from hypo_fast.train.config import config_from_dict
 from hypo_fast.train.trainer import Trainer
 from tests.train.helpers import PYTHON, subprocess_env, toy_config
@@ -24,6 +25,39 @@ def config(tmp_path: Path, name: str = "run", *, steps: int = 4, kl_coef: float 
 
 def train(cfg: dict) -> list[dict]:
     return Trainer(config_from_dict(cfg)).train()
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def damage(folder: Path, how: str) -> None:
+    """Damage one checkpoint folder the way disks and killed writers do."""
+    if how == "truncated model.safetensors":
+        _truncate(folder / "model.safetensors")
+    elif how == "truncated DeepSpeed state":
+        _truncate(max((folder / "deepspeed").rglob("*.pt"), key=lambda p: p.stat().st_size))
+    elif how == "missing trainer_state.json":
+        (folder / "trainer_state.json").unlink()
+    elif how == "flipped bytes, same size":
+        path = folder / "model.safetensors"
+        data = bytearray(path.read_bytes())
+        data[-10] ^= 0xFF
+        path.write_bytes(bytes(data))
+    elif how == "no manifest":
+        (folder / checkpoint.MANIFEST).unlink()
+    else:
+        raise ValueError(f"unknown damage {how!r}")
+
+
+def train_then_damage_every_checkpoint(cfg: dict) -> Path:
+    """Train ``cfg`` (saving at steps 2 and 4), then truncate both checkpoints' weights; returns the run folder."""
+    train(cfg)
+    folder = Path(cfg["output"]["dir"])
+    for step in (2, 4):
+        damage(folder / f"checkpoint-{step}", "truncated model.safetensors")
+    return folder
 
 
 def metric_steps(folder: Path) -> list[int]:

@@ -9,28 +9,7 @@ import pytest
 
 from hypo_fast.train import checkpoint
 from hypo_fast.train.checkpoint import CheckpointError
-from tests.faults.helpers import config, losses, metric_steps, train
-
-
-def _truncate(path):
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-
-
-def _damage(folder, how):
-    if how == "truncated model.safetensors":
-        _truncate(folder / "model.safetensors")
-    elif how == "truncated DeepSpeed state":
-        _truncate(max((folder / "deepspeed").rglob("*.pt"), key=lambda p: p.stat().st_size))
-    elif how == "missing trainer_state.json":
-        (folder / "trainer_state.json").unlink()
-    elif how == "flipped bytes, same size":
-        path = folder / "model.safetensors"
-        data = bytearray(path.read_bytes())
-        data[-10] ^= 0xFF
-        path.write_bytes(bytes(data))
-    elif how == "no manifest":
-        (folder / checkpoint.MANIFEST).unlink()
+from tests.faults.helpers import config, damage, losses, metric_steps, train, train_then_damage_every_checkpoint
 
 
 @pytest.mark.parametrize("how", ["truncated model.safetensors", "truncated DeepSpeed state",
@@ -39,7 +18,7 @@ def test_resume_skips_a_damaged_checkpoint_and_names_it(tmp_path, caplog, how):
     cfg = config(tmp_path, steps=4)
     train(cfg)
     reference = losses(tmp_path / "run")
-    _damage(tmp_path / "run" / "checkpoint-4", how)
+    damage(tmp_path / "run" / "checkpoint-4", how)
     with caplog.at_level(logging.WARNING, logger="hypo_fast"):
         train({**cfg, "optim": {**cfg["optim"], "max_steps": 5}})
     assert any("checkpoint-4" in r.getMessage() and "damaged" in r.getMessage() for r in caplog.records)
@@ -52,10 +31,7 @@ def test_resume_skips_a_damaged_checkpoint_and_names_it(tmp_path, caplog, how):
 
 def test_no_intact_checkpoint_is_a_clear_error(tmp_path):
     cfg = config(tmp_path, steps=4)
-    train(cfg)
-    folder = tmp_path / "run"
-    for step in (2, 4):
-        _damage(folder / f"checkpoint-{step}", "truncated model.safetensors")
+    folder = train_then_damage_every_checkpoint(cfg)
     damaged = {**cfg, "output": {**cfg["output"], "resume": str(folder / "checkpoint-4")}}
     with pytest.raises(CheckpointError, match="checkpoint-4: model.safetensors has .* bytes, the manifest says"):
         train(damaged)

@@ -13,8 +13,7 @@ import pytest
 
 from hypo_fast.train.checkpoint import CheckpointError
 from hypo_fast.train.run_folder import RunFolderError
-from tests.faults.helpers import config, losses, metric_steps, train
-from tests.faults.test_checkpoints import _damage
+from tests.faults.helpers import config, losses, metric_steps, train, train_then_damage_every_checkpoint
 
 
 def _snapshot(folder):
@@ -27,10 +26,7 @@ def _with(cfg, **sections):
 
 def test_every_checkpoint_damaged_is_refused_and_nothing_is_touched(tmp_path):
     cfg = config(tmp_path, steps=4)
-    train(cfg)
-    folder = tmp_path / "run"
-    for step in (2, 4):
-        _damage(folder / f"checkpoint-{step}", "truncated model.safetensors")
+    folder = train_then_damage_every_checkpoint(cfg)
     before = _snapshot(folder)
     for max_steps in (4, 2, 6):  # fewer steps used to start over and prune each new checkpoint at once
         with pytest.raises(RunFolderError, match=r"every checkpoint of the run is damaged \(.*checkpoint-4: "
